@@ -1,0 +1,1 @@
+"""CUDA C++ sources, shipped with the package so the cupy backend can compile them at run time (NVRTC)."""

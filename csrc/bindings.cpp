@@ -1,0 +1,55 @@
+// gpuforge._C: the one pybind11 module over csrc/*.cu. Pointers and streams arrive as integers from
+// `tensor.data_ptr()` and `torch.cuda.current_stream().cuda_stream`; the checks here guard what the Python
+// side cannot see (codes, sizes), and every CUDA error becomes a Python RuntimeError naming the call.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "launchers.h"
+
+namespace py = pybind11;
+using gpuforge::DType;
+
+namespace {
+
+void throw_if_error(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string("gpuforge._C.") + what + ": CUDA error " + cudaGetErrorName(err) +
+                             " (" + std::to_string(static_cast<int>(err)) + "): " + cudaGetErrorString(err));
+}
+
+DType checked_dtype(int code, const char* arg) {
+  if (code < 0 || code > static_cast<int>(DType::BFloat16))
+    throw std::invalid_argument(std::string(arg) + ": unknown dtype code " + std::to_string(code) +
+                                " (expected 0=float32, 1=float16, 2=bfloat16)");
+  return static_cast<DType>(code);
+}
+
+void check_nonnegative(int64_t value, const char* arg) {
+  if (value < 0) throw std::invalid_argument(std::string(arg) + " must be >= 0, got " + std::to_string(value));
+}
+
+template <typename T>
+T* as_ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+cudaStream_t as_stream(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "gpuforge CUDA C++ kernels (torch-free; pointers, sizes and streams from Python)";
+
+  m.def("device_count", [] {
+    int count = 0;
+    throw_if_error(cudaGetDeviceCount(&count), "device_count");
+    return count;
+  }, "Number of CUDA devices; raises RuntimeError with the CUDA error when there is no driver or device.");
+
+  m.def("vector_add", [](uintptr_t a, uintptr_t b, uintptr_t out, int64_t n, int dtype, uintptr_t stream) {
+    check_nonnegative(n, "n");
+    throw_if_error(gpuforge::launch_vector_add(as_ptr<const void>(a), as_ptr<const void>(b), as_ptr<void>(out),
+                                               n, checked_dtype(dtype, "dtype"), as_stream(stream)),
+                   "vector_add");
+  }, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
+}
