@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.kernels import cuda_ext, cupy_module
+from gpuforge.kernels import _alloc, cuda_ext, cupy_module
 from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_same_shape, check_tensor
 
@@ -30,7 +30,7 @@ def vector_add_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def vector_add_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.contiguous(), b.contiguous()
-    out = torch.empty_like(a)
+    out = _alloc.empty_like(a)
     cuda_ext.extension().vector_add(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(),
                                     cuda_ext.dtype_code(a), cuda_ext.stream_handle(a))
     return out
@@ -44,7 +44,7 @@ def vector_add_cupy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     import numpy as np
 
     a, b = a.contiguous(), b.contiguous()
-    out = torch.empty_like(a)
+    out = _alloc.empty_like(a)
     n = a.numel()
     if n == 0:
         return out

@@ -31,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """The device kernels run on: the GPU when there is one, else the CPU (through the simulators)."""
     return torch.device("cuda" if GPU_PRESENT else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    """Every kernel output starts as NaN in tests, so unwritten elements fail."""
+    from gpuforge.kernels import _alloc
+
+    _alloc.set_poison(True)
+    yield
+    _alloc.set_poison(False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from numba import cuda
 
+from gpuforge.kernels import _alloc
 from gpuforge.kernels.numba._interop import as_numba, launch_shape, stream_of
 
 
@@ -18,7 +19,7 @@ def _vector_add_kernel(a, b, out):
 
 def vector_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.contiguous(), b.contiguous()
-    out = torch.empty_like(a)
+    out = _alloc.empty_like(a)
     if out.numel():
         blocks, threads = launch_shape(out.numel(), threads=256, max_blocks=65535)
         flat = [as_numba(t.view(-1), name) for t, name in ((a, "a"), (b, "b"), (out, "out"))]

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gpuforge.kernels import _alloc
+
 
 @triton.jit
 def _vector_add_kernel(
@@ -31,7 +33,7 @@ NUM_WARPS = 4
 
 def vector_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = a.contiguous(), b.contiguous()
-    out = torch.empty_like(a)
+    out = _alloc.empty_like(a)
     n = a.numel()
     if n:
         grid = (triton.cdiv(n, BLOCK_SIZE),)
