@@ -1,0 +1,34 @@
+"""`python -m gpuforge {info,check,bench,train,demo}`: each subcommand lives in its own module and is
+imported only when asked for, so `gpuforge info` never pays for Triton or torch.distributed set-up."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "info": ("gpuforge.info", "device, driver, clocks and power (NVML) and the backends table"),
+    "check": ("gpuforge.check", "correctness of every op on every backend that can run here"),
+    "bench": ("gpuforge.profiling.cli", "microbenchmarks vs the PyTorch baselines (tables, JSON, plots)"),
+    "train": ("gpuforge.parallel.train", "parallel training vs one process (torchrun / mpiexec)"),
+    "demo": ("gpuforge.demo", "the main job: info, check, a quick benchmark, parallel training runs"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m gpuforge <command> [options]", "", "commands:"]
+    lines += [f"  {name:<6} {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"gpuforge: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return module.main(rest) or 0
