@@ -4,6 +4,7 @@ imported only when asked for, so `gpuforge info` never pays for Triton or torch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -13,6 +14,19 @@ SUBCOMMANDS = {
     "train": ("gpuforge.parallel.train", "parallel training vs one process (torchrun / mpiexec)"),
     "demo": ("gpuforge.demo", "the main job: info, check, a quick benchmark, parallel training runs"),
 }
+
+
+# Commands that run kernels: on a machine without a GPU they use the Triton interpreter and the numba.cuda
+# simulator. Both switches are read when the kernel modules are imported, so they are set before that.
+_SIMULATE_WITHOUT_GPU = ("info", "check", "bench", "demo")
+
+
+def enable_simulators_without_gpu() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 
 def usage() -> str:
@@ -30,5 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"gpuforge: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name in _SIMULATE_WITHOUT_GPU:
+        enable_simulators_without_gpu()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return module.main(rest) or 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,6 +19,11 @@ class OpBackends:
     op: str
     impls: dict[str, str]
     auto_order: tuple[str, ...]  # on CUDA tensors, fastest measured first
+    # dtypes a backend rejects by design (numba has no bfloat16); the self-check skips those pairs
+    unsupported_dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
+
+    def supports(self, backend: str, dtype: torch.dtype | None) -> bool:
+        return dtype not in self.unsupported_dtypes.get(backend, ())
 
     def select(self, backend: str, device: torch.device) -> str:
         return backends.select(self.op, backend, device, tuple(self.impls), self.auto_order)

@@ -9,6 +9,7 @@ import torch
 
 from gpuforge.kernels import _alloc, cuda_ext, cupy_module
 from gpuforge.kernels._dispatch import OpBackends
+from gpuforge.kernels._selfcheck import CheckCase
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_same_shape, check_tensor
 
 BACKENDS = OpBackends(
@@ -21,6 +22,7 @@ BACKENDS = OpBackends(
         "numba": "gpuforge.kernels.numba.vector_add:vector_add",
     },
     auto_order=("cuda", "triton", "cupy", "numba"),
+    unsupported_dtypes={"numba": (torch.bfloat16,)},
 )
 
 
@@ -85,3 +87,17 @@ def vector_add(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> to
     check_same_dtype(a=a, b=b)
     check_same_shape(a=a, b=b)
     return _vector_add_op(a, b, BACKENDS.select(backend, a.device))
+
+
+def selfcheck_cases(device: torch.device) -> list[CheckCase]:
+    cases = []
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float16, 1e-3), (torch.bfloat16, 8e-3)):
+        for n in (1, 97, 1000):
+            generator = torch.Generator().manual_seed(n)
+            a = torch.randn(n, generator=generator).to(device=device, dtype=dtype)
+            b = torch.randn(n, generator=generator).to(device=device, dtype=dtype)
+            cases.append(CheckCase(
+                "vector_add", f"{str(dtype).removeprefix('torch.')} ({n},)",
+                run=lambda backend, a=a, b=b: vector_add(a, b, backend=backend),
+                reference=lambda a=a, b=b: a.double() + b.double(), tol=tol, dtype=dtype))
+    return cases
