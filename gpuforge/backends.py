@@ -122,6 +122,8 @@ def runs_on(backend: str, device: torch.device) -> bool:
     return triton_interpreter_on() if backend == "triton" else numba_simulator_on()
 
 
+# Under torch.compile the choice is made once, at trace time, and baked into the graph as a constant.
+@torch.compiler.assume_constant_result
 def select(op: str, backend: str, device: torch.device, implemented: Sequence[str],
            auto_order: Sequence[str]) -> str:
     """The backend that runs `op` on `device`, given the caller's `backend=` argument."""

@@ -1,0 +1,62 @@
+"""The CUDA extension: built when nvcc exists, with sm_80 and sm_90a machine code, and failing cleanly
+(an exception, not a crash) when called on a machine without a driver."""
+
+import importlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+NVCC = shutil.which("nvcc") or (Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "nvcc")
+NVCC_PRESENT = Path(NVCC).exists() and os.environ.get("GPUFORGE_BUILD_CUDA", "1") != "0"
+needs_nvcc = pytest.mark.skipif(not NVCC_PRESENT, reason="no nvcc here (or GPUFORGE_BUILD_CUDA=0): nothing to build")
+
+
+def find_cuobjdump():
+    candidates = [shutil.which("cuobjdump"), Path(NVCC).parent / "cuobjdump"]
+    try:
+        import triton
+
+        candidates.append(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    except ImportError:
+        pass
+    return next((str(c) for c in candidates if c and Path(c).exists()), None)
+
+
+@needs_nvcc
+def test_extension_is_built():
+    extension = importlib.import_module("gpuforge._C")
+    assert hasattr(extension, "vector_add")
+
+
+@needs_nvcc
+def test_cubins_hold_sm80_and_sm90a_code():
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump here (neither the CUDA toolkit's nor triton's bundled one)")
+    so = importlib.import_module("gpuforge._C").__file__
+    listing = subprocess.run([cuobjdump, "--list-elf", so], capture_output=True, text=True, check=True).stdout
+    assert "sm_90a" in listing, listing
+    assert "sm_80" in listing, listing
+
+
+@needs_nvcc
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks behaviour without a CUDA driver")
+def test_calls_without_a_driver_raise_instead_of_crashing():
+    extension = importlib.import_module("gpuforge._C")
+    with pytest.raises(RuntimeError, match=r"gpuforge._C.device_count: CUDA error"):
+        extension.device_count()
+    with pytest.raises(RuntimeError, match=r"gpuforge._C.vector_add: CUDA error"):
+        extension.vector_add(16, 16, 16, 4, 0, 0)
+
+
+@needs_nvcc
+def test_binding_checks_arguments():
+    extension = importlib.import_module("gpuforge._C")
+    with pytest.raises(ValueError, match="dtype: unknown dtype code 7"):
+        extension.vector_add(16, 16, 16, 4, 7, 0)
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        extension.vector_add(16, 16, 16, -1, 0, 0)
