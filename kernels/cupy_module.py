@@ -5,7 +5,9 @@ current stream. The same sources as the AOT extension; host-only code there is h
 from __future__ import annotations
 
 import functools
+import os
 from importlib import resources
+from pathlib import Path
 
 import torch
 
@@ -17,14 +19,22 @@ def csrc_dir() -> str:
     return str(resources.files("gpuforge.csrc"))
 
 
+def nvrtc_options() -> tuple[str, ...]:
+    """NVRTC flags: C++17, csrc/ for our headers, the toolkit's include folder for cuda_fp16.h / cuda_bf16.h."""
+    options = ["-std=c++17", f"-I{csrc_dir()}"]
+    cuda_include = Path(os.environ.get("CUDA_HOME", os.environ.get("CUDA_PATH", "/usr/local/cuda"))) / "include"
+    if (cuda_include / "cuda_fp16.h").exists():
+        options.append(f"-I{cuda_include}")
+    return tuple(options)
+
+
 @functools.cache
 def module(source: str, name_expressions: tuple[str, ...]):
     """Compile csrc/`source` once per process with the kernels named by `name_expressions` instantiated."""
     import cupy
 
     code = (resources.files("gpuforge.csrc") / source).read_text()
-    return cupy.RawModule(code=code, options=("-std=c++17", f"-I{csrc_dir()}"),
-                          name_expressions=name_expressions)
+    return cupy.RawModule(code=code, options=nvrtc_options(), name_expressions=name_expressions)
 
 
 def kernel(source: str, name_expressions: tuple[str, ...], name: str):

@@ -1,0 +1,86 @@
+"""`python -m gpuforge demo` — the main job: the environment, the correctness check of every op on every
+backend that runs here, a quick benchmark of every op with its plots, and a short 2-process training run of
+each parallel strategy compared with single-process training. Exits non-zero if any part fails."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def _section(title: str) -> None:
+    print(f"\n=== {title} ===", flush=True)
+
+
+def run_info() -> bool:
+    from gpuforge import info
+
+    print("\n".join(info.lines()))
+    return True
+
+
+def run_check() -> bool:
+    from gpuforge.check import run_all
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = run_all(device)
+    failed = [r for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} passed, {len(failed)} failed")
+    return bool(results) and not failed
+
+
+def run_bench(out_dir: Path) -> bool:
+    from gpuforge.profiling import cli
+
+    return cli.main(["all", "--quick", "--out", str(out_dir)]) == 0
+
+
+def training_strategies() -> list[str]:
+    try:
+        from gpuforge.parallel.train import STRATEGIES
+    except ImportError as err:
+        print(f"parallel training is not available: {err}")
+        return []
+    return list(STRATEGIES)
+
+
+def run_training(nproc: int, steps: int) -> bool:
+    """One torchrun launch per strategy; each run compares itself with single-process training on rank 0."""
+    ok = True
+    for strategy in training_strategies():
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "gpuforge", "train", "--strategy", strategy, "--steps", str(steps)]
+        start = time.perf_counter()
+        result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = (result.stdout + result.stderr).strip().splitlines()
+        verdict = "ok  " if result.returncode == 0 else "FAIL"
+        print(f"{verdict} {strategy:<8} {time.perf_counter() - start:5.1f}s  {lines[-1] if lines else ''}")
+        if result.returncode != 0:
+            print("\n".join(lines[-20:]))
+            ok = False
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpuforge demo", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="folder for benchmark JSON and plots")
+    parser.add_argument("--nproc", type=int, default=2, help="processes per training run")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per run")
+    args = parser.parse_args(argv)
+    parts = [("environment", run_info), ("correctness check", run_check),
+             ("quick benchmark", lambda: run_bench(args.out)),
+             (f"parallel training, {args.nproc} processes vs one", lambda: run_training(args.nproc, args.steps))]
+    failed = []
+    for title, part in parts:
+        _section(title)
+        if not part():
+            failed.append(title)
+    _section("summary")
+    print("all parts passed" if not failed else f"FAILED: {', '.join(failed)}")
+    return 1 if failed else 0
