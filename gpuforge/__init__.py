@@ -2,8 +2,9 @@
 checked against a PyTorch reference. Importing it initialises neither CUDA, NVML nor Triton's driver."""
 
 from gpuforge import backends
+from gpuforge.kernels.matmul import matmul
 from gpuforge.kernels.vector_add import vector_add
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "vector_add"]
+__all__ = ["backends", "matmul", "vector_add"]

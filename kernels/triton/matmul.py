@@ -1,0 +1,98 @@
+"""Triton batched matmul: C[z] = A[z] @ B[z], block-tiled, fp32 accumulation, any strides.
+
+Each program computes one BLOCK_M × BLOCK_N tile of C, streaming BLOCK_K-wide slabs of A and B through shared
+memory (Triton pipelines those loads over `num_stages` buffers) into tensor-core dots. Programs are visited in
+grouped (swizzled) order: GROUP_M consecutive programs sweep down a column of tiles, so the B slabs they read
+stay in L2 while the A rows are reused across the group. fp32 inputs use tf32 on a GPU (see kernels/matmul.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpuforge.backends import triton_interpreter_on
+from gpuforge.kernels import _alloc
+
+
+def _configs() -> list[triton.Config]:
+    """Autotuning space on a GPU (tile shapes of the Triton tutorial's H100 sweep, plus deeper pipelines);
+    a single small config under the interpreter, where tuning would only cost time."""
+    if triton_interpreter_on():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
+        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4),
+        (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"])
+@triton.jit
+def _matmul_kernel(
+    a_ptr,  # A, (batch, M, K) with strides (stride_az, stride_am, stride_ak); stride_az is 0 when broadcast
+    b_ptr,  # B, (batch, K, N) with strides (stride_bz, stride_bk, stride_bn)
+    c_ptr,  # C, (batch, M, N) with strides (stride_cz, stride_cm, stride_cn); written once per element
+    M, N, K,
+    stride_az, stride_am, stride_ak,
+    stride_bz, stride_bk, stride_bn,
+    stride_cz, stride_cm, stride_cn,
+    INPUT_PRECISION: tl.constexpr,  # "tf32" for fp32 inputs on a GPU, "ieee" otherwise
+    UPCAST_OPERANDS: tl.constexpr,  # dot in fp32 (exact for bf16 operands): the interpreter's bf16 dot workaround
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    z = tl.program_id(1).to(tl.int64)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped order: programs pid .. pid+GROUP_M·num_pid_n cover GROUP_M row-tiles × every column-tile.
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows/columns past the edge wrap around (stay in bounds, no mask in the inner loop); they are not stored.
+    rows = offs_m % M
+    cols = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + z * stride_az + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + z * stride_bz + offs_k[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_left = K - k_start
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if UPCAST_OPERANDS:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    c_ptrs = c_ptr + z * stride_cz + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (batch, M, K) @ b (batch, K, N), any strides -> contiguous (batch, M, N) in a's dtype."""
+    batch, m, k = a.shape
+    n = b.shape[2]
+    out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
+    precision = "tf32" if a.dtype == torch.float32 and a.is_cuda else "ieee"
+    # triton 3.9's interpreter multiplies bf16 tiles as raw integer bits (results ~1e9 off); fp32 products of
+    # bf16 values are exact, so upcasting there gives the same sums a GPU's bf16 tensor cores do.
+    upcast = a.dtype == torch.bfloat16 and triton_interpreter_on()
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch
+
+    _matmul_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(), INPUT_PRECISION=precision,
+                         UPCAST_OPERANDS=upcast)
+    return out
