@@ -1,0 +1,9 @@
+"""gpuforge.models: small plain-PyTorch reference models, one module per course volume (the oracles).
+
+Each module exposes REFERENCE_MODELS: name -> ReferenceModel(build, make_batch, loss_fn), the uniform
+interface the parallel tests train through. `kernelize(model, backend=...)` swaps in gpuforge ops."""
+
+from gpuforge.models import vol2_llm
+from gpuforge.models._layers import ReferenceModel
+
+__all__ = ["ReferenceModel", "vol2_llm"]
