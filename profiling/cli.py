@@ -1,4 +1,5 @@
-"""`python -m gpuforge bench <op>|all [--quick] [--out DIR]`: benchmark tables, JSON and plots.
+"""`python -m gpuforge bench <op>|all [--quick] [--report DIR]`: benchmark tables, a Markdown report, JSON and
+plots (per op, roofline, bandwidth); `bench compare OLD.json NEW.json` flags regressions.
 
 Each op's cases come from `gpuforge.profiling.bench_<op>`. On a machine without a GPU the kernels run in the
 Triton interpreter / numba simulator: the numbers are CPU timings of simulators, printed under a banner."""
@@ -15,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 import gpuforge.profiling as profiling_pkg
-from gpuforge.profiling import report
+from gpuforge.profiling import report, roofline
 from gpuforge.profiling.peaks import peaks
 
 CPU_BANNER = ("NOTE: no CUDA GPU here. Kernels run in the Triton interpreter / numba.cuda simulator on the CPU;\n"
@@ -50,15 +51,23 @@ def run(ops: list[str], device: torch.device, quick: bool, out_dir: Path | None,
             op_records = [r for r in records if r.op == op]
             if op_records:
                 report.plot(op_records, out_dir / f"{op}.png", f"{op} on {device_peaks.device_name}")
+        roofline.plot_roofline(records, device_peaks, out_dir / "roofline.png")
+        roofline.plot_bandwidth(records, device_peaks, out_dir / "bandwidth.png")
+        report.write_markdown(out_dir / "report.md", env, records, telemetry, ops)
     return env, records, telemetry
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv and argv[0] == "compare":
+        from gpuforge.profiling.compare import main as compare_main
+
+        return compare_main(argv[1:])
     parser = argparse.ArgumentParser(prog="gpuforge bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ops", nargs="+", help=f"'all' or any of: {', '.join(bench_ops())}")
     parser.add_argument("--quick", action="store_true", help="few sizes, few repeats")
-    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for results.json and plots")
+    parser.add_argument("--out", "--report", type=Path, default=Path("bench_out"),
+                        help="folder for report.md, results.json and the plots")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     ops = bench_ops() if args.ops == ["all"] else args.ops
@@ -74,5 +83,5 @@ def main(argv: list[str] | None = None) -> int:
     print(report.table(records))
     if telemetry:
         print(f"telemetry: {telemetry}")
-    print(f"wrote {args.out / 'results.json'} and plots in {args.out}/")
+    print(f"wrote {args.out}/report.md, results.json and plots")
     return 0

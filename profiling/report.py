@@ -94,3 +94,26 @@ def plot(records: list[Record], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def write_markdown(path: Path, env: dict, records: list[Record], telemetry: dict | None, ops: list[str]) -> None:
+    """The report: environment, ceilings, telemetry, one table and plot per op, the roofline."""
+    lines = [f"# gpuforge benchmark report — {env['device']}", "",
+             f"- date: {env['date']}", f"- command: `{env['command']}`", f"- git commit: {env['git_commit']}",
+             f"- torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda', '-')}, "
+             f"driver {env.get('driver', '-')}",
+             f"- measured ceilings: copy {env['peaks']['copy_gbps']:.1f} GB/s, "
+             f"GEMM {env['peaks']['matmul_tflops']:.2f} TFLOP/s ({env['peaks']['matmul_dtype']})"]
+    if not env["gpu_timings"]:
+        lines += ["", "> **CPU run: kernels ran in the Triton interpreter / numba.cuda simulator. Times are CPU "
+                  "times of simulators, not GPU timings; only the error columns are meaningful.**"]
+    if telemetry:
+        lines += ["", "NVML telemetry during the run: " + ", ".join(f"{k} {v}" for k, v in telemetry.items())]
+    for op in ops:
+        op_records = [r for r in records if r.op == op]
+        if op_records:
+            lines += ["", f"## {op}", "", markdown_table(op_records), "", f"![{op}]({op}.png)"]
+    for name, title in (("roofline.png", "Roofline"), ("bandwidth.png", "Memory-bound kernels")):
+        if (path.parent / name).exists():
+            lines += ["", f"## {title}", "", f"![{title}]({name})"]
+    path.write_text("\n".join(lines) + "\n")
