@@ -52,4 +52,21 @@ PYBIND11_MODULE(_C, m) {
                                                n, checked_dtype(dtype, "dtype"), as_stream(stream)),
                    "vector_add");
   }, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("matmul", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t M, int64_t N, int64_t K, int64_t batch,
+                     int64_t sa_z, int64_t sa_m, int64_t sa_k, int64_t sb_z, int64_t sb_k, int64_t sb_n, int dtype,
+                     uintptr_t stream) {
+    check_nonnegative(M, "M");
+    check_nonnegative(N, "N");
+    check_nonnegative(K, "K");
+    check_nonnegative(batch, "batch");
+    if (batch > 65535)  // the grid's y dimension; gf.matmul folds the batch into M when b is a matrix
+      throw std::invalid_argument("batch must be <= 65535, got " + std::to_string(batch));
+    throw_if_error(gpuforge::launch_matmul(as_ptr<const void>(a), as_ptr<const void>(b), as_ptr<void>(c), M, N, K,
+                                           batch, sa_z, sa_m, sa_k, sb_z, sb_k, sb_n, checked_dtype(dtype, "dtype"),
+                                           as_stream(stream)),
+                   "matmul");
+  }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("batch"),
+     py::arg("sa_z"), py::arg("sa_m"), py::arg("sa_k"), py::arg("sb_z"), py::arg("sb_k"), py::arg("sb_n"),
+     py::arg("dtype"), py::arg("stream"));
 }

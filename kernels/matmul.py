@@ -47,7 +47,7 @@ def _strides_args(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
 
 
 def matmul_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """csrc/matmul.cu: the tensor-core path for fp16/bf16 with 16-byte-aligned rows, the tiled kernel otherwise."""
+    """csrc/matmul.cu: tensor cores for fp16/bf16 with 16-byte-aligned rows, the tiled kernel otherwise."""
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
@@ -56,23 +56,44 @@ def matmul_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# The tiled kernel's block tile and threads, as in csrc/matmul.cu (kTiledBlockM/N, kTiledThreads).
-CUPY_TILE_M, CUPY_TILE_N, CUPY_THREADS = 64, 64, 256
+# Block tiles and threads of csrc/matmul.cu's kernels (kTiledBlockM/N, kTiledThreads; kMma…).
+TILED_TILE, TILED_THREADS = 64, 256
+MMA_TILE, MMA_THREADS = 128, 256
+
+
+def _mma_path_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The AOT launcher's test (csrc/matmul.cu, mma_path_applies): fp16/bf16 on sm_80+, rows contiguous and
+    16-byte aligned."""
+    k, n = a.shape[2], b.shape[2]
+    return (a.dtype != torch.float32 and a.stride(2) == 1 and b.stride(2) == 1
+            and all(v % 8 == 0 for v in (n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1)))
+            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
+            and torch.cuda.get_device_capability(a.device)[0] >= 8)
 
 
 def matmul_cupy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The tiled shared-memory kernel of csrc/matmul.cu through NVRTC (every dtype, any strides)."""
+    """csrc/matmul.cu through NVRTC, with the AOT launcher's choice of kernel."""
     import numpy as np
 
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
-    name = f"gpuforge::matmul_tiled_kernel<{cupy_module.CPP_TYPES[a.dtype]}>"
-    kern = cupy_module.kernel("matmul.cu", (name,), name)
-    grid = (-(-n // CUPY_TILE_N), -(-m // CUPY_TILE_M), batch)
+    ctype = cupy_module.CPP_TYPES[a.dtype]
+    tiled, mma = f"gpuforge::matmul_tiled_kernel<{ctype}>", f"gpuforge::matmul_mma_kernel<{ctype}>"
+    names = (tiled,) if a.dtype == torch.float32 else (tiled, mma)  # one NVRTC module per dtype
+    if _mma_path_applies(a, b):
+        kern = cupy_module.kernel("matmul.cu", names, mma)
+        grid = (-(-m // MMA_TILE) * -(-n // MMA_TILE), batch)
+        sizes = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+        threads = MMA_THREADS
+    else:
+        kern = cupy_module.kernel("matmul.cu", names, tiled)
+        grid = (-(-m // TILED_TILE) * -(-n // TILED_TILE), batch)
+        sizes = (m, n, k, *_strides_args(a, b))
+        threads = TILED_THREADS
     args = (cupy_module.as_cupy(a), cupy_module.as_cupy(b), cupy_module.as_cupy(out),
-            *(np.int64(v) for v in (m, n, k, *_strides_args(a, b))))
-    cupy_module.launch(kern, grid, (CUPY_THREADS,), args, a.device)
+            *(np.int64(v) for v in sizes))
+    cupy_module.launch(kern, grid, (threads,), args, a.device)
     return out
 
 

@@ -3,7 +3,7 @@
 Each program computes one BLOCK_M × BLOCK_N tile of C, streaming BLOCK_K-wide slabs of A and B through shared
 memory (Triton pipelines those loads over `num_stages` buffers) into tensor-core dots. Programs are visited in
 grouped (swizzled) order: GROUP_M consecutive programs sweep down a column of tiles, so the B slabs they read
-stay in L2 while the A rows are reused across the group. fp32 inputs use tf32 on a GPU (see kernels/matmul.py).
+stay in L2 while the A rows are reused across the group. fp32 inputs use tf32 on a GPU (kernels/matmul.py).
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ def _configs() -> list[triton.Config]:
     """Autotuning space on a GPU (tile shapes of the Triton tutorial's H100 sweep, plus deeper pipelines);
     a single small config under the interpreter, where tuning would only cost time."""
     if triton_interpreter_on():
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
+                              num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
         (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4),
         (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
         (64, 64, 64, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in shapes]
 
 
@@ -41,7 +43,7 @@ def _matmul_kernel(
     stride_bz, stride_bk, stride_bn,
     stride_cz, stride_cm, stride_cn,
     INPUT_PRECISION: tl.constexpr,  # "tf32" for fp32 inputs on a GPU, "ieee" otherwise
-    UPCAST_OPERANDS: tl.constexpr,  # dot in fp32 (exact for bf16 operands): the interpreter's bf16 dot workaround
+    UPCAST_OPERANDS: tl.constexpr,  # dot in fp32 (exact for bf16 operands): interpreter bf16-dot workaround
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -93,6 +95,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch
 
-    _matmul_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(), INPUT_PRECISION=precision,
-                         UPCAST_OPERANDS=upcast)
+    _matmul_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(),
+                         INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast)
     return out

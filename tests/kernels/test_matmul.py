@@ -47,8 +47,8 @@ def ref(a, b):
 def test_matches_float64(backend, dtype, device):
     if not BACKENDS.supports(backend, dtype):
         with pytest.raises(TypeError, match="bfloat16"):
-            gf.matmul(torch.ones(2, 2, dtype=dtype, device=device), torch.ones(2, 2, dtype=dtype, device=device),
-                      backend=backend)
+            ones = torch.ones(2, 2, dtype=dtype, device=device)
+            gf.matmul(ones, ones, backend=backend)
         return
     for m, k, n in shapes_for(backend):
         a = torch.randn(m, k, device=device).to(dtype)
@@ -124,8 +124,10 @@ def test_auto_uses_torch_on_cpu_tensors():
     [
         ([[1.0]], torch.ones(1, 1), TypeError, "a: expected a torch.Tensor"),
         (torch.ones(2, 3), torch.ones(4, 5), ValueError, r"b: expected shape \(\.\.\., K=3, N\)"),
-        (torch.ones(2, 3, dtype=torch.int32), torch.ones(3, 2, dtype=torch.int32), TypeError, "a: expected dtype"),
-        (torch.ones(2, 3), torch.ones(3, 2, dtype=torch.float16), TypeError, "b: expected dtype torch.float32"),
+        (torch.ones(2, 3, dtype=torch.int32), torch.ones(3, 2, dtype=torch.int32), TypeError,
+         "a: expected dtype"),
+        (torch.ones(2, 3), torch.ones(3, 2, dtype=torch.float16), TypeError,
+         "b: expected dtype torch.float32"),
         (torch.ones(3), torch.ones(3, 2), ValueError, "a: expected at least 2 dims"),
         (torch.ones(2, 3), torch.ones(3), ValueError, "b: expected at least 2 dims"),
         (torch.ones(2, 2, 3), torch.ones(3, 3, 2), ValueError, "b: batch dims"),
@@ -175,7 +177,8 @@ def test_exported_from_package():
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "cupy", "triton"])
 @pytest.mark.parametrize("dtype", list(DTYPE_TOL))
-@pytest.mark.parametrize("mkn", [(1, 8, 8), (97, 130, 61), (1000, 1032, 520), (512, 4096, 256), (257, 255, 253)])
+@pytest.mark.parametrize("mkn", [(1, 8, 8), (97, 130, 61), (1000, 1032, 520), (512, 4096, 256),
+                                 (257, 255, 253)])
 def test_gpu_numerics(backend, dtype, mkn):
     m, k, n = mkn
     a = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -192,6 +195,7 @@ def test_gpu_batched_strided_and_unaligned(backend):
     a = torch.randn(3, 200, 136, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(3, 136, 72, device="cuda", dtype=torch.bfloat16).mT.contiguous().mT
     assert_close_rel(gf.matmul(a, b, backend=backend), ref(a, b), 2e-2)
-    a_odd = torch.randn(70, 101, device="cuda", dtype=torch.float16)[:, 1:]  # 2-byte offset, K not multiple of 8
+    # 2-byte offset, K a multiple of 4 but not of 8: the tensor-core path's alignment test must refuse it
+    a_odd = torch.randn(70, 101, device="cuda", dtype=torch.float16)[:, 1:]
     b_odd = torch.randn(100, 33, device="cuda", dtype=torch.float16)
     assert_close_rel(gf.matmul(a_odd, b_odd, backend=backend), ref(a_odd, b_odd), 4e-3)
