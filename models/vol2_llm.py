@@ -295,9 +295,10 @@ def generate(model: TinyLlama, prompt: torch.Tensor, max_new_tokens: int, *, tem
     cache = cache if cache is not None else model.new_cache(prompt.shape[0], prompt.shape[1] + max_new_tokens)
     tokens = prompt
     logits = model(prompt, cache, 0)[:, -1]
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
-        logits = model(nxt[:, None], cache, tokens.shape[1])[:, -1]
+        if step + 1 < max_new_tokens:
+            logits = model(nxt[:, None], cache, tokens.shape[1])[:, -1]
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
     return tokens
 
