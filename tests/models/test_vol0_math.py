@@ -21,7 +21,7 @@ def _train(name, steps, lr, batch_size=64):
 
 
 def test_vae_elbo_improves():
-    _, losses = _train("tiny_vae", 150, 1e-2)
+    _, losses = _train("tiny_vae", 60, 1e-2)
     # at init the loss is ~ ½·Σ E[x²] ≈ 3.2, which is also what a decoder ignoring z (E[x] ≈ 0) would get;
     # below 2.4 the latent code carries information about x
     assert losses[0] > 3.0 and sum(losses[-10:]) / 10 < 2.4, (losses[0], losses[-10:])
@@ -40,7 +40,7 @@ def test_closed_form_kl_matches_torch_distributions_and_monte_carlo():
 
 
 def test_mlp_regression_loss_falls():
-    _, losses = _train("tiny_mlp", 150, 1e-2)
+    _, losses = _train("tiny_mlp", 80, 1e-2)
     assert sum(losses[-10:]) / 10 < 0.25 * losses[0], (losses[0], losses[-10:])
 
 
