@@ -6,6 +6,8 @@ sizes where tiles, pipelines and tensor cores are exercised."""
 
 import pytest
 import torch
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
 
 import gpuforge as gf
 from gpuforge import backends
@@ -56,6 +58,17 @@ def test_matches_float64(backend, dtype, device):
         out = gf.matmul(a, b, backend=backend)
         assert out.dtype == dtype and out.shape == (m, n) and out.device == a.device
         assert_close_rel(out, ref(a, b), tol(backend, dtype, device), f"{backend} {dtype} {(m, k, n)}")
+
+
+@pytest.mark.skipif("triton" not in BACKEND_PARAMS, reason="triton cannot run here")
+@seed(20261123)
+@settings(max_examples=12, deadline=None)
+@given(m=st.integers(1, 70), k=st.integers(1, 70), n=st.integers(1, 70), batch=st.integers(1, 3),
+       transpose_a=st.booleans(), transpose_b=st.booleans())
+def test_triton_shape_fuzz(m, k, n, batch, transpose_a, transpose_b):
+    a = torch.randn(batch, k, m, device=DEVICE).mT if transpose_a else torch.randn(batch, m, k, device=DEVICE)
+    b = torch.randn(n, k, device=DEVICE).t() if transpose_b else torch.randn(k, n, device=DEVICE)
+    assert_close_rel(gf.matmul(a, b, backend="triton"), ref(a, b), tol("triton", torch.float32, DEVICE))
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
@@ -168,6 +181,16 @@ def test_torch_compile_fullgraph(backend, device):
     a, b = torch.randn(2, 21, 30, device=device), torch.randn(30, 11, device=device)
     compiled = torch.compile(lambda x, y: torch.relu(gf.matmul(x, y, backend=backend)) * 2, fullgraph=True)
     assert_close_rel(compiled(a, b), 2 * torch.relu(ref(a, b)), tol(backend, torch.float32, device))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKEND_PARAMS if b != "numba"])  # numba: in the CLI check
+def test_selfcheck_cases_pass(backend, device):
+    from gpuforge.kernels._selfcheck import run_case
+    from gpuforge.kernels.matmul import selfcheck_cases
+
+    for case in selfcheck_cases(device):
+        result = run_case(case, backend, case.reference())
+        assert result.passed, result
 
 
 def test_exported_from_package():
