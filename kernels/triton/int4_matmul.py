@@ -1,0 +1,118 @@
+"""Triton W4A16 GEMM: out = x @ dequant(W)ᵀ with the int4 decode fused into a tiled GEMM, fp32 accumulation.
+
+Each program computes one BLOCK_M × BLOCK_N tile of out over one K slice (SPLIT_K slices in all). Per
+BLOCK_K step it loads a (BLOCK_K/2, BLOCK_N) tile of packed bytes — every weight byte is read from global
+memory once per M tile — splits each byte into its two nibbles, interleaves them back into K order, subtracts
+the zero point and multiplies by the scale in registers, and feeds the dequantized tile to a tensor-core dot
+with the x tile. When BLOCK_K divides the group size, a K step lies in one group and its scales/zeros are a
+single (1, BLOCK_N) row; otherwise (per-channel groups of odd multiples) they are gathered per element.
+Split-K (for decode, where M is tiny and N / BLOCK_N programs cannot fill the GPU) writes fp32 partial tiles
+that one torch sum reduces.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpuforge.backends import triton_interpreter_on
+from gpuforge.kernels import _alloc
+
+
+@triton.jit
+def _int4_matmul_kernel(
+    x_ptr,  # activations (M, K), contiguous, fp16/bf16/fp32
+    qw_ptr,  # packed codes uint8 (N, K/2): byte j of row n holds k = 2j (low nibble) and k = 2j+1 (high)
+    scales_ptr,  # per-group scales (N, K/GROUP_SIZE), fp16/bf16/fp32
+    zeros_ptr,  # per-group zero points uint8 (N, K/GROUP_SIZE)
+    out_ptr,  # (SPLIT_K, M, N) contiguous: the output itself when SPLIT_K == 1, else fp32 partial sums
+    M, N, K,
+    GROUP_SIZE: tl.constexpr,
+    UPCAST_OPERANDS: tl.constexpr,  # dot in fp32: interpreter bf16-dot workaround (triton/matmul.py)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    pid_k = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m % M  # wrap past the edge: in bounds without masks in the loop, never stored
+    cols = offs_n % N
+    half_k = K // 2
+    n_groups = K // GROUP_SIZE
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+
+    offs_kk = tl.arange(0, BLOCK_K)  # K offsets of a step, in order
+    offs_kb = tl.arange(0, BLOCK_K // 2)  # byte offsets of a step
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        k_mask = (k0 + offs_kk) < k_end
+        x = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_kk)[None, :], mask=k_mask[None, :], other=0.0)
+        byte_mask = (k0 // 2 + offs_kb) < k_end // 2
+        byte_ptrs = qw_ptr + cols[None, :] * half_k + (k0 // 2 + offs_kb)[:, None]
+        packed = tl.load(byte_ptrs, mask=byte_mask[:, None], other=0)
+        low = (packed & 0xF).to(tl.float32)
+        high = (packed >> 4).to(tl.float32)
+        # (BLOCK_K/2, BLOCK_N, 2) -> (BLOCK_K/2, 2, BLOCK_N) -> (BLOCK_K, BLOCK_N): row 2j low, 2j+1 high
+        codes = tl.reshape(tl.permute(tl.join(low, high), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        if GROUP_SIZE % BLOCK_K == 0:
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + cols * n_groups + group).to(tl.float32)[None, :]
+            zero = tl.load(zeros_ptr + cols * n_groups + group).to(tl.float32)[None, :]
+        else:
+            group = tl.minimum((k0 + offs_kk) // GROUP_SIZE, n_groups - 1)[:, None]
+            scale = tl.load(scales_ptr + cols[None, :] * n_groups + group).to(tl.float32)
+            zero = tl.load(zeros_ptr + cols[None, :] * n_groups + group).to(tl.float32)
+        w = ((codes - zero) * scale).to(x_ptr.dtype.element_ty)
+        if UPCAST_OPERANDS:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc, input_precision="ieee")
+
+    out_ptrs = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _block_k(group_size: int, k: int) -> int:
+    """The largest of 64/32/16 dividing the group size (one scale row per step); else 32 with gathers."""
+    for block in (64, 32, 16):
+        if group_size % block == 0:
+            return block
+    return 32
+
+
+def _tiles(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, SPLIT_K): small M gets thin tiles and split-K to fill the GPU."""
+    if triton_interpreter_on():
+        return 16, 32, 4, 2 if k >= 256 else 1
+    if m <= 16:
+        tiles_n = triton.cdiv(n, 64)
+        split = 1
+        while tiles_n * split < 264 and k // (split * 2) >= 512:
+            split *= 2
+        return 16, 64, 4, split
+    if m <= 64:
+        return 64, 64, 4, 1
+    return 128, 128, 8, 1
+
+
+def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """x (M, K) contiguous, qweight uint8 (N, K/2), scales/zeros (N, K/group_size) -> (M, N) in x's dtype."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    block_m, block_n, warps, split = _tiles(m, n, k)
+    block_k = _block_k(group_size, k)
+    if split == 1:
+        out = _alloc.empty((m, n), dtype=x.dtype, device=x.device)
+    else:
+        out = _alloc.empty((split, m, n), dtype=torch.float32, device=x.device)
+    upcast = x.dtype == torch.bfloat16 and triton_interpreter_on()
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _int4_matmul_kernel[grid](x, qweight, scales, zeros, out, m, n, k, GROUP_SIZE=group_size,
+                              UPCAST_OPERANDS=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                              SPLIT_K=split, num_warps=warps, num_stages=1 if triton_interpreter_on() else 3)
+    return out if split == 1 else out.sum(dim=0).to(x.dtype)

@@ -1,0 +1,110 @@
+"""gf.int4_matmul against dequantize-then-matmul in float64: every group size, odd M and N, fp16/bf16
+(fp32 on torch/triton), backward for x, the torch.library op (opcheck, gradcheck, compile), bad input."""
+
+import pytest
+import torch
+
+import gpuforge as gf
+from gpuforge.kernels.int4_matmul import X_DTYPES, _int4_matmul_op
+from gpuforge.quant import Int4Weight, dequantize_int4, quantize_int4
+from tests.helpers import REL_TOL, assert_close_rel
+
+# (M, N, K, group_size): odd M and N, K a multiple of every group size used, per-channel groups (-1).
+SHAPES = [(1, 67, 128, 32), (3, 33, 192, 64), (17, 130, 256, 128), (5, 40, 96, -1), (2, 9, 100, -1)]
+INTERPRETED = ("torch", "triton")
+
+
+def _case(m, n, k, group, dtype, device, symmetric=True, seed=0):
+    generator = torch.Generator().manual_seed(seed + m * 7 + n)
+    q = quantize_int4(torch.randn(n, k, generator=generator), group, symmetric=symmetric).to(device)
+    x = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
+    return x, q
+
+
+def _reference(x, q):
+    return x.double() @ dequantize_int4(q, torch.float64).T
+
+
+@pytest.mark.parametrize("backend", INTERPRETED)
+@pytest.mark.parametrize("dtype", X_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_matches_float64(backend, dtype, shape, device):
+    m, n, k, group = shape
+    x, q = _case(m, n, k, group, dtype, device, symmetric=m % 2 == 0)
+    out = gf.int4_matmul(x, q, backend=backend)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert_close_rel(out, _reference(x, q), REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", INTERPRETED)
+def test_batched_non_contiguous_input_and_awq_scales(backend, device):
+    generator = torch.Generator().manual_seed(11)
+    w = torch.randn(31, 128, generator=generator)
+    calibration = torch.randn(64, 128, generator=generator)
+    q = quantize_int4(w, 64, "awq", calibration=calibration, scale_dtype=torch.bfloat16).to(device)
+    x = torch.randn(2, 128, 3, generator=generator).to(device=device, dtype=torch.float16).transpose(1, 2)
+    assert not x.is_contiguous()
+    out = gf.int4_matmul(x, q, backend=backend)
+    assert out.shape == (2, 3, 31)
+    ref = x.double() @ dequantize_int4(q, torch.float64).T
+    assert_close_rel(out, ref, 4e-3)
+
+
+@pytest.mark.parametrize("backend", INTERPRETED)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_backward_for_x(backend, dtype, device):
+    x, q = _case(6, 45, 128, 32, dtype, device, symmetric=False)
+    x.requires_grad_()
+    grad = torch.randn(6, 45).to(device=device, dtype=dtype)
+    gf.int4_matmul(x, q, backend=backend).backward(grad)
+    assert_close_rel(x.grad, grad.double() @ dequantize_int4(q, torch.float64), REL_TOL[dtype])
+
+
+def test_opcheck_and_float64_gradcheck(device):
+    x, q = _case(3, 10, 64, 32, torch.float32, device)
+    args = (x, q.qweight, q.scales, q.zeros, q.group_size)
+    torch.library.opcheck(_int4_matmul_op, (*args, "triton"))
+    x64 = x.double().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _int4_matmul_op(t, *args[1:], "torch"), (x64,))
+
+
+def test_torch_compile_fullgraph(device):
+    x, q = _case(4, 20, 64, 32, torch.float16, device)
+    compiled = torch.compile(lambda t: gf.int4_matmul(t, q, backend="triton"), fullgraph=True)
+    assert_close_rel(compiled(x), _reference(x, q), REL_TOL[torch.float16])
+
+
+def test_bad_inputs_raise_naming_the_argument(device):
+    x, q = _case(2, 8, 64, 32, torch.float16, device)
+    with pytest.raises(ValueError, match="x: expected last dim K=64"):
+        gf.int4_matmul(torch.randn(2, 48, dtype=torch.float16, device=device), q)
+    with pytest.raises(TypeError, match="x: expected dtype"):
+        gf.int4_matmul(x.to(torch.int32), q)
+    with pytest.raises(TypeError, match="qweight"):
+        gf.int4_matmul(x, torch.randn(8, 64))
+    with pytest.raises(ValueError, match="group_size"):
+        Int4Weight(q.qweight, q.scales, q.zeros, group_size=48, symmetric=True)
+    with pytest.raises(TypeError, match="qweight"):
+        Int4Weight(q.qweight.to(torch.int32), q.scales, q.zeros, 32, True)
+    with pytest.raises(ValueError, match="backend"):
+        gf.int4_matmul(x, q, backend="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "cupy", "triton"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("shape", [(1, 4096, 4096, 128), (4, 11008, 4096, 128), (16, 4096, 11008, 128),
+                                   (7, 259, 1024, 32), (33, 130, 512, 64), (300, 257, 384, -1),
+                                   (1, 96, 160, 32)],
+                         ids=str)
+def test_gpu_backends_match_float64(backend, dtype, shape):
+    from gpuforge import backends
+
+    ok, why = backends.is_available(backend)
+    if not ok:
+        pytest.skip(why)
+    m, n, k, group = shape
+    x, q = _case(m, n, k, group, dtype, torch.device("cuda"), symmetric=m % 2 == 1)
+    x = x / 8
+    out = gf.int4_matmul(x, q, backend=backend)
+    assert_close_rel(out, _reference(x, q), 4e-3 if dtype == torch.float16 else 2e-2)
