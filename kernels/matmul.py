@@ -46,8 +46,22 @@ def _strides_args(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
     return (*a.stride(), *b.stride())
 
 
+def _rows_aligned(t: torch.Tensor) -> bool:
+    return t.stride(2) == 1 and t.stride(1) % 8 == 0 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+
+
+def _for_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16/bf16 operands with K and N multiples of 8 are copied row-major when they are not already (the
+    backward's Bᵀ and Aᵀ, transposed views): an O(MK + KN) copy that moves the O(MNK) product onto tensor
+    cores. Anything else keeps its strides and takes the tiled kernel."""
+    if a.dtype == torch.float32 or a.shape[2] % 8 or b.shape[2] % 8:
+        return a, b
+    return (a if _rows_aligned(a) else a.contiguous()), (b if _rows_aligned(b) else b.contiguous())
+
+
 def matmul_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """csrc/matmul.cu: tensor cores for fp16/bf16 with 16-byte-aligned rows, the tiled kernel otherwise."""
+    a, b = _for_tensor_cores(a, b)
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
@@ -64,17 +78,15 @@ MMA_TILE, MMA_THREADS = 128, 256
 def _mma_path_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The AOT launcher's test (csrc/matmul.cu, mma_path_applies): fp16/bf16 on sm_80+, rows contiguous and
     16-byte aligned."""
-    k, n = a.shape[2], b.shape[2]
-    return (a.dtype != torch.float32 and a.stride(2) == 1 and b.stride(2) == 1
-            and all(v % 8 == 0 for v in (n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1)))
-            and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0
-            and torch.cuda.get_device_capability(a.device)[0] >= 8)
+    return (a.dtype != torch.float32 and a.shape[2] % 8 == 0 and b.shape[2] % 8 == 0
+            and _rows_aligned(a) and _rows_aligned(b) and torch.cuda.get_device_capability(a.device)[0] >= 8)
 
 
 def matmul_cupy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """csrc/matmul.cu through NVRTC, with the AOT launcher's choice of kernel."""
     import numpy as np
 
+    a, b = _for_tensor_cores(a, b)
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
