@@ -340,13 +340,17 @@ def _lse_shape(p: Problem, total_q: int) -> tuple[int, ...]:
     return (p.heads_q, total_q) if p.varlen else (p.batch, p.heads_q, p.seqlen_q)
 
 
-def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """A kernel operand with unit stride along D. Triton 3.9's interpreter multiplies bf16 tiles as raw integer
+    bits (results ~1e9 off), so there bf16 operands go in as exact fp32 copies; outputs keep the input dtype."""
+    if t.dtype == torch.bfloat16 and backends.triton_interpreter_on():
+        return t.float()
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
     out = _alloc.empty_like(q)
+    q, k, v = _operand(q), _operand(k), _operand(v)
     lse = _alloc.empty(_lse_shape(p, q.shape[0]), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
@@ -364,9 +368,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tu
 def backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              out: torch.Tensor, lse: torch.Tensor, p: Problem, deterministic: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    dout, out, dlse, lse = dout.contiguous(), out.contiguous(), dlse.float().contiguous(), lse.contiguous()
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
+    q, k, v = _operand(q), _operand(k), _operand(v)
+    dout, out = _operand(dout).contiguous(), _operand(out).contiguous()
+    dlse, lse = dlse.float().contiguous(), lse.contiguous()
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     cu_q, cu_k = p.cu(q)

@@ -1,0 +1,291 @@
+"""gf.flash_attention / gf.flash_attention_varlen against float64 math, plus the ops' torch.library contract.
+
+On a CPU the Triton kernels run under the interpreter with 16×16 tiles, so the short odd lengths here (1, 17, 33,
+65) still cross tile boundaries, skip whole tiles (causal, window) and mask tails. GPU-marked tests cover fp16 /
+bf16 at sizes where the autotuned tiles and tensor cores are used."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import gpuforge as gf
+from gpuforge import backends
+from gpuforge.kernels import flash_attention as fa
+from tests.helpers import assert_close_rel
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON = backends.is_available("triton")[0] and backends.runs_on("triton", DEVICE)
+needs_triton = pytest.mark.skipif(not TRITON, reason="triton cannot run here (no GPU, interpreter off)")
+# fp32 on a GPU goes through tf32 tensor cores in tl.dot; the interpreter computes fp32 exactly.
+FP32_TOL = 5e-3 if DEVICE.type == "cuda" else 2e-5
+
+
+def make(shape, dtype=torch.float32, device=DEVICE):
+    return torch.randn(shape, device=device).to(dtype)
+
+
+def reference_with_grads(q, k, v, dout, causal=False, window=None, scale=None):
+    """float64 math through torch autograd (independent of the ops' hand-written backward formulas)."""
+    left, right = fa._window(window, causal)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, _ = fa._dense_reference(q64, k64, v64, scale or 1 / math.sqrt(q.shape[-1]), left, right)
+    out.backward(dout.double())
+    return out.detach(), q64.grad, k64.grad, v64.grad
+
+
+def run_with_grads(fn, q, k, v, dout):
+    return fa._outputs_and_grads(fn, q, k, v, dout)
+
+
+def test_reference_matches_sdpa_float64():
+    q, k, v = make((2, 4, 9, 16), torch.float64), make((2, 2, 13, 16), torch.float64), make((2, 2, 13, 16),
+                                                                                           torch.float64)
+    mask = torch.ones(9, 13, dtype=torch.bool).tril(diagonal=13 - 9)  # bottom-right causal
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                              attn_mask=mask.to(DEVICE))
+    out, lse = fa._dense_reference(q, k, v, 0.25, -1, 0)
+    torch.testing.assert_close(out, expected)
+    scores = (q @ k.repeat_interleave(2, 1).mT * 0.25).masked_fill(~mask.to(DEVICE), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
+
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, window): 1, odd and Sq != Sk lengths, GQA 1/2/4 and MQA, every head dim.
+CASES = [
+    (1, 1, 1, 1, 3, 32, False, None),  # one query (Sk = 1 would make dq exactly 0)
+    (1, 2, 2, 17, 17, 64, True, None),
+    (2, 4, 2, 33, 65, 32, True, None),  # Sq < Sk: the last query sees every key
+    (1, 4, 1, 65, 33, 96, True, None),  # Sq > Sk: the first 32 queries see no key -> zeros
+    (1, 2, 2, 33, 17, 128, False, None),
+    (1, 2, 1, 65, 65, 32, False, (8, 4)),  # sliding window skips tiles on both sides
+    (1, 2, 2, 33, 40, 32, True, (5, -1)),  # causal local attention
+    (1, 1, 1, 17, 17, 256, True, None),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-Sq{}-Sk{}-D{}-c{}-w{}".format(*c))
+def test_triton_matches_float64(case):
+    b, hq, hkv, sq, sk, d, causal, window = case
+    q, k, v, dout = make((b, hq, sq, d)), make((b, hkv, sk, d)), make((b, hkv, sk, d)), make((b, hq, sq, d))
+    got = run_with_grads(lambda *t: gf.flash_attention(*t, causal=causal, window=window, backend="triton"),
+                         q, k, v, dout)
+    expected = reference_with_grads(q, k, v, dout, causal, window)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        assert g.shape == e.shape and g.dtype == q.dtype
+        assert_close_rel(g, e, FP32_TOL, f"{name} {case}")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_half_precision(dtype):
+    q, k, v, dout = make((1, 2, 33, 32), dtype), make((1, 1, 20, 32), dtype), make((1, 1, 20, 32), dtype), \
+        make((1, 2, 33, 32), dtype)
+    fn = lambda *t: gf.flash_attention(*t, causal=True, backend="triton")  # noqa: E731
+    got = run_with_grads(fn, q, k, v, dout)
+    expected = reference_with_grads(q, k, v, dout, causal=True)
+    torch_same_precision = run_with_grads(lambda *t: gf.flash_attention(*t, causal=True, backend="torch"),
+                                          q, k, v, dout)
+    for name, g, e, t in zip(("out", "dq", "dk", "dv"), got, expected, torch_same_precision):
+        # flash-attention's rule: at most 2x the error of a same-precision torch implementation, plus slack
+        limit = 2 * fa_error(t, e) + (2e-3 if dtype == torch.float16 else 1.6e-2)
+        assert_close_rel(g, e, limit, f"{name} {dtype}")
+
+
+def fa_error(out, ref):
+    return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@needs_triton
+def test_non_contiguous_inputs():
+    base = make((1, 17, 3, 32))  # (B, S, H, D) memory, viewed as (B, H, S, D)
+    q = base.transpose(1, 2)
+    k = make((1, 20, 2, 64))[..., :32].transpose(1, 2)  # head dim sliced: stride(-1) is 1, rows strided
+    v = make((1, 2, 32, 20)).transpose(2, 3)  # stride(-1) != 1: made contiguous
+    k = k[:, :1].expand(1, 1, 20, 32)
+    v = v[:, :1]
+    dout = make((1, 3, 17, 32))
+    got = run_with_grads(lambda *t: gf.flash_attention(*t, backend="triton"), q, k, v, dout)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, reference_with_grads(q, k, v, dout)):
+        assert_close_rel(g, e, FP32_TOL, name)
+
+
+@needs_triton
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_per_sequence(causal):
+    lens_q, lens_k = [1, 17, 33], [5, 17, 20]
+    hq, hkv, d = 4, 2, 32
+    cu_q = torch.tensor([0, 1, 18, 51], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 5, 22, 42], dtype=torch.int32, device=DEVICE)
+    q, k, v = make((51, hq, d)), make((42, hkv, d)), make((42, hkv, d))
+    dout = make((51, hq, d))
+    window = (6, -1)
+    got = run_with_grads(lambda *t: gf.flash_attention_varlen(*t, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                              causal=causal, window=window, backend="triton"),
+                         q, k, v, dout)
+    qs, ks = cu_q.tolist(), cu_k.tolist()
+    for i in range(3):
+        rq, rk = slice(qs[i], qs[i + 1]), slice(ks[i], ks[i + 1])
+        dense = [t[r].transpose(0, 1)[None] for t, r in ((q, rq), (k, rk), (v, rk), (dout, rq))]
+        expected = reference_with_grads(*dense, causal=causal, window=window)
+        for name, full, e, r in zip(("out", "dq", "dk", "dv"), got, expected, (rq, rq, rk, rk)):
+            assert_close_rel(full[r].transpose(0, 1)[None], e, FP32_TOL, f"{name} sequence {i}")
+
+
+def test_varlen_torch_backend_matches_dense():
+    q, k, v = make((2, 2, 7, 16)), make((2, 1, 9, 16)), make((2, 1, 9, 16))
+    pack = lambda t: t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3])  # noqa: E731
+    cu_q = torch.tensor([0, 7, 14], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 9, 18], dtype=torch.int32, device=DEVICE)
+    out = gf.flash_attention_varlen(pack(q), pack(k), pack(v), cu_q, cu_k, 7, 9, causal=True, backend="torch")
+    torch.testing.assert_close(out, pack(gf.flash_attention(q, k, v, causal=True, backend="torch")))
+
+
+@needs_triton
+def test_deterministic_backward_is_bit_identical():
+    q, k, v, dout = make((1, 4, 33, 32)), make((1, 2, 40, 32)), make((1, 2, 40, 32)), make((1, 4, 33, 32))
+    fn = lambda *t: gf.flash_attention(*t, causal=True, deterministic=True, backend="triton")  # noqa: E731
+    first, second = run_with_grads(fn, q, k, v, dout), run_with_grads(fn, q, k, v, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    atomic = run_with_grads(lambda *t: gf.flash_attention(*t, causal=True, backend="triton"), q, k, v, dout)
+    for a, b in zip(first, atomic):
+        assert_close_rel(a, b.double(), FP32_TOL)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_lse_output_and_its_gradient(backend):
+    q, k, v = make((1, 2, 17, 32)), make((1, 2, 17, 32)), make((1, 2, 17, 32))
+    weights = make((1, 2, 17))
+
+    def loss(q_, k_, v_, op_backend):
+        out, lse = torch.ops.gpuforge.flash_attention(q_, k_, v_, 0.2, -1, 0, False, op_backend)
+        return out.sum() + (lse * weights.to(lse.dtype)).sum(), lse
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    total, lse = loss(*leaves, backend)
+    total.backward()
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v)]
+    total64, lse64 = loss(*leaves64, "torch")
+    total64.backward()
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 17)
+    assert_close_rel(lse, lse64, FP32_TOL, "lse")
+    for name, a, b in zip("qkv", leaves, leaves64):
+        assert_close_rel(a.grad, b.grad, FP32_TOL, f"d{name}")
+
+
+def test_gradcheck_float64():
+    q, k, v = (torch.randn(1, h, s, 8, dtype=torch.float64, requires_grad=True)
+               for h, s in ((2, 5), (1, 7), (1, 7)))
+    for left, right in ((-1, 0), (2, 1)):
+        fn = lambda a, b, c: torch.ops.gpuforge.flash_attention(a, b, c, 0.3, left, right, False, "torch")  # noqa
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck(backend):
+    if backend == "triton" and not TRITON:
+        pytest.skip("triton cannot run here")
+    q, k, v = (make(shape).requires_grad_() for shape in ((1, 2, 17, 16), (1, 1, 20, 16), (1, 1, 20, 16)))
+    torch.library.opcheck(torch.ops.gpuforge.flash_attention.default, (q, k, v, 0.25, -1, 0, True, backend))
+    cu = torch.tensor([0, 5, 17], dtype=torch.int32, device=DEVICE)
+    qv, kv, vv = (make((17, h, 16)).requires_grad_() for h in (2, 1, 1))
+    torch.library.opcheck(torch.ops.gpuforge.flash_attention_varlen.default,
+                          (qv, kv, vv, cu, cu, 12, 12, 0.25, -1, 0, True, backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph(backend):
+    if backend == "triton" and not TRITON:
+        pytest.skip("triton cannot run here")
+    q, k, v = make((1, 2, 17, 16)), make((1, 1, 17, 16)), make((1, 1, 17, 16))
+    compiled = torch.compile(lambda a, b, c: gf.flash_attention(a, b, c, causal=True, backend=backend) * 2,
+                             fullgraph=True)
+    expected = fa._dense_reference(q.double(), k.double(), v.double(), 0.25, -1, 0)[0]
+    assert_close_rel(compiled(q, k, v), 2 * expected, FP32_TOL)
+
+
+@needs_triton
+def test_saved_memory_is_linear_in_sequence_length():
+    """Everything autograd keeps is O(S·D) per head (q, k, v, out, lse), never an S×S matrix."""
+    b, h, s, d = 1, 2, 65, 16
+    saved = []
+
+    def pack(t):
+        saved.append(tuple(t.shape))
+        return t
+
+    q, k, v = (make((b, h, s, d)).requires_grad_() for _ in range(3))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = gf.flash_attention(q, k, v, causal=True, backend="triton")
+    assert saved and all(math.prod(shape) <= b * h * s * d for shape in saved), saved
+    assert all(shape[-2:] != (s, s) for shape in saved)
+    out.sum().backward()
+
+
+def test_auto_uses_torch_on_cpu_tensors():
+    assert fa.BACKENDS.select("auto", torch.device("cpu")) == "torch"
+
+
+ONES = torch.ones(1, 2, 4, 8)
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((ONES[0], ONES, ONES), {}, ValueError, "q: expected a 4-D tensor"),
+        (([[1.0]], ONES, ONES), {}, TypeError, "q: expected a torch.Tensor"),
+        ((ONES, torch.ones(1, 2, 4, 16), torch.ones(1, 2, 4, 16)), {}, ValueError, "k: expected head dim D=8"),
+        ((torch.ones(1, 3, 4, 8), ONES, ONES), {}, ValueError, "Hq=3 must be a multiple of .* Hkv=2"),
+        ((ONES, torch.ones(2, 2, 4, 8), torch.ones(2, 2, 4, 8)), {}, ValueError, "k: expected batch 1"),
+        ((ONES, ONES, torch.ones(1, 2, 5, 8)), {}, ValueError, r"v: expected shape \(1, 2, 4, 8\)"),
+        ((ONES, ONES.half(), ONES), {}, TypeError, "k: expected dtype torch.float32"),
+        ((ONES.int(), ONES.int(), ONES.int()), {}, TypeError, "q: expected dtype"),
+        ((ONES, ONES, ONES.to("meta")), {}, ValueError, "v: expected device cpu"),
+        ((torch.ones(1, 1, 2, 300),) * 3, {}, ValueError, "head dim D=300 unsupported"),
+        ((ONES, ONES, ONES), {"window": (3,)}, ValueError, "window: expected None or"),
+        ((ONES, ONES, ONES), {"window": (-2, 0)}, ValueError, "window: expected None or"),
+        ((ONES, ONES, ONES), {"scale": float("nan")}, ValueError, "scale: expected a finite float"),
+        ((ONES, ONES, ONES), {"deterministic": 1}, TypeError, "deterministic: expected a bool"),
+    ],
+)
+def test_bad_input_names_the_argument(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gf.flash_attention(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cu_q, cu_k, max_q, match",
+    [
+        (torch.tensor([0, 4]), torch.tensor([0, 4], dtype=torch.int32), 4, "cu_seqlens_q: expected dtype int32"),
+        (torch.tensor([0], dtype=torch.int32), torch.tensor([0], dtype=torch.int32), 4, "cu_seqlens_q: expected"),
+        (torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 2, 4], dtype=torch.int32), 4,
+         "cu_seqlens_k: expected shape"),
+        (torch.tensor([0, 4], dtype=torch.int32), torch.tensor([0, 4], dtype=torch.int32), -1, "max_seqlen_q"),
+    ],
+)
+def test_varlen_bad_input(cu_q, cu_k, max_q, match):
+    x = torch.ones(4, 2, 8)
+    with pytest.raises((ValueError, TypeError), match=match):
+        gf.flash_attention_varlen(x, x, x, cu_q, cu_k, max_q, 4)
+
+
+def test_exported_from_package():
+    assert {"flash_attention", "flash_attention_varlen"} <= set(gf.__all__)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1000, 1000, 128, True), (1, 4, 4, 130, 1031, 64, True),
+                                   (3, 8, 1, 257, 257, 256, False), (2, 8, 8, 1024, 1024, 96, False)])
+def test_gpu_half_precision_vs_sdpa(dtype, shape):
+    b, hq, hkv, sq, sk, d, causal = shape
+    q, k, v, dout = (make(s, dtype) for s in ((b, hq, sq, d), (b, hkv, sk, d), (b, hkv, sk, d), (b, hq, sq, d)))
+    got = run_with_grads(lambda *t: gf.flash_attention(*t, causal=causal, backend="triton"), q, k, v, dout)
+    expected = reference_with_grads(q, k, v, dout, causal)
+    mask = torch.ones(sq, sk, dtype=torch.bool, device="cuda").tril(sk - sq) if causal else None
+    sdpa = run_with_grads(lambda a, b_, c: F.scaled_dot_product_attention(
+        a, b_.repeat_interleave(hq // hkv, 1), c.repeat_interleave(hq // hkv, 1), attn_mask=mask), q, k, v, dout)
+    for name, g, e, s in zip(("out", "dq", "dk", "dv"), got, expected, sdpa):
+        assert_close_rel(g, e, 2 * fa_error(s, e) + 1e-3, f"{name} {dtype} {shape}")
