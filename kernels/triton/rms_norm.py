@@ -1,0 +1,179 @@
+"""Triton RMSNorm: forward saving 1/rms per row, backward for x and weight with a two-pass weight gradient.
+
+Rows are normalised whole in registers (BLOCK_SIZE = next power of two ≥ n, so n ≤ MAX_N), statistics in
+fp32 whatever the input dtype. The backward gives each program a contiguous band of rows: it writes dx row by
+row and keeps its share of dw = Σ dy·x̂ in fp32 registers, stored once as one partial row; a second kernel sums
+the partial rows in a fixed order (deterministic), or, with deterministic=False, the programs add their
+partial rows into one fp32 row with atomics (order varies from run to run, bits may too).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from gpuforge.backends import triton_interpreter_on
+from gpuforge.kernels import _alloc
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,  # input rows, last dim contiguous
+    x_row_stride,
+    res_ptr,  # residual rows (read only when HAS_RESIDUAL)
+    res_row_stride,
+    w_ptr,  # weight (n,)
+    y_ptr,  # output rows, contiguous
+    h_ptr,  # x + residual, contiguous (written only when HAS_RESIDUAL)
+    rstd_ptr,  # fp32 (rows,): 1/rms of each row, saved for the backward
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per row: load the row (and residual row) once, add, reduce Σx² in fp32, scale, store."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * res_row_stride + cols, mask=mask, other=0.0)
+        # round the sum to the stream dtype first: the norm sees the h it returns, which the backward reuses
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        tl.store(h_ptr + row * n_cols + cols, x, mask=mask)
+    x = x.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,  # upstream gradient rows, last dim contiguous
+    dy_row_stride,
+    x_ptr,  # the normalised input rows (h for the fused residual form)
+    x_row_stride,
+    w_ptr,  # weight (n,)
+    rstd_ptr,  # fp32 (rows,) from the forward
+    dh_ptr,  # gradient arriving at h, added to dx (read only when HAS_DH)
+    dh_row_stride,
+    dx_ptr,  # output rows, contiguous
+    dw_partial_ptr,  # fp32 (programs, n) partial sums, or (1, n) zeroed for the atomic form
+    n_rows,
+    n_cols,
+    rows_per_program,
+    HAS_DH: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """A band of rows per program: dx = rstd·(g − x̂·mean(g·x̂)), g = dy·w; dw accumulated in fp32 registers."""
+    pid = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = x * rstd
+        g = dy * w
+        dx = rstd * (g - xhat * (tl.sum(g * xhat, axis=0) / n_cols))
+        if HAS_DH:
+            dx += tl.load(dh_ptr + row * dh_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+    if ATOMIC:
+        tl.atomic_add(dw_partial_ptr + cols, dw, mask=mask)
+    else:
+        tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=mask)
+
+
+@triton.jit
+def _sum_partials_kernel(
+    partial_ptr,  # fp32 (n_partials, n) partial weight gradients
+    dw_ptr,  # output (n,) in the weight's dtype
+    n_partials,
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Second pass: each program sums a BLOCK_SIZE slice of columns over all partial rows, top to bottom."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    total = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    for p in range(0, n_partials):
+        total += tl.load(partial_ptr + p * n_cols + cols, mask=mask, other=0.0)
+    tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=mask)
+
+
+# 64K fp32 values per row is where one register-resident row stops fitting (Liger's MAX_FUSED_SIZE).
+MAX_N = 65536
+SUM_BLOCK = 256
+# Under the interpreter a few programs still exercise the band split and the second pass.
+INTERPRETER_PROGRAMS = 4
+
+
+def _settings(n: int) -> tuple[int, int]:
+    """(BLOCK_SIZE, num_warps): ~8-16 elements per thread keeps loads 16-byte wide without spilling."""
+    block = triton.next_power_of_2(n)
+    return block, min(max(block // 256, 1), 16) if block >= 256 else 1
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _programs(rows: int, device: torch.device) -> int:
+    if device.type != "cuda" or triton_interpreter_on():
+        return max(1, min(rows, INTERPRETER_PROGRAMS))
+    # a few bands per SM: enough to fill the GPU, few enough that the second pass reads little
+    return max(1, min(rows, 4 * _sm_count(device.index or 0)))
+
+
+def _check_width(n: int) -> None:
+    if n > MAX_N:
+        raise ValueError(f"x: the triton rms_norm keeps a row in registers, so the last dim must be "
+                         f"≤ {MAX_N}, got {n}; use backend='cuda' or 'torch'")
+
+
+def rms_norm_forward(x, weight, residual, eps):
+    rows, n = x.shape
+    _check_width(n)
+    y = _alloc.empty((rows, n), dtype=x.dtype, device=x.device)
+    h = _alloc.empty((rows, n), dtype=x.dtype, device=x.device) if residual is not None else None
+    rstd = _alloc.empty((rows,), dtype=torch.float32, device=x.device)
+    if rows:
+        block, warps = _settings(n)
+        res = residual if residual is not None else x
+        _rms_norm_fwd_kernel[(rows,)](
+            x, x.stride(0), res, res.stride(0), weight, y, h if h is not None else y, rstd, n, eps,
+            HAS_RESIDUAL=residual is not None, BLOCK_SIZE=block, num_warps=warps)
+    return y, h, rstd
+
+
+def rms_norm_backward(dy, x, weight, rstd, dh, deterministic):
+    rows, n = x.shape
+    _check_width(n)
+    dx = _alloc.empty((rows, n), dtype=x.dtype, device=x.device)
+    dw = _alloc.empty((n,), dtype=weight.dtype, device=x.device)
+    programs = _programs(rows, x.device)
+    partial = _alloc.empty((programs if deterministic else 1, n), dtype=torch.float32, device=x.device)
+    if not deterministic or not rows:
+        partial.zero_()
+    if rows:
+        block, warps = _settings(n)
+        dh_arg = dh if dh is not None else dy
+        _rms_norm_bwd_kernel[(programs,)](
+            dy, dy.stride(0), x, x.stride(0), weight, rstd, dh_arg, dh_arg.stride(0), dx, partial, rows, n,
+            triton.cdiv(rows, programs), HAS_DH=dh is not None, ATOMIC=not deterministic, BLOCK_SIZE=block,
+            num_warps=warps)
+    _sum_partials_kernel[(triton.cdiv(n, SUM_BLOCK),)](partial, dw, partial.shape[0], n, BLOCK_SIZE=SUM_BLOCK)
+    return dx, dw
+

@@ -1,0 +1,47 @@
+"""gf.nn drop-in modules against the torch.nn modules they replace: outputs, gradients, state dicts."""
+
+import pytest
+import torch
+
+import gpuforge as gf
+from tests.helpers import REL_TOL, assert_close_rel
+
+
+@pytest.mark.parametrize("normalized_shape, eps, affine",
+                         [(24, None, True), ((3, 8), 1e-5, True), (24, 1e-6, False)])
+def test_rms_norm_matches_torch(normalized_shape, eps, affine):
+    torch.manual_seed(0)
+    ours = gf.nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=affine)
+    theirs = torch.nn.RMSNorm(normalized_shape, eps=eps, elementwise_affine=affine)
+    if affine:
+        with torch.no_grad():
+            theirs.weight.normal_()
+        ours.load_state_dict(theirs.state_dict())
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    x = torch.randn(2, 5, 24).view(2, 5, *((24,) if normalized_shape == 24 else (3, 8)))
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert_close_rel(y_ours, y_theirs, REL_TOL[torch.float32])
+    dy = torch.randn_like(x)
+    y_ours.backward(dy)
+    y_theirs.backward(dy)
+    assert_close_rel(x_ours.grad, x_theirs.grad, 1e-5, "dx")
+    if affine:
+        assert_close_rel(ours.weight.grad, theirs.weight.grad, 1e-5, "dweight")
+
+
+def test_rms_norm_state_dict_round_trip_and_dtype():
+    theirs = torch.nn.RMSNorm(16, dtype=torch.bfloat16)
+    ours = gf.nn.RMSNorm(16, dtype=torch.bfloat16)
+    assert ours.weight.dtype == torch.bfloat16 and torch.equal(ours.weight, theirs.weight)
+    with torch.no_grad():
+        ours.weight.uniform_()
+    theirs.load_state_dict(ours.state_dict())
+    assert torch.equal(theirs.weight, ours.weight)
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    assert_close_rel(ours(x), theirs(x), REL_TOL[torch.bfloat16])
+
+
+def test_rms_norm_rejects_wrong_trailing_dims():
+    with pytest.raises(ValueError, match=r"x: expected trailing dims \(8,\)"):
+        gf.nn.RMSNorm(8)(torch.randn(2, 9))
