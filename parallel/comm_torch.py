@@ -1,0 +1,122 @@
+"""`TorchComm`: the communicator on torch.distributed (gloo for CPU tensors, NCCL for CUDA tensors).
+
+Every call is launched with async_op=True and its `Work` polled with `is_completed()` against our deadline
+(see comm.py), so gloo and NCCL get the same timeout and flight-recorder behaviour. The process group's own
+timeout is set longer than ours, so ours fires first with the better message. gloo has no AVG reduction:
+avg is a sum divided by the group size when the work completes. gloo's reduce_scatter_tensor only runs
+inside `wait()` (its `is_completed()` stays False, so it cannot be polled against a deadline): on CPU tensors
+reduce_scatter is an all-reduce of a copy of the input, then the rank's chunk is copied out. The ledger
+records the logical op (reduce_scatter of the input's bytes) either way. gloo's send/recv works are
+also not pollable: a daemon thread waits on them (`_ThreadedHandle`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import threading
+
+import torch
+import torch.distributed as dist
+
+from gpuforge.parallel.comm import Communicator, Group
+
+_TORCH_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+              "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}
+
+
+class _Handle:
+    def __init__(self, work, on_done=None):
+        self.work, self.on_done = work, on_done
+
+    def test(self) -> bool:
+        return self.work.is_completed()
+
+    def finish(self) -> None:
+        self.work.wait()
+        if self.on_done is not None:
+            self.on_done()
+
+
+class _ThreadedHandle(_Handle):
+    """For works whose `is_completed()` never turns True before `wait()` (gloo's send/recv): a daemon
+    thread waits, and `test()` reads its flag; the backend's error is re-raised by `finish()`."""
+
+    def __init__(self, work):
+        super().__init__(work)
+        self.done, self.error = threading.Event(), None
+        threading.Thread(target=self._wait, daemon=True).start()
+
+    def _wait(self):
+        try:
+            self.work.wait()
+        except Exception as exc:  # noqa: BLE001 - handed to finish()
+            self.error = exc
+        self.done.set()
+
+    def test(self) -> bool:
+        return self.done.is_set()
+
+    def finish(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class TorchComm(Communicator):
+    kind = "torch"
+
+    @classmethod
+    def from_env(cls, *, backend: str | None = None, **opts) -> TorchComm:
+        missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+        if missing and not dist.is_initialized():
+            raise RuntimeError(f"init_comm('torch'): environment variables {missing} are not set; launch with "
+                               "torchrun (or set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT)")
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            pg_timeout = datetime.timedelta(seconds=opts.get("timeout", 300.0) + 60)
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=pg_timeout,
+                                    device_id=device if device.type == "cuda" else None)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, **opts)
+
+    def _make_group(self, ranks) -> Group:
+        handle = dist.new_group(list(ranks))
+        return Group(ranks, handle if self.rank in ranks else None)
+
+    def _start(self, op, group: Group, tensors, reduce_op, peer):
+        pg = group.handle  # None: the default (world) group
+        if op == "all_reduce":
+            (t,) = tensors
+            work = dist.all_reduce(t, op=_TORCH_OPS[reduce_op], group=pg, async_op=True)
+            return _Handle(work, (lambda: t.div_(group.size)) if reduce_op == "avg" else None)
+        if op == "reduce_scatter":
+            out, inp = tensors
+            if out.is_cuda:
+                work = dist.reduce_scatter_tensor(out, inp, op=_TORCH_OPS[reduce_op], group=pg, async_op=True)
+                return _Handle(work, (lambda: out.div_(group.size)) if reduce_op == "avg" else None)
+            full = inp.clone()  # gloo: see the module docstring
+            work = dist.all_reduce(full, op=_TORCH_OPS[reduce_op], group=pg, async_op=True)
+            chunk = full.view(group.size, -1)[group.rank_of(self.rank)].view_as(out)
+            return _Handle(work, lambda: out.copy_(chunk.div_(group.size) if reduce_op == "avg" else chunk))
+        if op == "all_gather":
+            out, inp = tensors
+            return _Handle(dist.all_gather_into_tensor(out, inp, group=pg, async_op=True))
+        if op == "broadcast":
+            return _Handle(dist.broadcast(tensors[0], src=peer, group=pg, async_op=True))
+        if op == "send":
+            work = dist.isend(tensors[0], dst=peer, group=pg)
+            return _Handle(work) if tensors[0].is_cuda else _ThreadedHandle(work)
+        if op == "recv":
+            work = dist.irecv(tensors[0], src=peer, group=pg)
+            return _Handle(work) if tensors[0].is_cuda else _ThreadedHandle(work)
+        if op == "barrier":  # an all-reduce of one element: a barrier we can poll against our deadline
+            return _Handle(dist.all_reduce(tensors[0], group=pg, async_op=True))
+        raise ValueError(f"unknown op {op!r}")
+
+    def destroy(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
