@@ -183,6 +183,18 @@ def test_torch_compile_fullgraph(backend, device):
     assert_close_rel(compiled(a, b), 2 * torch.relu(ref(a, b)), tol(backend, torch.float32, device))
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKEND_PARAMS if b != "numba"])
+def test_torch_compile_fullgraph_backward(backend, device):
+    a = torch.randn(3, 10, 24, device=device, requires_grad=True)
+    b = torch.randn(24, 7, device=device, requires_grad=True)
+    compiled = torch.compile(lambda x, y: (gf.matmul(x, y, backend=backend) ** 2).sum(), fullgraph=True)
+    compiled(a, b).backward()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    (torch.matmul(a64, b64) ** 2).sum().backward()
+    assert_close_rel(a.grad, a64.grad, tol(backend, torch.float32, device), "dA")
+    assert_close_rel(b.grad, b64.grad, tol(backend, torch.float32, device), "dB")
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKEND_PARAMS if b != "numba"])  # numba: in the CLI check
 def test_selfcheck_cases_pass(backend, device):
     from gpuforge.kernels._selfcheck import run_case
@@ -222,3 +234,20 @@ def test_gpu_batched_strided_and_unaligned(backend):
     a_odd = torch.randn(70, 101, device="cuda", dtype=torch.float16)[:, 1:]
     b_odd = torch.randn(100, 33, device="cuda", dtype=torch.float16)
     assert_close_rel(gf.matmul(a_odd, b_odd, backend=backend), ref(a_odd, b_odd), 4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "cupy", "triton", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_backward(backend, dtype):
+    if not BACKENDS.supports(backend, dtype):
+        pytest.skip(f"{backend} has no {dtype}")
+    a = torch.randn(4, 96, 136, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(136, 200, device="cuda", dtype=dtype, requires_grad=True)
+    grad = torch.randn(4, 96, 200, device="cuda", dtype=dtype)
+    gf.matmul(a, b, backend=backend).backward(grad)
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    torch.matmul(a64, b64).backward(grad.double())
+    limit = 2 * tol(backend, dtype, a.device)  # dB sums over 384 rows
+    assert_close_rel(a.grad, a64.grad, limit, "dA")
+    assert_close_rel(b.grad, b64.grad, limit, "dB")
