@@ -82,7 +82,9 @@ def _probabilities(q, k, scale, window_left, window_right, lse=None):
     return torch.exp(scores - safe[..., None]), lse
 
 
-def _dense_reference(q, k, v, scale, window_left, window_right):
+def attention_math(q, k, v, scale, window_left, window_right):
+    """softmax(q·kᵀ·scale + mask)·v on (B, H, S, D) tensors with the full score matrix, GQA by repeating K/V;
+    returns (out, lse). Differentiable by autograd, float64-capable: the oracle of every test."""
     ct = _compute_dtype(q)
     group = q.shape[1] // k.shape[1]
     qc, kc, vc = q.to(ct), k.to(ct).repeat_interleave(group, 1), v.to(ct).repeat_interleave(group, 1)
@@ -90,7 +92,7 @@ def _dense_reference(q, k, v, scale, window_left, window_right):
     return torch.matmul(p, vc).to(q.dtype), lse.to(torch.float64 if ct == torch.float64 else torch.float32)
 
 
-def _dense_reference_backward(dout, dlse, q, k, v, out, lse, scale, window_left, window_right):
+def attention_math_backward(dout, dlse, q, k, v, out, lse, scale, window_left, window_right):
     ct = _compute_dtype(q)
     batch, heads_kv, sk, d = k.shape
     group = q.shape[1] // heads_kv
@@ -119,11 +121,11 @@ def _as_dense(t: torch.Tensor, rows: slice) -> torch.Tensor:
 def attention_reference(q, k, v, p):
     """The torch backend: plain math with the full score matrix (the oracle; float64-capable)."""
     if not p.varlen:
-        return _dense_reference(q, k, v, p.scale, p.window_left, p.window_right)
+        return attention_math(q, k, v, p.scale, p.window_left, p.window_right)
     out = torch.zeros_like(q)
     lse = torch.full((p.heads_q, q.shape[0]), float("-inf"), dtype=_compute_dtype(q), device=q.device)
     for qs, ks in _sequences(p):
-        o, l_ = _dense_reference(_as_dense(q, qs), _as_dense(k, ks), _as_dense(v, ks), p.scale,
+        o, l_ = attention_math(_as_dense(q, qs), _as_dense(k, ks), _as_dense(v, ks), p.scale,
                                  p.window_left, p.window_right)
         out[qs] = o[0].transpose(0, 1)
         lse[:, qs] = l_[0]
@@ -133,10 +135,10 @@ def attention_reference(q, k, v, p):
 def attention_reference_backward(dout, dlse, q, k, v, out, lse, p, deterministic):
     args = (p.scale, p.window_left, p.window_right)
     if not p.varlen:
-        return _dense_reference_backward(dout, dlse, q, k, v, out, lse, *args)
+        return attention_math_backward(dout, dlse, q, k, v, out, lse, *args)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for qs, ks in _sequences(p):
-        grads = _dense_reference_backward(_as_dense(dout, qs), dlse[:, qs][None], _as_dense(q, qs),
+        grads = attention_math_backward(_as_dense(dout, qs), dlse[:, qs][None], _as_dense(q, qs),
                                           _as_dense(k, ks), _as_dense(v, ks), _as_dense(out, qs),
                                           lse[:, qs][None], *args)
         for full, part, rows in zip((dq, dk, dv), grads, (qs, ks, ks)):

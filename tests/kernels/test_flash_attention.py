@@ -30,7 +30,7 @@ def reference_with_grads(q, k, v, dout, causal=False, window=None, scale=None):
     """float64 math through torch autograd (independent of the ops' hand-written backward formulas)."""
     left, right = fa._window(window, causal)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out, _ = fa._dense_reference(q64, k64, v64, scale or 1 / math.sqrt(q.shape[-1]), left, right)
+    out, _ = fa.attention_math(q64, k64, v64, scale or 1 / math.sqrt(q.shape[-1]), left, right)
     out.backward(dout.double())
     return out.detach(), q64.grad, k64.grad, v64.grad
 
@@ -45,7 +45,7 @@ def test_reference_matches_sdpa_float64():
     mask = torch.ones(9, 13, dtype=torch.bool).tril(diagonal=13 - 9)  # bottom-right causal
     expected = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                               attn_mask=mask.to(DEVICE))
-    out, lse = fa._dense_reference(q, k, v, 0.25, -1, 0)
+    out, lse = fa.attention_math(q, k, v, 0.25, -1, 0)
     torch.testing.assert_close(out, expected)
     scores = (q @ k.repeat_interleave(2, 1).mT * 0.25).masked_fill(~mask.to(DEVICE), float("-inf"))
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1))
@@ -202,7 +202,7 @@ def test_torch_compile_fullgraph(backend):
     q, k, v = make((1, 2, 17, 16)), make((1, 1, 17, 16)), make((1, 1, 17, 16))
     compiled = torch.compile(lambda a, b, c: gf.flash_attention(a, b, c, causal=True, backend=backend) * 2,
                              fullgraph=True)
-    expected = fa._dense_reference(q.double(), k.double(), v.double(), 0.25, -1, 0)[0]
+    expected = fa.attention_math(q.double(), k.double(), v.double(), 0.25, -1, 0)[0]
     assert_close_rel(compiled(q, k, v), 2 * expected, FP32_TOL)
 
 

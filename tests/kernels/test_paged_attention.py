@@ -1,0 +1,123 @@
+"""gf.paged_attention against float64 attention over the gathered pages, plus its torch.library contract.
+
+Under the interpreter a split holds 32 tokens and a tile 16, so the contexts here (1, 37, 100) cross tiles,
+pages and splits; pages are shuffled across sequences as a serving allocator leaves them."""
+
+import math
+
+import pytest
+import torch
+
+import gpuforge as gf
+from gpuforge import backends
+from gpuforge.kernels import paged_attention as pa
+from gpuforge.kernels.flash_attention import attention_math
+from tests.helpers import assert_close_rel
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON = backends.is_available("triton")[0] and backends.runs_on("triton", DEVICE)
+needs_triton = pytest.mark.skipif(not TRITON, reason="triton cannot run here (no GPU, interpreter off)")
+TOL = {torch.float32: 5e-3 if DEVICE.type == "cuda" else 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def reference64(q, k_cache, v_cache, block_table, seq_lens, scale):
+    return pa.paged_attention_reference(q.double(), k_cache.double(), v_cache.double(), block_table, seq_lens,
+                                        scale)
+
+
+def test_reference_gathers_the_right_tokens():
+    """Independent of the page gather: write a dense K/V into pages by hand, then compare with dense math."""
+    heads_kv, d, block_size, length = 2, 8, 4, 10
+    k, v = torch.randn(heads_kv, length, d, dtype=torch.float64), torch.randn(heads_kv, length, d,
+                                                                              dtype=torch.float64)
+    pages = [5, 0, 3]
+    k_cache = torch.zeros(6, block_size, heads_kv, d, dtype=torch.float64)
+    v_cache = torch.zeros_like(k_cache)
+    for t in range(length):
+        k_cache[pages[t // block_size], t % block_size] = k[:, t]
+        v_cache[pages[t // block_size], t % block_size] = v[:, t]
+    q = torch.randn(1, 4, d, dtype=torch.float64)
+    out = pa.paged_attention_reference(q, k_cache, v_cache, torch.tensor([pages], dtype=torch.int32),
+                                       torch.tensor([length], dtype=torch.int32), 0.3)
+    expected = attention_math(q[:, :, None], k[None], v[None], 0.3, -1, -1)[0][:, :, 0]
+    torch.testing.assert_close(out, expected)
+
+
+# (B, Hq, Hkv, D, block_size, seq_lens): GQA 2 / MQA 8 / MHA, block sizes 16, 5 (not a power of two), 32
+CASES = [
+    (3, 4, 2, 64, 16, [1, 37, 100]),
+    (2, 8, 1, 32, 5, [0, 70]),  # an empty sequence gives zeros
+    (1, 2, 2, 96, 32, [33]),
+    (1, 1, 1, 256, 16, [17]),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-D{}-bs{}-{}".format(*c))
+def test_triton_matches_float64(case, dtype):
+    b, hq, hkv, d, bs, lens = case
+    inputs = pa.random_paged_cache(b, hq, hkv, d, bs, lens, dtype, DEVICE)
+    out = gf.paged_attention(*inputs, backend="triton")
+    assert out.shape == (b, hq, d) and out.dtype == dtype
+    assert_close_rel(out, reference64(*inputs, 1 / math.sqrt(d)), TOL[dtype], f"{case} {dtype}")
+
+
+@needs_triton
+def test_strided_query_and_custom_scale():
+    q, k_cache, v_cache, table, lens = pa.random_paged_cache(2, 4, 2, 32, 8, [9, 40], device=DEVICE)
+    q_strided = torch.randn(2, 8, 32, device=DEVICE)[:, ::2]
+    out = gf.paged_attention(q_strided, k_cache, v_cache, table, lens, scale=0.05, backend="triton")
+    assert_close_rel(out, reference64(q_strided, k_cache, v_cache, table, lens, 0.05), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_opcheck_and_compile(backend):
+    if backend == "triton" and not TRITON:
+        pytest.skip("triton cannot run here")
+    inputs = pa.random_paged_cache(2, 4, 2, 16, 8, [5, 19], device=DEVICE)
+    torch.library.opcheck(torch.ops.gpuforge.paged_attention.default, (*inputs, 0.25, backend))
+    compiled = torch.compile(lambda *t: gf.paged_attention(*t, scale=0.25, backend=backend) + 1, fullgraph=True)
+    assert_close_rel(compiled(*inputs), reference64(*inputs, 0.25) + 1, TOL[torch.float32])
+
+
+def test_auto_uses_torch_on_cpu_tensors():
+    assert pa.BACKENDS.select("auto", torch.device("cpu")) == "torch"
+
+
+def _inputs(**changes):
+    args = dict(zip(("q", "k_cache", "v_cache", "block_table", "seq_lens"),
+                    pa.random_paged_cache(2, 4, 2, 8, 4, [3, 6])))
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes, error, match",
+    [
+        ({"q": torch.ones(2, 4, 1, 8)}, ValueError, "q: expected a 3-D tensor"),
+        ({"q": torch.ones(2, 4, 16)}, ValueError, "k_cache: expected head dim D=16"),
+        ({"q": torch.ones(2, 3, 8)}, ValueError, "Hq=3 must be a multiple of .* Hkv=2"),
+        ({"q": torch.ones(3, 4, 8)}, ValueError, "block_table, seq_lens: expected batch 3"),
+        ({"v_cache": torch.ones(1, 4, 2, 8)}, ValueError, "v_cache: expected shape"),
+        ({"k_cache": torch.ones(4, 4, 2, 8, dtype=torch.float16)}, TypeError, "k_cache: expected dtype torch.float32"),
+        ({"block_table": torch.zeros(2, 2, dtype=torch.int64)}, TypeError, "block_table: expected dtype int32"),
+        ({"seq_lens": torch.ones(2)}, TypeError, "seq_lens: expected dtype int32"),
+        ({"seq_lens": torch.ones(2, 1, dtype=torch.int32)}, ValueError, "seq_lens: expected a 1-D tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(changes, error, match):
+    with pytest.raises(error, match=match):
+        gf.paged_attention(**_inputs(**changes))
+
+
+def test_exported_from_package():
+    assert "paged_attention" in gf.__all__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_long_contexts(dtype):
+    lens = [4096, 1, 3000, 8191, 517, 2048, 16, 12345]
+    inputs = pa.random_paged_cache(8, 32, 8, 128, 16, lens, dtype, "cuda")
+    assert_close_rel(gf.paged_attention(*inputs, backend="triton"), reference64(*inputs, 128 ** -0.5), TOL[dtype])
