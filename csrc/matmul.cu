@@ -32,8 +32,9 @@ matmul_tiled_kernel(const T* __restrict__ a,   // A, element (z, m, k) at z*sa_z
                     long long sa_z, long long sa_m, long long sa_k,
                     long long sb_z, long long sb_k, long long sb_n) {
   // A is stored k-major ([k][m]) so the inner loop reads both tiles along a row: threads of a warp read
-  // 16 consecutive B columns and broadcast A values, without bank conflicts.
-  __shared__ float a_tile[kTiledBlockK][kTiledBlockM];
+  // 16 consecutive B columns and broadcast A values, without bank conflicts. The extra column skews the
+  // transposing stores (16 threads write one m at 16 different k) across banks instead of onto one.
+  __shared__ float a_tile[kTiledBlockK][kTiledBlockM + 1];
   __shared__ float b_tile[kTiledBlockK][kTiledBlockN];
 
   const long long tiles_n = (N + kTiledBlockN - 1) / kTiledBlockN;
