@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from gpuforge.kernels.flash_attention import flash_attention
 from gpuforge.kernels.rms_norm import rms_norm
 
 
@@ -52,3 +53,58 @@ class RMSNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class Attention(torch.nn.Module):
+    """Grouped-query self-attention with RoPE, computed by gf.flash_attention (no S×S matrix in memory).
+
+    The parameters are named as the reference models' GQAttention (wq, wk, wv, wo; Llama's layout), so its
+    state dict loads here. RoPE rotates the pairs (x[2i], x[2i+1]) by pos·theta^(−2i/D), as the reference
+    models do. forward(x (B, S, dim), start_pos=0) -> (B, S, dim); `causal` aligns bottom-right, `window`
+    is gf.flash_attention's (left, right)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None, *,
+                 max_seq_len: int = 4096, rope_theta: float = 10000.0, causal: bool = True,
+                 window: tuple[int, int] | None = None, bias: bool = False, device=None, dtype=None,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        head_dim = dim // n_heads if head_dim is None else head_dim
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads: n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+        if head_dim % 2:
+            raise ValueError(f"head_dim: RoPE needs an even head dim, got {head_dim}")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.causal, self.window, self.backend = causal, window, backend
+        factory = {"device": device, "dtype": dtype}
+        self.wq = torch.nn.Linear(dim, n_heads * head_dim, bias=bias, **factory)
+        self.wk = torch.nn.Linear(dim, n_kv_heads * head_dim, bias=bias, **factory)
+        self.wv = torch.nn.Linear(dim, n_kv_heads * head_dim, bias=bias, **factory)
+        self.wo = torch.nn.Linear(n_heads * head_dim, dim, bias=bias, **factory)
+        inv_freq = rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)
+        self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
+
+    def rotate(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """RoPE on x (B, H, S, D) at absolute positions start_pos .. start_pos + S − 1."""
+        s = x.shape[2]
+        if start_pos + s > self.rope_cos.shape[0]:
+            raise ValueError(f"x: positions up to {start_pos + s} exceed max_seq_len {self.rope_cos.shape[0]}")
+        cos = self.rope_cos[start_pos:start_pos + s].to(x.dtype)
+        sin = self.rope_sin[start_pos:start_pos + s].to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+
+    def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rotate(q, start_pos), self.rotate(k, start_pos)
+        out = flash_attention(q, k, v, causal=self.causal, window=self.window, backend=self.backend)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+    def extra_repr(self) -> str:
+        return (f"n_heads={self.n_heads}, n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, "
+                f"causal={self.causal}, window={self.window}")

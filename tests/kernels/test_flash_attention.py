@@ -289,3 +289,32 @@ def test_gpu_half_precision_vs_sdpa(dtype, shape):
         a, b_.repeat_interleave(hq // hkv, 1), c.repeat_interleave(hq // hkv, 1), attn_mask=mask), q, k, v, dout)
     for name, g, e, s in zip(("out", "dq", "dk", "dv"), got, expected, sdpa):
         assert_close_rel(g, e, 2 * fa_error(s, e) + 1e-3, f"{name} {dtype} {shape}")
+
+
+def _rope_complex(t, start):
+    """RoPE as a complex rotation of the pairs (x[2i], x[2i+1]): independent of gf.nn.Attention.rotate."""
+    d = t.shape[-1]
+    pos = torch.arange(start, start + t.shape[2], dtype=torch.float64)
+    angles = pos[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    pairs = torch.view_as_complex(t.double().reshape(*t.shape[:-1], d // 2, 2).contiguous())
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nn_attention_matches_math(backend):
+    if backend == "triton" and not TRITON:
+        pytest.skip("triton cannot run here")
+    layer = gf.nn.Attention(32, n_heads=4, n_kv_heads=2, max_seq_len=64, backend=backend).to(DEVICE)
+    x = make((2, 17, 32)).requires_grad_()
+    out = layer(x, start_pos=3)
+    out.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    w = {name: p.detach().double() for name, p in layer.named_parameters()}
+    heads = lambda t, h: t.view(2, 17, h, 8).transpose(1, 2)  # noqa: E731
+    q, k = _rope_complex(heads(x64 @ w["wq.weight"].T, 4), 3), _rope_complex(heads(x64 @ w["wk.weight"].T, 2), 3)
+    attn, _ = fa.attention_math(q, k, heads(x64 @ w["wv.weight"].T, 2), 8 ** -0.5, -1, 0)
+    expected = attn.transpose(1, 2).reshape(2, 17, 32) @ w["wo.weight"].T
+    expected.sum().backward()
+    assert_close_rel(out, expected, FP32_TOL, "forward")
+    assert_close_rel(x.grad, x64.grad, FP32_TOL, "dx")
+    assert set(layer.state_dict()) == {"wq.weight", "wk.weight", "wv.weight", "wo.weight"}
