@@ -69,4 +69,37 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("batch"),
      py::arg("sa_z"), py::arg("sa_m"), py::arg("sa_k"), py::arg("sb_z"), py::arg("sb_k"), py::arg("sb_n"),
      py::arg("dtype"), py::arg("stream"));
+
+  m.def("int4_matmul", [](uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out,
+                          uintptr_t workspace, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t split_k,
+                          int x_dtype, int scale_dtype, uintptr_t stream) {
+    check_nonnegative(M, "M");
+    check_nonnegative(N, "N");
+    check_nonnegative(split_k, "split_k");
+    const DType xt = checked_dtype(x_dtype, "x_dtype");
+    if (xt == DType::Float32) throw std::invalid_argument("x_dtype: expected float16 or bfloat16, got float32");
+    if (K <= 0 || K % 2) throw std::invalid_argument("K must be positive and even, got " + std::to_string(K));
+    if (group_size <= 0 || K % group_size)
+      throw std::invalid_argument("group_size must divide K=" + std::to_string(K) + ", got " +
+                                  std::to_string(group_size));
+    if (K > INT32_MAX || N > INT32_MAX) throw std::invalid_argument("K and N must fit in 32 bits");
+    if (split_k > 0) {
+      if (M > 16) throw std::invalid_argument("M: the decode kernel (split_k > 0) takes M <= 16, got " +
+                                              std::to_string(M));
+      if (K % 32 || group_size % 32 || K % split_k || (K / split_k) % 32)
+        throw std::invalid_argument("split_k: the decode kernel needs K, group_size and K / split_k multiples of 32"
+                                    " (K=" + std::to_string(K) + ", group_size=" + std::to_string(group_size) +
+                                    ", split_k=" + std::to_string(split_k) + ")");
+      if (x % 16 || qweight % 16) throw std::invalid_argument("x, qweight: the decode kernel needs 16-byte alignment");
+      if (split_k > 1 && workspace == 0) throw std::invalid_argument("workspace: needed when split_k > 1");
+    }
+    throw_if_error(gpuforge::launch_int4_matmul(as_ptr<const void>(x), as_ptr<const unsigned char>(qweight),
+                                                as_ptr<const void>(scales), as_ptr<const unsigned char>(zeros),
+                                                as_ptr<void>(out), as_ptr<float>(workspace), M, N, K, group_size,
+                                                split_k, xt, checked_dtype(scale_dtype, "scale_dtype"),
+                                                as_stream(stream)),
+                   "int4_matmul");
+  }, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("workspace"),
+     py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("split_k"), py::arg("x_dtype"),
+     py::arg("scale_dtype"), py::arg("stream"));
 }

@@ -46,11 +46,11 @@ CUDA_DECODE_MAX_M = 16
 
 
 def _split_k(m: int, n: int, k: int, group_size: int) -> int:
-    """K slices for the decode kernel: enough blocks (8 output rows each) to fill ~132 SMs a few times over,
-    each slice a whole number of 32-element chunks."""
+    """K slices for the decode kernel: enough blocks (8 output channels each) to fill ~132 SMs a few times
+    over, each slice a whole number of 32-element chunks and at least 256 long."""
     blocks = -(-n // 8)
     split = 1
-    while blocks * split < 4 * 132 and k // (split * 2) >= 256 and (k // (split * 2)) % 32 == 0:
+    while blocks * split < 4 * 132 and k % (split * 2 * 32) == 0 and k // (split * 2) >= 256:
         split *= 2
     return split
 
@@ -60,7 +60,8 @@ def int4_matmul_cuda(x, qweight, scales, zeros, group_size: int) -> torch.Tensor
     m, k = x.shape
     n = qweight.shape[0]
     out = _alloc.empty((m, n), dtype=x.dtype, device=x.device)
-    decode = m <= CUDA_DECODE_MAX_M and k % 32 == 0 and group_size % 32 == 0
+    decode = (m <= CUDA_DECODE_MAX_M and k % 32 == 0 and group_size % 32 == 0
+              and x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0)
     split = _split_k(m, n, k, group_size) if decode else 0
     workspace = torch.empty((split, m, n) if split > 1 else (0,), dtype=torch.float32, device=x.device)
     cuda_ext.extension().int4_matmul(
