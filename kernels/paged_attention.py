@@ -97,7 +97,9 @@ def random_paged_cache(batch: int, heads_q: int, heads_kv: int, head_dim: int, b
     order = torch.randperm(num_blocks, generator=generator)[:batch * max_blocks]
     block_table = order.view(batch, max_blocks).to(device=device, dtype=torch.int32)
 
-    def rand(*shape):
+    def rand(*shape):  # drawn on the device unless a (CPU) generator fixes the values
+        if generator is None:
+            return torch.randn(*shape, device=device).to(dtype)
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
     q = rand(batch, heads_q, head_dim)

@@ -1,0 +1,133 @@
+"""flash_attention benchmark: the Triton kernels beside torch SDPA's flash backend (FlashAttention-2 inside
+PyTorch, the baseline) and its math backend, forward and forward+backward.
+
+TFLOP/s counts 4·B·H·Sq·Sk·D for the forward (two GEMMs), halved when causal; the backward is 2.5× the
+forward, so a forward+backward row counts 3.5×. The issue's targets (H100/H200, bf16, B=4, H=32, D=128,
+S=4096, causal and not): forward >= 1.0× SDPA-flash, backward >= 0.8×. `python -m
+gpuforge.profiling.bench_flash_attention --memory` prints peak memory of one forward+backward at S = 1K..32K
+(it must grow linearly in S).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+import gpuforge as gf
+from gpuforge import backends
+from gpuforge.kernels.flash_attention import attention_math
+from gpuforge.profiling.harness import BenchCase
+
+
+def attention_flops(b: int, h: int, sq: int, sk: int, d: int, causal: bool) -> int:
+    flops = 4 * b * h * sq * sk * d
+    return flops // 2 if causal else flops
+
+
+def _sdpa(backend_name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[backend_name]
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _with_backward(fn):
+    """fn(q, k, v, causal) followed by its backward with a ones gradient (inputs require grad)."""
+    def run(q, k, v, causal):
+        out = fn(q, k, v, causal)
+        out.backward(torch.ones_like(out))
+        return out
+    return run
+
+
+def _implementations(device: torch.device) -> dict[str, object]:
+    fns = {}
+    if backends.is_available("triton")[0] and backends.runs_on("triton", device):
+        fns["triton"] = lambda q, k, v, causal: gf.flash_attention(q, k, v, causal=causal, backend="triton")
+    if device.type == "cuda":
+        fns["SDPA-flash"] = _sdpa("flash")
+        fns["SDPA-math"] = _sdpa("math")
+    else:
+        fns["SDPA-math"] = _sdpa("math")
+    return fns
+
+
+def _shapes(device: torch.device, quick: bool):
+    """(B, H, S, D) per dtype."""
+    if device.type != "cuda":
+        return [(1, 2, 64, 32)], (torch.float32,)
+    if quick:
+        return [(4, 32, 4096, 128)], (torch.bfloat16,)
+    shapes = [(4, 32, 4096, 128), (4, 32, 4096, 64), (8, 16, 2048, 128), (2, 16, 8192, 128), (1, 8, 4096, 256)]
+    return shapes, (torch.bfloat16, torch.float16)
+
+
+def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
+    shapes, dtypes = _shapes(device, quick)
+    baseline = "SDPA-flash" if device.type == "cuda" else "SDPA-math"
+    cases = []
+    for dtype in dtypes:
+        for b, h, s, d in shapes:
+            for causal in (False, True):
+                for backward in (False, True):
+                    def make(b=b, h=h, s=s, d=d, dtype=dtype, grad=backward):
+                        return tuple(torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=grad)
+                                     for _ in range(3))
+                    impls = _implementations(device)
+                    if backward:
+                        impls = {label: _with_backward(fn) for label, fn in impls.items()}
+                    fwd_flops = attention_flops(b, h, s, s, d, causal)
+                    cases.append(BenchCase(
+                        op="flash_attention",
+                        shape=f"B{b} H{h} S{s} D{d}{' causal' if causal else ''} {'fwd+bwd' if backward else 'fwd'}",
+                        dtype=dtype, make_inputs=make,
+                        fns={label: (lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c)) for label, fn in impls.items()},
+                        baseline=baseline,
+                        bytes=(4 if not backward else 8) * b * h * s * d * dtype.itemsize,
+                        flops=int(fwd_flops * (3.5 if backward else 1)),
+                        reference=None if backward else (
+                            lambda q, k, v, c=causal: attention_math(q, k, v, q.shape[-1] ** -0.5, -1,
+                                                                     0 if c else -1)[0]),
+                        size=s))
+    return cases
+
+
+def peak_memory_sweep(lengths=(1024, 2048, 4096, 8192, 16384, 32768), b=1, h=16, d=128, causal=True,
+                      dtype=torch.bfloat16) -> list[tuple[int, float]]:
+    """(S, peak MiB above the inputs) for one forward+backward of gf.flash_attention on the current GPU."""
+    rows = []
+    for s in lengths:
+        q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = gf.flash_attention(q, k, v, causal=causal, backend="triton")
+        out.backward(torch.ones_like(out))
+        torch.cuda.synchronize()
+        rows.append((s, (torch.cuda.max_memory_allocated() - base) / 2**20))
+        del q, k, v, out
+        with contextlib.suppress(RuntimeError):
+            torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory", action="store_true", help="peak memory of fwd+bwd at S = 1K..32K (GPU)")
+    args = parser.parse_args(argv)
+    if args.memory:
+        rows = peak_memory_sweep()
+        print("S, peak MiB above inputs, MiB per 1K tokens")
+        for s, mib in rows:
+            print(f"{s}, {mib:.1f}, {mib / (s / 1024):.2f}")
+
+
+if __name__ == "__main__":
+    main()
