@@ -173,7 +173,7 @@ def selfcheck_cases(device: torch.device) -> list[CheckCase]:
             x = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
             grad = torch.randn(m, n, generator=generator).to(device=device, dtype=dtype)
             w64 = dequantize_int4(w, torch.float64)
-            label = f"{str(dtype).removeprefix('torch.')} ({m},{k})@int4({n},{k}) g{group} fwd+bwd"
+            label = f"{str(dtype).removeprefix('torch.')} ({m},{k})@int4({n},{k}) g{w.group_size} fwd+bwd"
             cases.append(CheckCase(
                 "int4_matmul", label,
                 run=lambda backend, x=x, w=w, g=grad: _forward_and_grad(

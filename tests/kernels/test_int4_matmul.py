@@ -90,13 +90,17 @@ def test_bad_inputs_raise_naming_the_argument(device):
         gf.int4_matmul(x, q, backend="tpu")
 
 
+# Decode shapes (every M of the CUDA decode kernel's instantiations, split-K on and off, N not a multiple of
+# its 8 channels per block), prefill shapes on the tiled kernel, and per-channel groups.
+GPU_SHAPES = [(1, 4096, 4096, 128), (2, 1000, 2048, 64), (4, 11008, 4096, 128), (7, 259, 1024, 32),
+              (13, 4096, 11008, 128), (16, 8192, 8192, 128), (33, 130, 512, 64), (300, 257, 384, -1),
+              (1, 96, 160, 32), (2048, 512, 4096, 128)]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ("cuda", "cupy", "triton"))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
-@pytest.mark.parametrize("shape", [(1, 4096, 4096, 128), (4, 11008, 4096, 128), (16, 4096, 11008, 128),
-                                   (7, 259, 1024, 32), (33, 130, 512, 64), (300, 257, 384, -1),
-                                   (1, 96, 160, 32)],
-                         ids=str)
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gpu_backends_match_float64(backend, dtype, shape):
     from gpuforge import backends
 
@@ -104,7 +108,28 @@ def test_gpu_backends_match_float64(backend, dtype, shape):
     if not ok:
         pytest.skip(why)
     m, n, k, group = shape
-    x, q = _case(m, n, k, group, dtype, torch.device("cuda"), symmetric=m % 2 == 1)
-    x = x / 8
+    generator = torch.Generator().manual_seed(m + n)
+    scale_dtype = torch.bfloat16 if m % 2 else torch.float16
+    q = quantize_int4(torch.randn(n, k, generator=generator), group, symmetric=m % 2 == 1,
+                      scale_dtype=scale_dtype).to("cuda")
+    x = (torch.randn(m, k, generator=generator) / 8).to(device="cuda", dtype=dtype)
+    assert_close_rel(gf.int4_matmul(x, q, backend=backend), _reference(x, q),
+                     4e-3 if dtype == torch.float16 else 2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ("cuda", "triton"))
+def test_gpu_unaligned_input_and_backward(backend):
+    from gpuforge import backends
+
+    ok, why = backends.is_available(backend)
+    if not ok:
+        pytest.skip(why)
+    q = quantize_int4(torch.randn(384, 512), 128).to("cuda")
+    storage = torch.randn(3 * 512 + 1, device="cuda", dtype=torch.float16)
+    x = storage[1:].view(3, 512).requires_grad_()  # 2-byte offset: the CUDA wrapper takes the tiled kernel
     out = gf.int4_matmul(x, q, backend=backend)
-    assert_close_rel(out, _reference(x, q), 4e-3 if dtype == torch.float16 else 2e-2)
+    assert_close_rel(out, _reference(x, q), 4e-3)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert_close_rel(x.grad, grad.double() @ dequantize_int4(q, torch.float64), 4e-3)
