@@ -102,4 +102,45 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("workspace"),
      py::arg("M"), py::arg("N"), py::arg("K"), py::arg("group_size"), py::arg("split_k"), py::arg("x_dtype"),
      py::arg("scale_dtype"), py::arg("stream"));
+
+  m.def("rms_norm_forward", [](uintptr_t x, int64_t x_row_stride, uintptr_t residual, int64_t residual_row_stride,
+                               uintptr_t weight, uintptr_t y, uintptr_t h, uintptr_t rstd, int64_t rows, int64_t n,
+                               float eps, int dtype, uintptr_t stream) {
+    check_nonnegative(rows, "rows");
+    if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
+    if (!(eps > 0.f)) throw std::invalid_argument("eps must be > 0, got " + std::to_string(eps));
+    if ((residual == 0) != (h == 0))
+      throw std::invalid_argument("residual and h: give both (fused add) or neither");
+    throw_if_error(gpuforge::launch_rms_norm_forward(
+                       as_ptr<const void>(x), x_row_stride, as_ptr<const void>(residual), residual_row_stride,
+                       as_ptr<const void>(weight), as_ptr<void>(y), as_ptr<void>(h), as_ptr<float>(rstd), rows, n,
+                       eps, checked_dtype(dtype, "dtype"), as_stream(stream)),
+                   "rms_norm_forward");
+  }, py::arg("x"), py::arg("x_row_stride"), py::arg("residual"), py::arg("residual_row_stride"), py::arg("weight"),
+     py::arg("y"), py::arg("h"), py::arg("rstd"), py::arg("rows"), py::arg("n"), py::arg("eps"), py::arg("dtype"),
+     py::arg("stream"));
+
+  m.def("rms_norm_backward_blocks", [](int64_t rows, int device) {
+    check_nonnegative(rows, "rows");
+    int blocks = 0;
+    throw_if_error(gpuforge::rms_norm_backward_blocks(rows, device, &blocks), "rms_norm_backward_blocks");
+    return blocks;
+  }, py::arg("rows"), py::arg("device"));
+
+  m.def("rms_norm_backward", [](uintptr_t dy, int64_t dy_row_stride, uintptr_t x, int64_t x_row_stride,
+                                uintptr_t weight, uintptr_t rstd, uintptr_t dh, int64_t dh_row_stride, uintptr_t dx,
+                                uintptr_t dw, uintptr_t partial, int blocks, int64_t rows, int64_t n,
+                                bool deterministic, int dtype, uintptr_t stream) {
+    check_nonnegative(rows, "rows");
+    if (n < 1) throw std::invalid_argument("n must be >= 1, got " + std::to_string(n));
+    if (blocks < 1) throw std::invalid_argument("blocks must be >= 1, got " + std::to_string(blocks));
+    throw_if_error(gpuforge::launch_rms_norm_backward(
+                       as_ptr<const void>(dy), dy_row_stride, as_ptr<const void>(x), x_row_stride,
+                       as_ptr<const void>(weight), as_ptr<const float>(rstd), as_ptr<const void>(dh), dh_row_stride,
+                       as_ptr<void>(dx), as_ptr<void>(dw), as_ptr<float>(partial), blocks, rows, n, deterministic,
+                       checked_dtype(dtype, "dtype"), as_stream(stream)),
+                   "rms_norm_backward");
+  }, py::arg("dy"), py::arg("dy_row_stride"), py::arg("x"), py::arg("x_row_stride"), py::arg("weight"),
+     py::arg("rstd"), py::arg("dh"), py::arg("dh_row_stride"), py::arg("dx"), py::arg("dw"), py::arg("partial"),
+     py::arg("blocks"), py::arg("rows"), py::arg("n"), py::arg("deterministic"), py::arg("dtype"), py::arg("stream"));
 }

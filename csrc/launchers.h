@@ -26,4 +26,20 @@ cudaError_t launch_int4_matmul(const void* x, const unsigned char* qweight, cons
                                int64_t K, int64_t group_size, int64_t split_k, DType x_dtype, DType scale_dtype,
                                cudaStream_t stream);
 
+// RMSNorm over the last dim of (rows, n) views with contiguous last dims (csrc/rms_norm.cu). residual and h
+// may be null (no fused add); rstd (rows,) fp32 is written for the backward.
+cudaError_t launch_rms_norm_forward(const void* x, int64_t x_row_stride, const void* residual,
+                                    int64_t residual_row_stride, const void* weight, void* y, void* h, float* rstd,
+                                    int64_t rows, int64_t n, float eps, DType dtype, cudaStream_t stream);
+
+// The number of row bands (blocks) the backward uses for `rows` rows on `device`.
+cudaError_t rms_norm_backward_blocks(int64_t rows, int device, int* blocks);
+
+// dx (rows, n) and dw (n,) of RMSNorm; dh (may be null) is added to dx. `partial` is fp32 scratch: (blocks, n)
+// when deterministic, else (1, n) zeroed by the caller (atomics). n * 4 bytes of shared memory per block.
+cudaError_t launch_rms_norm_backward(const void* dy, int64_t dy_row_stride, const void* x, int64_t x_row_stride,
+                                     const void* weight, const float* rstd, const void* dh, int64_t dh_row_stride,
+                                     void* dx, void* dw, float* partial, int blocks, int64_t rows, int64_t n,
+                                     bool deterministic, DType dtype, cudaStream_t stream);
+
 }  // namespace gpuforge

@@ -101,22 +101,39 @@ def _backward_outputs(x, weight, programs: int, deterministic: bool):
     return dx, dw, partial
 
 
+# The CUDA backward keeps a block's fp32 partial dw row in shared memory: 160 KB fits A100 (163 KB) and H100.
+CUDA_MAX_N = 40960
+
+
+def _check_cuda_width(n: int) -> None:
+    if n > CUDA_MAX_N:
+        raise ValueError(f"x: the cuda/cupy rms_norm backward keeps an fp32 row of dw in shared memory, so "
+                         f"the last dim must be ≤ {CUDA_MAX_N}, got {n}; use backend='torch'")
+
+
 def cuda_backward(dy, x, weight, rstd, dh, deterministic):
     rows, n = x.shape
+    _check_cuda_width(n)
     ext = cuda_ext.extension()
-    programs = ext.rms_norm_backward_blocks(rows, x.device.index or 0)
-    dx, dw, partial = _backward_outputs(x, weight, programs, deterministic)
+    blocks = ext.rms_norm_backward_blocks(rows, x.device.index or 0)
+    dx, dw, partial = _backward_outputs(x, weight, blocks, deterministic)
     ext.rms_norm_backward(
         dy.data_ptr(), dy.stride(0), x.data_ptr(), x.stride(0), weight.data_ptr(), rstd.data_ptr(), _ptr(dh),
-        _row_stride(dh), dx.data_ptr(), dw.data_ptr(), partial.data_ptr(), partial.shape[0], rows, n,
+        _row_stride(dh), dx.data_ptr(), dw.data_ptr(), partial.data_ptr(), blocks, rows, n,
         bool(deterministic), cuda_ext.dtype_code(x), cuda_ext.stream_handle(x))
     return dx, dw
 
 
-# As in csrc/rms_norm.cu: threads per row block, backward blocks per SM, threads of the column-sum kernel.
-CUPY_THREADS = 256
+# As in csrc/rms_norm.cu: at most 512 threads per row block, backward blocks per SM, column-sum threads.
+CUPY_MAX_THREADS = 512
 CUPY_BACKWARD_BLOCKS_PER_SM = 2
 CUPY_SUM_THREADS = 256
+
+
+def _threads(n: int, vec: int) -> int:
+    """One thread per vec-wide chunk of a row, in whole warps, capped (csrc's rms_norm_threads)."""
+    chunks = -(-n // vec)
+    return min(CUPY_MAX_THREADS, 32 * max(1, -(-chunks // 32)))
 
 
 def _vec_width(n: int, element_size: int, *tensors: torch.Tensor | None) -> int:
@@ -146,7 +163,7 @@ def cupy_forward(x, weight, residual, eps):
     args = (cupy_module.as_cupy(x), np.int64(x.stride(0)), cupy_module.as_cupy(res), np.int64(res.stride(0)),
             cupy_module.as_cupy(weight), cupy_module.as_cupy(y), cupy_module.as_cupy(h_out),
             cupy_module.as_cupy(rstd), np.int64(n), np.float32(eps))
-    cupy_module.launch(kern, (rows,), (CUPY_THREADS,), args, x.device)
+    cupy_module.launch(kern, (rows,), (_threads(n, vec),), args, x.device)
     return y, h, rstd
 
 
@@ -154,6 +171,7 @@ def cupy_backward(dy, x, weight, rstd, dh, deterministic):
     import numpy as np
 
     rows, n = x.shape
+    _check_cuda_width(n)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     programs = max(1, min(rows, sms * CUPY_BACKWARD_BLOCKS_PER_SM))
     dx, dw, partial = _backward_outputs(x, weight, programs, deterministic)
@@ -169,7 +187,7 @@ def cupy_backward(dy, x, weight, rstd, dh, deterministic):
         c = cupy_module.as_cupy
         args = (c(dy), np.int64(dy.stride(0)), c(x), np.int64(x.stride(0)), c(weight), c(rstd), c(dh_arg),
                 np.int64(dh_arg.stride(0)), c(dx), c(partial), np.int64(rows), np.int64(n))
-        cupy_module.launch(kern, (programs,), (CUPY_THREADS,), args, x.device, shared_mem=smem)
+        cupy_module.launch(kern, (programs,), (_threads(n, vec),), args, x.device, shared_mem=smem)
     column_sum = _cupy_kernel(f"gpuforge::rms_norm_sum_partials_kernel<{ctype}>")
     args = (cupy_module.as_cupy(partial), cupy_module.as_cupy(dw), np.int64(partial.shape[0]), np.int64(n))
     cupy_module.launch(column_sum, (-(-n // CUPY_SUM_THREADS),), (CUPY_SUM_THREADS,), args, x.device)

@@ -17,6 +17,14 @@ CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
 NAME_EXPRESSIONS = {
     "vector_add.cu": [f"gpuforge::vector_add_{kind}_kernel<{t}>" for kind in ("vec16", "scalar")
                       for t in ("float", "__half", "__nv_bfloat16")],
+    "rms_norm.cu": [f"gpuforge::rms_norm_forward_kernel<{t}, {v}, {res}>"
+                    for t, vec in (("float", 4), ("__half", 8), ("__nv_bfloat16", 8)) for v in (1, vec)
+                    for res in ("true", "false")]
+                   + [f"gpuforge::rms_norm_backward_kernel<{t}, {v}, {dh}, {atomic}>"
+                      for t, vec in (("float", 4), ("__half", 8), ("__nv_bfloat16", 8)) for v in (1, vec)
+                      for dh in ("true", "false") for atomic in ("true", "false")]
+                   + [f"gpuforge::rms_norm_sum_partials_kernel<{t}>"
+                      for t in ("float", "__half", "__nv_bfloat16")],
 }
 
 
