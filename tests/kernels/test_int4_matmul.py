@@ -3,6 +3,8 @@
 
 import pytest
 import torch
+from hypothesis import given, seed, settings
+from hypothesis import strategies as st
 
 import gpuforge as gf
 from gpuforge.kernels.int4_matmul import X_DTYPES, _int4_matmul_op
@@ -34,6 +36,21 @@ def test_forward_matches_float64(backend, dtype, shape, device):
     out = gf.int4_matmul(x, q, backend=backend)
     assert out.dtype == dtype and out.shape == (m, n)
     assert_close_rel(out, _reference(x, q), REL_TOL[dtype])
+
+
+@seed(20261123)
+@settings(max_examples=10, deadline=None)
+@given(lead=st.lists(st.integers(1, 5), max_size=2), n=st.integers(1, 70), groups=st.integers(1, 3),
+       group_size=st.sampled_from((32, 64, 128, 6, 46)), symmetric=st.booleans())
+def test_triton_shape_fuzz(lead, n, groups, group_size, symmetric):
+    """Any batch shape (0-2 leading dims), N from 1, K = groups × group size, odd per-channel-like sizes."""
+    k = groups * group_size
+    generator = torch.Generator().manual_seed(n * 131 + k)
+    q = quantize_int4(torch.randn(n, k, generator=generator), group_size, symmetric=symmetric)
+    x = torch.randn(*lead, k, generator=generator)
+    out = gf.int4_matmul(x, q, backend="triton")
+    assert out.shape == (*lead, n)
+    assert_close_rel(out, _reference(x, q), REL_TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", INTERPRETED)
