@@ -46,6 +46,16 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window_left, window_right):
 
 
 @triton.jit
+def _tile_needs_mask(m0, n0, len_q, len_k, window_left, window_right, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """Whether some (query, key) pair of the tile is out of range or outside the window. Only the tiles on the
+    window's edges (the causal diagonal) and the tails need the mask; interior tiles skip it."""
+    offset = len_k - len_q
+    return ((m0 + BLOCK_M > len_q) | (n0 + BLOCK_N > len_k)
+            | (n0 < m0 + BLOCK_M - 1 + offset - window_left) | (n0 + BLOCK_N - 1 > m0 + offset + window_right))
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # inputs; head dim stride 1
     out_ptr,  # output, layout of q (contiguous)
@@ -94,7 +104,8 @@ def _attn_fwd_kernel(
             kv_mask = (cols[None, :] < len_k) & d_ok[:, None]
             k_t = tl.load(k_base + cols[None, :] * stride_ks + offs_d[:, None], mask=kv_mask, other=0.0)
             s = tl.dot(q, k_t) * scale_log2
-            s = tl.where(_visible(offs_m, cols, len_q, len_k, window_left, window_right), s, float("-inf"))
+            if _tile_needs_mask(m0, start_n, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
+                s = tl.where(_visible(offs_m, cols, len_q, len_k, window_left, window_right), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
             p = tl.exp2(s - m_safe[:, None])
@@ -199,8 +210,10 @@ def _attn_bwd_dkdv_kernel(
                 lse = tl.load(lse_ptr + l_base + rows, mask=rows < len_q, other=0.0) * 1.4426950408889634
                 delta = tl.load(delta_ptr + l_base + rows, mask=rows < len_q, other=0.0)
                 s_t = tl.dot(k, tl.trans(q)) * scale_log2  # (BLOCK_N, BLOCK_M): keys × queries
-                visible_t = tl.trans(_visible(rows, offs_n, len_q, len_k, window_left, window_right))
-                p_t = tl.where(visible_t, tl.exp2(s_t - lse[None, :]), 0.0)
+                p_t = tl.exp2(s_t - lse[None, :])
+                if _tile_needs_mask(start_m, n0, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
+                    visible_t = tl.trans(_visible(rows, offs_n, len_q, len_k, window_left, window_right))
+                    p_t = tl.where(visible_t, p_t, 0.0)
                 dv += tl.dot(p_t.to(do.dtype), do)
                 dp_t = tl.dot(v, tl.trans(do))
                 ds_t = p_t * (dp_t - delta[None, :])
@@ -263,9 +276,9 @@ def _attn_bwd_dq_kernel(
             kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            visible = _visible(offs_m, cols, len_q, len_k, window_left, window_right)
-            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+            if _tile_needs_mask(m0, start_n, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
+                p = tl.where(_visible(offs_m, cols, len_q, len_k, window_left, window_right), p, 0.0)
             dp = tl.dot(do, tl.trans(v))
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k)
