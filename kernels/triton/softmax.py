@@ -1,0 +1,167 @@
+"""Triton softmax over the last dim of a (rows, n) matrix: forward y = exp(x − max) / Σ exp(x − max) and the
+fused backward dx = y ⊙ (dy − Σ dy⊙y), one program per row, fp32 arithmetic, one rounding on store.
+
+Rows up to `max_one_pass` elements (32K by default) stay in registers/SRAM: each element is read once and
+written once, the minimum traffic. Longer rows take the online variant: a first pass keeps a running max and
+a running sum of exponentials per lane (rescaling the sum whenever the max grows), a second pass writes the
+outputs, so the row is read twice. A fully masked row (all −inf) gives NaN, as torch.softmax does.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpuforge.backends import triton_interpreter_on
+from gpuforge.kernels import _alloc
+from gpuforge.kernels.softmax import as_rows
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    x_ptr,  # input rows, last dim contiguous
+    x_row_stride,
+    y_ptr,  # output rows, contiguous
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per row, the whole row in registers: max, exp, sum and scale without touching memory again.
+    Lanes past n_cols load −inf, so they add exp(−inf) = 0 to the sum."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, axis=0))
+    y = e / tl.sum(e, axis=0)
+    tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_online_fwd_kernel(
+    x_ptr,  # input rows, last dim contiguous
+    x_row_stride,
+    y_ptr,  # output rows, contiguous
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per row, the row streamed in BLOCK_SIZE chunks. Pass 1 keeps, per lane, a running max m and
+    a running sum s of exp(x − m) (s is rescaled by exp(m_old − m_new) when the max grows), then reduces the
+    lanes once; pass 2 reads the row again and writes exp(x − m) / s. A max still at −inf is shifted by 0
+    instead, so empty lanes stay at s = 0 rather than turning NaN; the final division keeps the NaN of a fully
+    masked row, as torch.softmax does."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_row_stride
+    cols = tl.arange(0, BLOCK_SIZE)
+    m = tl.full([BLOCK_SIZE], -float("inf"), tl.float32)
+    s = tl.zeros([BLOCK_SIZE], tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offsets = start + cols
+        x = tl.load(x_row + offsets, mask=offsets < n_cols, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, x)
+        shift = tl.where(m_new == -float("inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.exp(x - shift)
+        m = m_new
+    m_row = tl.max(m, axis=0)
+    shift = tl.where(m_row == -float("inf"), 0.0, m_row)
+    s_row = tl.sum(s * tl.exp(m - shift), axis=0)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offsets = start + cols
+        mask = offsets < n_cols
+        x = tl.load(x_row + offsets, mask=mask, other=-float("inf")).to(tl.float32)
+        y = tl.exp(x - m_row) / s_row
+        tl.store(y_ptr + row * n_cols + offsets, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    dy_ptr,  # upstream gradient rows, last dim contiguous
+    dy_row_stride,
+    y_ptr,  # forward outputs, contiguous
+    dx_ptr,  # input gradient rows, contiguous
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per row, dy and y held in registers: the dot Σ dy⊙y and dx = y ⊙ (dy − dot) in one pass."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    dx = y * (dy - tl.sum(dy * y, axis=0))
+    tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _softmax_online_bwd_kernel(
+    dy_ptr,  # upstream gradient rows, last dim contiguous
+    dy_row_stride,
+    y_ptr,  # forward outputs, contiguous
+    dx_ptr,  # input gradient rows, contiguous
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """One program per row, streamed in BLOCK_SIZE chunks: pass 1 accumulates Σ dy⊙y per lane in fp32,
+    pass 2 re-reads dy and y and writes dx = y ⊙ (dy − dot)."""
+    row = tl.program_id(0).to(tl.int64)
+    dy_row = dy_ptr + row * dy_row_stride
+    y_row = y_ptr + row * n_cols
+    cols = tl.arange(0, BLOCK_SIZE)
+    acc = tl.zeros([BLOCK_SIZE], tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offsets = start + cols
+        mask = offsets < n_cols
+        dy = tl.load(dy_row + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_row + offsets, mask=mask, other=0.0).to(tl.float32)
+        acc += dy * y
+    dot = tl.sum(acc, axis=0)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        offsets = start + cols
+        mask = offsets < n_cols
+        dy = tl.load(dy_row + offsets, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_row + offsets, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + row * n_cols + offsets, (y * (dy - dot)).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# Rows up to 32K elements stay in registers: 32 fp32 values per thread at 32 warps, no spills on sm_80/sm_90.
+MAX_ONE_PASS = 32768
+# Chunk of the online variant: 4096 fp32 lanes over 8 warps (16 per thread) keep enough bytes in flight.
+ONLINE_BLOCK = 4096
+
+
+def _num_warps(block: int) -> int:
+    """Warps per program: about 8 elements per thread up to 1024 threads (the interpreter ignores it)."""
+    if triton_interpreter_on():
+        return 1
+    return max(1, min(32, block // 256))
+
+
+def _launch(one_pass, online, out: torch.Tensor, args: tuple, n: int, max_one_pass: int,
+            online_block: int) -> None:
+    rows = out.numel() // n
+    if n <= max_one_pass:
+        block = triton.next_power_of_2(n)
+        one_pass[(rows,)](*args, n, BLOCK_SIZE=block, num_warps=_num_warps(block))
+    else:
+        online[(rows,)](*args, n, BLOCK_SIZE=online_block, num_warps=_num_warps(online_block))
+
+
+def softmax_forward(x: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS,
+                    online_block: int = ONLINE_BLOCK) -> torch.Tensor:
+    """Softmax over the last dim of x; rows longer than `max_one_pass` take the online kernel with chunks of
+    `online_block` (a power of two). Tests lower both to exercise the online path cheaply."""
+    y = _alloc.empty_like(x)
+    x2 = as_rows(x)
+    _launch(_softmax_fwd_kernel, _softmax_online_fwd_kernel, y, (x2, x2.stride(0), y), x.shape[-1],
+            max_one_pass, online_block)
+    return y
+
+
+def softmax_backward(dy: torch.Tensor, y: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS,
+                     online_block: int = ONLINE_BLOCK) -> torch.Tensor:
+    """dx = y ⊙ (dy − Σ dy⊙y) over the last dim; y contiguous (as the forward returns it)."""
+    dx = _alloc.empty_like(y)
+    dy2 = as_rows(dy)
+    _launch(_softmax_bwd_kernel, _softmax_online_bwd_kernel, dx, (dy2, dy2.stride(0), y.contiguous(), dx),
+            y.shape[-1], max_one_pass, online_block)
+    return dx
