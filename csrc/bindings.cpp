@@ -143,4 +143,36 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("dy"), py::arg("dy_row_stride"), py::arg("x"), py::arg("x_row_stride"), py::arg("weight"),
      py::arg("rstd"), py::arg("dh"), py::arg("dh_row_stride"), py::arg("dx"), py::arg("dw"), py::arg("partial"),
      py::arg("blocks"), py::arg("rows"), py::arg("n"), py::arg("deterministic"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("flash_attention_forward", [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
+                                      int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                                      int64_t seqlen_k, int64_t head_dim, int64_t window_left, int64_t window_right,
+                                      int64_t q_b, int64_t q_h, int64_t q_s, int64_t k_b, int64_t k_h, int64_t k_s,
+                                      int64_t v_b, int64_t v_h, int64_t v_s, float scale, int dtype,
+                                      uintptr_t stream) {
+    check_nonnegative(batch, "batch");
+    check_nonnegative(seqlen_q, "seqlen_q");
+    check_nonnegative(seqlen_k, "seqlen_k");
+    if (head_dim < 1 || head_dim > 256)
+      throw std::invalid_argument("head_dim must be in 1..256, got " + std::to_string(head_dim));
+    if (heads_kv < 1 || heads_q % heads_kv)
+      throw std::invalid_argument("heads_q (" + std::to_string(heads_q) + ") must be a multiple of heads_kv (" +
+                                  std::to_string(heads_kv) + ")");
+    if (batch * heads_q > 65535)  // the grid's y dimension
+      throw std::invalid_argument("batch * heads_q must be <= 65535, got " + std::to_string(batch * heads_q));
+    if (window_left < -1 || window_right < -1)
+      throw std::invalid_argument("window_left and window_right must be >= -1");
+    const gpuforge::AttentionShape shape{batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
+                                         window_right};
+    const gpuforge::AttentionStrides strides{q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s};
+    throw_if_error(gpuforge::launch_flash_attention_forward(as_ptr<const void>(q), as_ptr<const void>(k),
+                                                            as_ptr<const void>(v), as_ptr<void>(out),
+                                                            as_ptr<float>(lse), shape, strides, scale,
+                                                            checked_dtype(dtype, "dtype"), as_stream(stream)),
+                   "flash_attention_forward");
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("batch"),
+     py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
+     py::arg("window_left"), py::arg("window_right"), py::arg("q_b"), py::arg("q_h"), py::arg("q_s"),
+     py::arg("k_b"), py::arg("k_h"), py::arg("k_s"), py::arg("v_b"), py::arg("v_h"), py::arg("v_s"),
+     py::arg("scale"), py::arg("dtype"), py::arg("stream"));
 }

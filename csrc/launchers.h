@@ -42,4 +42,20 @@ cudaError_t launch_rms_norm_backward(const void* dy, int64_t dy_row_stride, cons
                                      void* dx, void* dw, float* partial, int blocks, int64_t rows, int64_t n,
                                      bool deterministic, DType dtype, cudaStream_t stream);
 
+// Attention problem for csrc/flash_attention.cu: q (batch, heads_q, seqlen_q, D), k/v (batch, heads_kv,
+// seqlen_k, D) with unit stride along D; query i sees key j when i + (seqlen_k - seqlen_q) - window_left <= j
+// <= i + (seqlen_k - seqlen_q) + window_right (-1: that side unbounded; causal is window_right = 0).
+struct AttentionShape {
+  int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right;
+};
+struct AttentionStrides {  // element strides over (batch, head, row)
+  int64_t q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s;
+};
+
+// out (batch, heads_q, seqlen_q, D, contiguous) and lse (batch, heads_q, seqlen_q) fp32, natural log (-inf for a
+// row that sees no key). The row-per-warp baseline kernel; D <= 256.
+cudaError_t launch_flash_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
+                                           const AttentionShape& shape, const AttentionStrides& strides,
+                                           float scale, DType dtype, cudaStream_t stream);
+
 }  // namespace gpuforge

@@ -11,6 +11,10 @@ so nothing S×S is stored. The LSE is differentiable too (its gradient folds int
 Head dims 1..256 are accepted (32, 64, 96, 128, 256 are the tested ones; the Triton kernels pad D to a power of
 two in registers with masked loads); D > 256 is rejected. The backward (dQ) is bit-reproducible with
 deterministic=True: dQ then has its own kernel instead of atomics.
+
+Backends: torch (the math reference, S×S scores), triton (FlashAttention-2: forward, backward, varlen) and
+cuda (csrc/flash_attention.cu, a row-per-warp baseline forward, dense layout only; its backward runs the
+Triton kernels). `auto` on a GPU is triton.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 
 import torch
 
+from gpuforge.kernels import _alloc, cuda_ext
 from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._selfcheck import CheckCase
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_tensor
@@ -30,6 +35,7 @@ BACKENDS = OpBackends(
     impls={
         "torch": "gpuforge.kernels.flash_attention:attention_reference",
         "triton": "gpuforge.kernels.triton.flash_attention:forward",
+        "cuda": "gpuforge.kernels.flash_attention:attention_cuda",
     },
     auto_order=("triton",),
 )
@@ -38,6 +44,7 @@ BACKWARD_IMPLS = OpBackends(
     impls={
         "torch": "gpuforge.kernels.flash_attention:attention_reference_backward",
         "triton": "gpuforge.kernels.triton.flash_attention:backward",
+        "cuda": "gpuforge.kernels.triton.flash_attention:backward",  # no CUDA C++ backward yet: Triton's
     },
     auto_order=("triton",),
 )
@@ -141,9 +148,23 @@ def attention_reference_backward(dout, dlse, q, k, v, out, lse, p, deterministic
         grads = attention_math_backward(_as_dense(dout, qs), dlse[:, qs][None], _as_dense(q, qs),
                                           _as_dense(k, ks), _as_dense(v, ks), _as_dense(out, qs),
                                           lse[:, qs][None], *args)
-        for full, part, rows in zip((dq, dk, dv), grads, (qs, ks, ks)):
+        for full, part, rows in zip((dq, dk, dv), grads, (qs, ks, ks), strict=True):
             full[rows] = part[0].transpose(0, 1)
     return dq, dk, dv
+
+
+def attention_cuda(q, k, v, p):
+    """csrc/flash_attention.cu: the row-per-warp baseline forward (dense layout only)."""
+    if p.varlen:
+        raise ValueError("backend='cuda': flash_attention_varlen has no CUDA C++ kernel; use backend='triton'")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = _alloc.empty_like(q)
+    lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    cuda_ext.extension().flash_attention_forward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), p.batch, p.heads_q, p.heads_kv,
+        p.seqlen_q, p.seqlen_k, p.head_dim, p.window_left, p.window_right, *q.stride()[:3], *k.stride()[:3],
+        *v.stride()[:3], p.scale, cuda_ext.dtype_code(q), cuda_ext.stream_handle(q))
+    return out, lse
 
 
 # ----------------------------------------------------------------------------------------- custom ops
