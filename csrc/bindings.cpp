@@ -53,6 +53,29 @@ PYBIND11_MODULE(_C, m) {
                    "vector_add");
   }, py::arg("a"), py::arg("b"), py::arg("out"), py::arg("n"), py::arg("dtype"), py::arg("stream"));
 
+  m.def("softmax_forward", [](uintptr_t x, int64_t x_row_stride, uintptr_t y, int64_t rows, int64_t n, int dtype,
+                              uintptr_t stream) {
+    check_nonnegative(rows, "rows");
+    check_nonnegative(n, "n");
+    check_nonnegative(x_row_stride, "x_row_stride");  // 0 is a broadcast (expanded) row
+    throw_if_error(gpuforge::launch_softmax_forward(as_ptr<const void>(x), x_row_stride, as_ptr<void>(y), rows, n,
+                                                    checked_dtype(dtype, "dtype"), as_stream(stream)),
+                   "softmax_forward");
+  }, py::arg("x"), py::arg("x_row_stride"), py::arg("y"), py::arg("rows"), py::arg("n"), py::arg("dtype"),
+     py::arg("stream"));
+
+  m.def("softmax_backward", [](uintptr_t dy, int64_t dy_row_stride, uintptr_t y, uintptr_t dx, int64_t rows,
+                               int64_t n, int dtype, uintptr_t stream) {
+    check_nonnegative(rows, "rows");
+    check_nonnegative(n, "n");
+    check_nonnegative(dy_row_stride, "dy_row_stride");  // 0 is a broadcast (expanded) row
+    throw_if_error(gpuforge::launch_softmax_backward(as_ptr<const void>(dy), dy_row_stride, as_ptr<const void>(y),
+                                                     as_ptr<void>(dx), rows, n, checked_dtype(dtype, "dtype"),
+                                                     as_stream(stream)),
+                   "softmax_backward");
+  }, py::arg("dy"), py::arg("dy_row_stride"), py::arg("y"), py::arg("dx"), py::arg("rows"), py::arg("n"),
+     py::arg("dtype"), py::arg("stream"));
+
   m.def("matmul", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t M, int64_t N, int64_t K, int64_t batch,
                      int64_t sa_z, int64_t sa_m, int64_t sa_k, int64_t sb_z, int64_t sb_k, int64_t sb_n, int dtype,
                      uintptr_t stream) {
@@ -162,13 +185,12 @@ PYBIND11_MODULE(_C, m) {
       throw std::invalid_argument("batch * heads_q must be <= 65535, got " + std::to_string(batch * heads_q));
     if (window_left < -1 || window_right < -1)
       throw std::invalid_argument("window_left and window_right must be >= -1");
-    const gpuforge::AttentionShape shape{batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
-                                         window_right};
-    const gpuforge::AttentionStrides strides{q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s};
-    throw_if_error(gpuforge::launch_flash_attention_forward(as_ptr<const void>(q), as_ptr<const void>(k),
-                                                            as_ptr<const void>(v), as_ptr<void>(out),
-                                                            as_ptr<float>(lse), shape, strides, scale,
-                                                            checked_dtype(dtype, "dtype"), as_stream(stream)),
+    const int64_t q_strides[3] = {q_b, q_h, q_s}, k_strides[3] = {k_b, k_h, k_s}, v_strides[3] = {v_b, v_h, v_s};
+    throw_if_error(gpuforge::launch_flash_attention_forward(
+                       as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), as_ptr<void>(out),
+                       as_ptr<float>(lse), batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
+                       window_right, q_strides, k_strides, v_strides, scale, checked_dtype(dtype, "dtype"),
+                       as_stream(stream)),
                    "flash_attention_forward");
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("batch"),
      py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),

@@ -12,6 +12,13 @@ namespace gpuforge {
 cudaError_t launch_vector_add(const void* a, const void* b, void* out, int64_t n, DType dtype,
                               cudaStream_t stream);
 
+// Softmax over the last dim of (rows, n) views with contiguous last dims (csrc/softmax.cu): y = softmax(x) and
+// dx = y * (dy - sum(dy * y)); y and dx contiguous. Warp-per-row, cached block-per-row or streaming kernels by n.
+cudaError_t launch_softmax_forward(const void* x, int64_t x_row_stride, void* y, int64_t rows, int64_t n,
+                                   DType dtype, cudaStream_t stream);
+cudaError_t launch_softmax_backward(const void* dy, int64_t dy_row_stride, const void* y, void* dx, int64_t rows,
+                                    int64_t n, DType dtype, cudaStream_t stream);
+
 // c (batch, M, N, contiguous) = a (batch, M, K) @ b (batch, K, N); a and b with element strides (s*_z is 0
 // for a broadcast operand). Tensor cores for fp16/bf16 where the layout allows, the tiled kernel otherwise.
 cudaError_t launch_matmul(const void* a, const void* b, void* c, int64_t M, int64_t N, int64_t K, int64_t batch,
@@ -42,20 +49,15 @@ cudaError_t launch_rms_norm_backward(const void* dy, int64_t dy_row_stride, cons
                                      void* dx, void* dw, float* partial, int blocks, int64_t rows, int64_t n,
                                      bool deterministic, DType dtype, cudaStream_t stream);
 
-// Attention problem for csrc/flash_attention.cu: q (batch, heads_q, seqlen_q, D), k/v (batch, heads_kv,
-// seqlen_k, D) with unit stride along D; query i sees key j when i + (seqlen_k - seqlen_q) - window_left <= j
-// <= i + (seqlen_k - seqlen_q) + window_right (-1: that side unbounded; causal is window_right = 0).
-struct AttentionShape {
-  int64_t batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right;
-};
-struct AttentionStrides {  // element strides over (batch, head, row)
-  int64_t q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s;
-};
-
-// out (batch, heads_q, seqlen_q, D, contiguous) and lse (batch, heads_q, seqlen_q) fp32, natural log (-inf for a
-// row that sees no key). The row-per-warp baseline kernel; D <= 256.
+// out (batch, heads_q, seqlen_q, D, contiguous) and lse (batch, heads_q, seqlen_q) fp32, natural log, -inf for a
+// row that sees no key (csrc/flash_attention.cu, the row-per-warp baseline; D <= 256). q, k, v have unit stride
+// along D and element strides {batch, head, row} in *_strides; query i sees key j when
+// i + (seqlen_k - seqlen_q) - window_left <= j <= i + (seqlen_k - seqlen_q) + window_right (-1: unbounded).
 cudaError_t launch_flash_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
-                                           const AttentionShape& shape, const AttentionStrides& strides,
-                                           float scale, DType dtype, cudaStream_t stream);
+                                           int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                                           int64_t seqlen_k, int64_t head_dim, int64_t window_left,
+                                           int64_t window_right, const int64_t* q_strides, const int64_t* k_strides,
+                                           const int64_t* v_strides, float scale, DType dtype,
+                                           cudaStream_t stream);
 
 }  // namespace gpuforge
