@@ -52,7 +52,7 @@ def _shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
     if device.type == "cuda":
         full = [(4096, 1024), (4096, 4096), (16384, 8192), (8192, 16384)]
         return [(4096, 4096), (16384, 8192)] if quick else full
-    return [(64, 256)] if quick else [(64, 256), (256, 1024)]
+    return [(32, 256)] if quick else [(32, 256), (256, 1024)]
 
 
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:

@@ -253,6 +253,25 @@ def test_triton_rejects_rows_too_wide_for_registers():
         triton_rms_norm.rms_norm_forward(torch.ones(1, triton_rms_norm.MAX_N + 1), torch.ones(1), None, 1e-6)
 
 
+def test_benchmark_cases_compute_the_reference():
+    """Every timed function of the benchmark computes the op (forward: y; forward+backward: dx, dw)."""
+    from gpuforge.kernels._selfcheck import relative_error
+    from gpuforge.profiling.bench_rms_norm import bench_cases
+
+    cases = bench_cases(torch.device("cpu"), quick=True)
+    assert {c.shape.split()[-1] for c in cases} == {"fwd", "fwd+bwd"}
+    for case in cases:
+        inputs = case.make_inputs()
+        want = case.reference(*[t.double() for t in inputs])
+        want = want if isinstance(want, tuple) else (want,)
+        assert set(case.fns) >= set(BACKEND_PARAMS)
+        for label, fn in case.fns.items():
+            got = fn(*inputs)
+            got = got if isinstance(got, tuple) else (got,)
+            for g, w in zip(got, want, strict=True):
+                assert relative_error(g, w) <= 2 * GRAD_TOL[case.dtype], (case.shape, label)
+
+
 # --- GPU numerics: large shapes, every backend, bf16 error at most 2x that of torch's own bf16 ----------
 
 @pytest.mark.gpu
