@@ -105,7 +105,9 @@ __global__ void rms_norm_forward_kernel(const T* __restrict__ x,         // (row
   }
 }
 
-// A band of rows per block. Dynamic shared memory holds the block's fp32 partial dw (n floats).
+// A band of rows per block. Dynamic shared memory holds the block's fp32 partial dw (n floats), stored
+// element-major (slot k of chunk c at k · chunks + c) so that the 32 threads of a warp, which own 32 consecutive
+// chunks, touch 32 consecutive words: no bank conflicts, where the natural layout would be VEC-way conflicted.
 template <typename T, int VEC, bool HAS_DH, bool ATOMIC>
 __global__ void rms_norm_backward_kernel(const T* __restrict__ dy,        // (rows, n) upstream gradient
                                          long long dy_row_stride,
@@ -121,9 +123,10 @@ __global__ void rms_norm_backward_kernel(const T* __restrict__ dy,        // (ro
   extern __shared__ float dw_acc[];
   __shared__ float scratch[33];
   const long long step = (long long)blockDim.x * VEC;
+  const long long chunks = n / VEC;  // n is a multiple of VEC
   for (long long i = (long long)threadIdx.x * VEC; i < n; i += step) {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) dw_acc[i + k] = 0.f;
+    for (int k = 0; k < VEC; ++k) dw_acc[k * chunks + i / VEC] = 0.f;
   }
   const long long band = (rows + gridDim.x - 1) / gridDim.x;
   const long long first = (long long)blockIdx.x * band;
@@ -155,19 +158,18 @@ __global__ void rms_norm_backward_kernel(const T* __restrict__ dy,        // (ro
         float d = r * (g * to_float(vw.v[k]) - xhat * mean_dot);
         if constexpr (HAS_DH) d += to_float(extra.v[k]);
         out.v[k] = from_float<T>(d);
-        dw_acc[i + k] += g * xhat;
+        dw_acc[k * chunks + i / VEC] += g * xhat;
       }
       store_packed<T, VEC>(dx + row * n + i, out);
     }
   }
-  for (long long i = (long long)threadIdx.x * VEC; i < n; i += step) {
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      if constexpr (ATOMIC)
-        atomicAdd(dw_partial + i + k, dw_acc[i + k]);
-      else
-        dw_partial[(long long)blockIdx.x * n + i + k] = dw_acc[i + k];
-    }
+  __syncthreads();  // the write-out below reads other threads' slots, one column per thread (coalesced)
+  for (long long col = threadIdx.x; col < n; col += blockDim.x) {
+    const float value = dw_acc[(col % VEC) * chunks + col / VEC];
+    if constexpr (ATOMIC)
+      atomicAdd(dw_partial + col, value);
+    else
+      dw_partial[(long long)blockIdx.x * n + col] = value;
   }
 }
 
