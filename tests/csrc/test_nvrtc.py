@@ -25,6 +25,10 @@ NAME_EXPRESSIONS = {
                       for dh in ("true", "false") for atomic in ("true", "false")]
                    + [f"gpuforge::rms_norm_sum_partials_kernel<{t}>"
                       for t in ("float", "__half", "__nv_bfloat16")],
+    "matmul.cu": [f"gpuforge::matmul_tiled_kernel<{t}>" for t in ("float", "__half", "__nv_bfloat16")]
+    + [f"gpuforge::matmul_mma_kernel<{t}>" for t in ("__half", "__nv_bfloat16")],
+    "int4_matmul.cu": [f"gpuforge::int4_matmul_tiled_kernel<{x}, {s}>" for x in ("__half", "__nv_bfloat16")
+                       for s in ("float", "__half", "__nv_bfloat16")],
 }
 
 
