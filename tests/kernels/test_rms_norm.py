@@ -246,6 +246,27 @@ def test_gpu_backends_explain_why_they_cannot_run(backend):
         gf.rms_norm(torch.ones(2, 3), torch.ones(3), backend=backend)
 
 
+def test_extension_bindings_check_arguments_and_report_cuda_errors():
+    ext = pytest.importorskip("gpuforge._C", reason="the CUDA extension is not built here")
+    forward = dict(x=16, x_row_stride=8, residual=0, residual_row_stride=0, weight=16, y=16, h=0, rstd=16,
+                   rows=2, n=8, eps=1e-6, dtype=0, stream=0)
+    with pytest.raises(ValueError, match="residual and h"):
+        ext.rms_norm_forward(**forward | dict(residual=16))
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        ext.rms_norm_forward(**forward | dict(eps=0.0))
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        ext.rms_norm_forward(**forward | dict(n=0))
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        ext.rms_norm_forward(**forward | dict(dtype=7))
+    backward = dict(dy=16, dy_row_stride=8, x=16, x_row_stride=8, weight=16, rstd=16, dh=0, dh_row_stride=0,
+                    dx=16, dw=16, partial=16, blocks=1, rows=2, n=8, deterministic=True, dtype=0, stream=0)
+    with pytest.raises(ValueError, match="blocks must be >= 1"):
+        ext.rms_norm_backward(**backward | dict(blocks=0))
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="rms_norm_backward_blocks: CUDA error"):
+            ext.rms_norm_backward_blocks(4, 0)
+
+
 def test_triton_rejects_rows_too_wide_for_registers():
     from gpuforge.kernels.triton import rms_norm as triton_rms_norm
 
