@@ -87,7 +87,7 @@ def test_auto_uses_torch_on_cpu_tensors():
 
 def _inputs(**changes):
     args = dict(zip(("q", "k_cache", "v_cache", "block_table", "seq_lens"),
-                    pa.random_paged_cache(2, 4, 2, 8, 4, [3, 6])))
+                    pa.random_paged_cache(2, 4, 2, 8, 4, [3, 6]), strict=True))
     args.update(changes)
     return args
 
