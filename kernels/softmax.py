@@ -80,51 +80,49 @@ def softmax_backward_cuda(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 # The cupy backend mirrors launch_softmax_* in csrc/softmax.cu: same kernels, same choice by row length.
-CUPY_WARP_ROWS_PER_BLOCK = 4  # kWarpsPerBlock
+CUPY_WARPS_PER_BLOCK = 4  # kWarpsPerBlock: rows per block of the warp kernel
 CUPY_BLOCK_THREADS = 512  # kRowBlockThreads
-CUPY_CHUNKS = (1, 2, 4, 8)  # cached chunks per thread (kChunks)
+CUPY_MAX_CHUNKS = {"warp": 8, "fwd": 8, "bwd": 4}  # kMaxWarpChunks, kMaxBlockChunksFwd, kMaxBlockChunksBwd
 
 
-def _cupy_plan(kind: str, dtype: torch.dtype, n: int, vectorized: bool) -> tuple[str, int, int]:
-    """(kernel name, threads per block, rows per block) for a row length n, as the C++ launcher chooses."""
+def cupy_plan(kind: str, dtype: torch.dtype, n: int, vectorized: bool) -> tuple[str, int, int]:
+    """(kernel name, threads per block, rows per block) for rows of n elements, as the C++ launcher chooses:
+    one row per warp while n fits 8 chunks per lane, else one row per block, cached in registers while n fits
+    the block's chunks, streamed (chunks = 0) beyond."""
     ctype = cupy_module.CPP_TYPES[dtype]
     vec = 16 // _ELEMENT_SIZE[dtype] if vectorized else 1
-    for chunks in CUPY_CHUNKS:
-        if n <= 32 * chunks * vec:
-            name = f"gpuforge::softmax_{kind}_warp_kernel<{ctype}, {chunks}, {vec}>"
-            return name, 32 * CUPY_WARP_ROWS_PER_BLOCK, CUPY_WARP_ROWS_PER_BLOCK
-    for chunks in CUPY_CHUNKS:
-        if n <= CUPY_BLOCK_THREADS * chunks * vec:
-            return f"gpuforge::softmax_{kind}_block_kernel<{ctype}, {chunks}, {vec}>", CUPY_BLOCK_THREADS, 1
-    return f"gpuforge::softmax_{kind}_block_kernel<{ctype}, 0, {vec}>", CUPY_BLOCK_THREADS, 1
+    chunk_counts = (1, 2, 4, 8)
+    if n <= 32 * CUPY_MAX_CHUNKS["warp"] * vec:
+        chunks = next(c for c in chunk_counts if n <= 32 * c * vec)
+        return (f"gpuforge::softmax_{kind}_warp_kernel<{ctype}, {chunks}, {vec}>", 32 * CUPY_WARPS_PER_BLOCK,
+                CUPY_WARPS_PER_BLOCK)
+    fitting = [c for c in chunk_counts if c <= CUPY_MAX_CHUNKS[kind] and n <= CUPY_BLOCK_THREADS * c * vec]
+    chunks = fitting[0] if fitting else 0
+    return f"gpuforge::softmax_{kind}_block_kernel<{ctype}, {chunks}, {vec}>", CUPY_BLOCK_THREADS, 1
 
 
 _ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
-def _cupy_launch(kind: str, tensors: tuple[torch.Tensor, ...], strides: tuple[int, ...], rows: int,
-                 n: int) -> None:
+def _cupy_launch(kind: str, tensors: tuple[torch.Tensor, ...], row_stride: int) -> None:
+    """Launch the forward ("fwd": x, y) or backward ("bwd": dy, y, dx) kernel; the first tensor is a (rows, n)
+    matrix with row stride `row_stride`, the others contiguous."""
     import numpy as np
 
-    dtype = tensors[0].dtype
-    vec = 16 // _ELEMENT_SIZE[dtype]
-    vectorized = all(t.data_ptr() % 16 == 0 for t in tensors) and all(s % vec == 0 for s in strides) \
-        and n % vec == 0
-    name, threads, rows_per_block = _cupy_plan(kind, dtype, n, vectorized)
+    rows, n = tensors[0].shape
+    vec = 16 // _ELEMENT_SIZE[tensors[0].dtype]
+    vectorized = all(t.data_ptr() % 16 == 0 for t in tensors) and row_stride % vec == 0 and n % vec == 0
+    name, threads, rows_per_block = cupy_plan(kind, tensors[0].dtype, n, vectorized)
     kern = cupy_module.kernel("softmax.cu", (name,), name)
-    pointers = tuple(cupy_module.as_cupy(t) for t in tensors)
-    if kind == "fwd":
-        args = (pointers[0], np.int64(strides[0]), pointers[1])
-    else:
-        args = (pointers[0], np.int64(strides[0]), pointers[1], pointers[2])
-    cupy_module.launch(kern, (-(-rows // rows_per_block),), (threads,), args + (np.int64(rows), np.int64(n)),
-                       tensors[0].device)
+    first, *rest = (cupy_module.as_cupy(t) for t in tensors)
+    args = (first, np.int64(row_stride), *rest, np.int64(rows), np.int64(n))
+    cupy_module.launch(kern, (-(-rows // rows_per_block),), (threads,), args, tensors[0].device)
 
 
 def softmax_forward_cupy(x: torch.Tensor) -> torch.Tensor:
     y = _alloc.empty_like(x)
     x2 = as_rows(x)
-    _cupy_launch("fwd", (x2, y), (x2.stride(0), x2.shape[1]), x2.shape[0], x2.shape[1])
+    _cupy_launch("fwd", (x2, y), x2.stride(0))
     return y
 
 
@@ -132,7 +130,7 @@ def softmax_backward_cupy(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     y = y.contiguous()
     dx = _alloc.empty_like(y)
     dy2 = as_rows(dy)
-    _cupy_launch("bwd", (dy2, y, dx), (dy2.stride(0), dy2.shape[1]), dy2.shape[0], dy2.shape[1])
+    _cupy_launch("bwd", (dy2, y, dx), dy2.stride(0))
     return dx
 
 

@@ -217,3 +217,57 @@ def test_gpu_large_fp16_matrix_and_unaligned_rows(backend):
     ragged = torch.randn(300, 1001, device="cuda", dtype=torch.float16)[:, 1:]  # rows not 16-byte aligned
     expected = torch.softmax(ragged.double(), -1)
     assert_close_rel(gf.softmax(ragged, backend=backend), expected, FWD_TOL[torch.float16])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_broadcast_rows_with_zero_row_stride(backend, device):
+    x = torch.randn(1, 45, device=device).expand(3, 45)  # every row is the same memory
+    check(x, torch.randn(3, 45, device=device), -1, backend)
+
+
+def cupy_kernel_names():
+    """Every kernel instantiation the cupy backend can ask for (the C++ launcher's template switch)."""
+    names = []
+    for ctype, vec in (("float", 4), ("__half", 8), ("__nv_bfloat16", 8)):
+        for v in (1, vec):
+            for kind, block_chunks in (("fwd", (0, 1, 2, 4, 8)), ("bwd", (0, 1, 2, 4))):
+                names += [f"gpuforge::softmax_{kind}_warp_kernel<{ctype}, {c}, {v}>" for c in (1, 2, 4, 8)]
+                names += [f"gpuforge::softmax_{kind}_block_kernel<{ctype}, {c}, {v}>" for c in block_chunks]
+    return names
+
+
+@pytest.mark.parametrize("kind", ["fwd", "bwd"])
+@pytest.mark.parametrize("dtype", list(FWD_TOL))
+@pytest.mark.parametrize("vectorized", [False, True])
+def test_cupy_plan_picks_the_launcher_kernels(kind, dtype, vectorized):
+    from gpuforge.kernels.cupy_module import CPP_TYPES
+    from gpuforge.kernels.softmax import cupy_plan
+
+    vec = 16 // dtype.itemsize if vectorized else 1
+    cached = {"fwd": 8, "bwd": 4}[kind]  # chunks per thread the block kernel keeps in registers
+
+    def kernel(shape, chunks):
+        return f"gpuforge::softmax_{kind}_{shape}_kernel<{CPP_TYPES[dtype]}, {chunks}, {vec}>"
+
+    expected = {
+        1: (kernel("warp", 1), 128, 4),
+        32 * vec + 1: (kernel("warp", 2), 128, 4),
+        256 * vec: (kernel("warp", 8), 128, 4),
+        256 * vec + 1: (kernel("block", 1), 512, 1),
+        512 * cached * vec: (kernel("block", cached), 512, 1),
+        512 * cached * vec + 1: (kernel("block", 0), 512, 1),  # streaming (online) kernel
+    }
+    for n, plan in expected.items():
+        assert cupy_plan(kind, dtype, n, vectorized) == plan, n
+        assert plan[0] in cupy_kernel_names()
+
+
+def test_softmax_cu_compiles_under_nvrtc_with_every_cupy_instantiation():
+    from tests.csrc.test_nvrtc import CSRC, CUDA_INCLUDE, NVRTC, compile_with_nvrtc
+
+    if NVRTC is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+        pytest.skip("needs the nvidia-cuda-nvrtc wheel and CUDA headers (the dev extra)")
+    names = cupy_kernel_names()
+    status, log, lowered = compile_with_nvrtc(CSRC / "softmax.cu", names, "sm_90a")
+    assert status == 0, log
+    assert all(lowered.get(name) for name in names)
