@@ -21,12 +21,18 @@ SUBCOMMANDS = {
 _SIMULATE_WITHOUT_GPU = ("info", "check", "bench", "demo")
 
 
-def enable_simulators_without_gpu() -> None:
+def enable_simulators_without_gpu(argv: list[str]) -> None:
     import torch
 
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-        os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    if torch.cuda.is_available():
+        return
+    interpreter_was_off = "TRITON_INTERPRET" not in os.environ
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    # `import gpuforge` imported torch, and torch imports triton: triton.language's own @jit helpers (tl.sum,
+    # tl.max, ...) were then built for the GPU and fail inside interpreted kernels. Start again with the switch set.
+    if interpreter_was_off and "triton.language" in sys.modules:
+        os.execv(sys.executable, [sys.executable, "-m", "gpuforge", *argv])
 
 
 def usage() -> str:
@@ -45,6 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpuforge: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     if name in _SIMULATE_WITHOUT_GPU:
-        enable_simulators_without_gpu()
+        enable_simulators_without_gpu(argv)
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return module.main(rest) or 0
