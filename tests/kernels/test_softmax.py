@@ -271,3 +271,17 @@ def test_softmax_cu_compiles_under_nvrtc_with_every_cupy_instantiation():
     status, log, lowered = compile_with_nvrtc(CSRC / "softmax.cu", names, "sm_90a")
     assert status == 0, log
     assert all(lowered.get(name) for name in names)
+
+
+def test_benchmark_cases_compute_the_reference():
+    """Every timed function of the CPU quick benchmark computes the op (forward: y; forward+backward: dx)."""
+    from gpuforge.profiling.bench_softmax import bench_cases
+
+    cases = bench_cases(torch.device("cpu"), quick=True)
+    assert {c.shape.split()[-1] for c in cases} == {"fwd", "fwd+bwd"}
+    for case in cases:
+        inputs = case.make_inputs()
+        want = case.reference(*[t.double() for t in inputs])
+        assert set(case.fns) >= set(backend_params())
+        for label, fn in case.fns.items():
+            assert max_rel_error(fn(*inputs), want) <= BWD_TOL[case.dtype], (case.shape, label)
