@@ -208,7 +208,7 @@ def _forward_and_grad(x: torch.Tensor, grad: torch.Tensor, fn):
 def selfcheck_cases(device: torch.device) -> list[CheckCase]:
     cases = []
     for dtype, tol in SELFCHECK_TOL.items():
-        for shape, dim in (((1, 1), -1), ((3, 97), -1), ((130, 5), 0), ((2, 3, 200), 1)):
+        for shape, dim in (((1, 1), -1), ((3, 97), -1), ((130, 5), 0), ((2, 9, 4), 1)):
             generator = torch.Generator().manual_seed(shape[-1] * 31 + len(shape))
             x = (3 * torch.randn(shape, generator=generator)).to(device=device, dtype=dtype)
             grad = torch.randn(shape, generator=generator).to(device=device, dtype=dtype)

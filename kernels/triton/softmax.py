@@ -125,7 +125,7 @@ def _softmax_online_bwd_kernel(
 
 # Rows up to 32K elements stay in registers: 32 fp32 values per thread at 32 warps, no spills on sm_80/sm_90.
 MAX_ONE_PASS = 32768
-# Chunk of the online variant: 4096 fp32 lanes over 8 warps (16 per thread) keep enough bytes in flight.
+# Chunk of the online variant: 4096 fp32 lanes over 16 warps (8 per thread) keep enough bytes in flight.
 ONLINE_BLOCK = 4096
 
 
