@@ -75,9 +75,9 @@ def test_matches_float64(backend, dtype, n, device):
 
 
 @pytest.mark.parametrize("backend", backend_params())
-@pytest.mark.parametrize("dim", [0, 1, -3])
+@pytest.mark.parametrize("dim", [0, -2])
 def test_other_dims(backend, dim, device):
-    x = torch.randn(2, 3, 5, device=device)
+    x = torch.randn(2, 3, 4, device=device)
     check(x, torch.randn_like(x), dim, backend)
 
 
