@@ -1,8 +1,7 @@
 """gpuforge: hand-written GPU kernels (Triton, CUDA C++, CuPy, Numba) and distributed training, each
 checked against a PyTorch reference. Importing it initialises neither CUDA, NVML nor Triton's driver."""
 
-from gpuforge import backends, models, quant
-from gpuforge import nn
+from gpuforge import backends, models, nn, quant
 from gpuforge.kernels.flash_attention import flash_attention, flash_attention_varlen
 from gpuforge.kernels.int4_matmul import int4_matmul
 from gpuforge.kernels.matmul import matmul

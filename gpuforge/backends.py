@@ -91,7 +91,7 @@ _PROBES = {"torch": _probe_torch, "triton": _probe_triton, "cuda": _probe_cuda, 
            "numba": _probe_numba}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(name: str, interpreter_on: bool, simulator_on: bool) -> tuple[bool, str]:
     # Cached per simulator setting: a probe imports modules and may touch the driver, once.
     return _PROBES[name]()

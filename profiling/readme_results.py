@@ -36,9 +36,9 @@ def summary_rows(records: list[dict]) -> list[str]:
             best = max(ours, key=lambda r: r["speedup_vs_baseline"])
             worst_error = max((r["max_rel_error"] or 0.0) for r in ours)
             throughput = f"{best['tflops']:.1f} TFLOP/s" if best["tflops"] else f"{best['gbps']:.0f} GB/s"
+            ratio = f"{best['speedup_vs_baseline']:.2f}x {best['baseline']}"
             rows.append(f"| {op} | {best['shape']} | {dtype} | {best['label']} | {throughput} | "
-                        f"{100 * best['fraction_of_peak']:.0f}% | {best['speedup_vs_baseline']:.2f}x {best['baseline']} | "
-                        f"{worst_error:.1e} |")
+                        f"{100 * best['fraction_of_peak']:.0f}% | {ratio} | {worst_error:.1e} |")
     return rows
 
 

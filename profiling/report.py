@@ -48,7 +48,8 @@ def _git_commit() -> str:
 
 
 def environment(device: torch.device, peaks: Peaks, command: str) -> dict:
-    env = {"device": peaks.device_name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    now = datetime.datetime.now(datetime.timezone.utc)
+    env = {"device": peaks.device_name, "date": now.isoformat(timespec="seconds"),
            "command": command, "git_commit": _git_commit(), "torch": torch.__version__,
            "python": platform.python_version(), "peaks": asdict(peaks), "gpu_timings": device.type == "cuda"}
     try:

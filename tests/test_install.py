@@ -31,8 +31,8 @@ def test_clean_install_imports_from_outside_the_repo(tmp_path):
     # (.pth files on PYTHONPATH are not processed, so the editable install here stays invisible).
     env["PYTHONPATH"] = sysconfig.get_paths()["purelib"]
     code = ("import gpuforge, gpuforge.kernels.vector_add, gpuforge.profiling.harness, torch;"
-            "assert gpuforge.__file__.startswith(%r), gpuforge.__file__;"
-            "print(gpuforge.vector_add(torch.ones(3), torch.ones(3)).tolist())" % str(site))
+            f"assert gpuforge.__file__.startswith({str(site)!r}), gpuforge.__file__;"
+            "print(gpuforge.vector_add(torch.ones(3), torch.ones(3)).tolist())")
     out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[2.0, 2.0, 2.0]"

@@ -16,7 +16,8 @@ def test_render_and_replace_between_markers(tmp_path):
          "gbps": 1.0, "fraction_of_peak": 0.01, "speedup_vs_baseline": 2.0, "baseline": "cuBLAS",
          "max_rel_error": 1e-3},
     ]
-    env = {"device": "NVIDIA H100", "date": "2026-11-23T00:00:00", "git_commit": "0123456789abc", "command": "bench all",
+    env = {"device": "NVIDIA H100", "date": "2026-11-23T00:00:00", "git_commit": "0123456789abc",
+           "command": "bench all",
            "peaks": {"copy_gbps": 3000.0, "matmul_tflops": 800.0, "matmul_dtype": "bfloat16"}, "gpu_timings": True}
     results = tmp_path / "r.json"
     results.write_text(json.dumps({"environment": env, "records": records}))
