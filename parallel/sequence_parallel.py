@@ -1,0 +1,36 @@
+"""Sequence parallelism (Korthikanti et al. 2022) on top of tensor parallelism.
+
+Outside the tensor-parallel regions (the RMSNorms and the residual stream) every TP rank would hold the same
+(b, s, h) activations. Sequence parallelism shards them along the sequence instead: each rank keeps
+(b, s/t, h). Entering a region, an all-gather along the sequence replaces f; leaving it, a reduce-scatter
+along the sequence replaces g's all-reduce. An all-reduce is a reduce-scatter plus an all-gather, so the
+communication volume is unchanged while the activations outside the regions shrink by t.
+
+The norms' weights are replicated but now see only their rank's tokens, so their gradients are partial
+sums: `allreduce_sequence_parallel_grads` adds them over the TP group after the backward pass.
+The mappings (`gather_from_sp`, `reduce_scatter_to_sp`) live with f and g in `tensor_parallel`.
+"""
+
+from __future__ import annotations
+
+from gpuforge.parallel.tensor_parallel import TensorParallelLM, tensor_parallelize
+from torch import nn
+
+
+def sequence_parallelize(model: nn.Module, comm, group=None) -> TensorParallelLM:
+    """Shard a TinyLlama over `comm` with tensor and sequence parallelism. Its forward takes the full
+    (b, s) tokens on every rank (s divisible by t) and returns this rank's vocabulary slice of the logits."""
+    return tensor_parallelize(model, comm, group, sequence_parallel=True)
+
+
+def replicated_parameters(model: TensorParallelLM) -> list[nn.Parameter]:
+    """Parameters every TP rank holds whole: the norm weights (everything else is a shard)."""
+    return [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+
+
+def allreduce_sequence_parallel_grads(model: TensorParallelLM) -> None:
+    """Sum the replicated parameters' gradients over the TP group (each rank saw s/t of the tokens)."""
+    for p in replicated_parameters(model):
+        if p.grad is not None:
+            p.grad = model.comm.all_reduce(p.grad.contiguous().clone())
+
