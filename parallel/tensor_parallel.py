@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from gpuforge.parallel.group_comm import GroupComm, as_group_comm
 from torch import nn
+
+from gpuforge.parallel.group_comm import GroupComm, as_group_comm
 
 # ----------------------------------------------------------------------------------------------- f and g
 
@@ -124,7 +125,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, weight: torch.Tensor, comm, *, reduce_output: str | None = "all_reduce"):
         super().__init__()
         if reduce_output not in ("all_reduce", "reduce_scatter", None):
-            raise ValueError(f"reduce_output must be 'all_reduce', 'reduce_scatter' or None, not {reduce_output}")
+            raise ValueError(f"reduce_output must be 'all_reduce', 'reduce_scatter' or None: {reduce_output}")
         self.comm, self.reduce_output = comm, reduce_output
         self.weight = nn.Parameter(weight)
 
