@@ -1,0 +1,110 @@
+"""3D parallelism: a (pp, dp, tp) grid of ranks, its process groups, and a training step combining them.
+
+Rank r sits at (pp, dp, tp) = coordinates of r in a grid with tp varying fastest, then dp, then pp
+(Megatron's order: the TP group, which talks most, is made of neighbouring ranks, i.e. one node).
+`DeviceMesh(comm, dp, tp, pp)` creates every group on every rank (as torch.distributed requires) and keeps
+this rank's three: `tp_group`, `dp_group`, `pp_group`.
+
+`Trainer3D` shards a TinyLlama with tensor parallelism over the TP group, cuts it into pipeline stages over
+the PP group (run by a GPipe or 1F1B executor), and averages gradients over the DP group (each DP rank gets
+its slice of the global batch). The global gradient norm for clipping counts every parameter exactly once:
+TP shards are summed over the TP group, replicated norm weights are counted on TP rank 0 only, the tied
+embedding/head on the first stage only, stages are summed over the PP group; after the DP average all DP
+ranks hold the same gradients, so the DP group adds nothing. Optimizer: AdamW on this rank's parameters
+(not ZeRO-1: the data-parallel issue's ZeRO optimizer was not there to build on).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpuforge.parallel.group_comm import GroupComm
+from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split
+from gpuforge.parallel.tensor_parallel import check_tp_config, tensor_parallelize
+
+
+class DeviceMesh:
+    def __init__(self, comm, *, dp: int = 1, tp: int = 1, pp: int = 1):
+        for name, size in (("dp", dp), ("tp", tp), ("pp", pp)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} must be a positive int, got {size!r}")
+        if dp * tp * pp != comm.world_size:
+            raise ValueError(f"dp·tp·pp = {dp}·{tp}·{pp} = {dp * tp * pp} must equal the world size "
+                             f"{comm.world_size}")
+        self.comm, self.dp, self.tp, self.pp = comm, dp, tp, pp
+        self.pp_index, rest = divmod(comm.rank, dp * tp)
+        self.dp_index, self.tp_index = divmod(rest, tp)
+        rank = lambda p, d, t: (p * dp + d) * tp + t
+        groups = {}
+        for p in range(pp):  # every rank creates every group, in the same order
+            for d in range(dp):
+                groups[("tp", p, d)] = comm.new_group([rank(p, d, t) for t in range(tp)])
+        for p in range(pp):
+            for t in range(tp):
+                groups[("dp", p, t)] = comm.new_group([rank(p, d, t) for d in range(dp)])
+        for d in range(dp):
+            for t in range(tp):
+                groups[("pp", d, t)] = comm.new_group([rank(p, d, t) for p in range(pp)])
+        self.tp_group = groups[("tp", self.pp_index, self.dp_index)]
+        self.dp_group = groups[("dp", self.pp_index, self.tp_index)]
+        self.pp_group = groups[("pp", self.dp_index, self.tp_index)]
+
+    def __repr__(self) -> str:
+        return (f"DeviceMesh(dp={self.dp}, tp={self.tp}, pp={self.pp}; rank {self.comm.rank} at "
+                f"pp={self.pp_index}, dp={self.dp_index}, tp={self.tp_index})")
+
+
+class Trainer3D:
+    """One rank's part of dp × tp × pp training of a TinyLlama (the same full model on every rank)."""
+
+    def __init__(self, model: nn.Module, mesh: DeviceMesh, *, schedule: str = "1f1b",
+                 num_microbatches: int = 1, lr: float = 1e-3, max_norm: float | None = 1.0):
+        check_tp_config(model.config, mesh.tp)
+        self.mesh, self.max_norm = mesh, max_norm
+        self.tp = GroupComm(mesh.comm, mesh.tp_group)
+        self.pp = GroupComm(mesh.comm, mesh.pp_group)
+        self.dp = GroupComm(mesh.comm, mesh.dp_group)
+        sharded = tensor_parallelize(model, self.tp)
+        self.stage = pipeline_split(sharded, mesh.pp)[mesh.pp_index]
+        self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule,
+                                         num_microbatches=num_microbatches)
+        self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=lr)
+
+    def _counted_once(self, name: str, p: nn.Parameter) -> bool:
+        if name == "head_weight" and not self.stage.is_first:
+            return False  # the tied weight is counted on the first stage
+        return self.tp.rank == 0 or not name.endswith("norm.weight")
+
+    def global_grad_norm(self) -> torch.Tensor:
+        params = [(n, p) for n, p in self.stage.named_parameters() if p.grad is not None]
+        sq = torch.zeros((), dtype=torch.float64)
+        for name, p in params:
+            if self._counted_once(name, p):
+                sq += p.grad.detach().double().pow(2).sum()
+        sq = sq.reshape(1)
+        self.tp.all_reduce(sq)
+        self.pp.all_reduce(sq)
+        return sq[0].sqrt()
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float | None, float]:
+        """One optimizer step on the global batch. Returns (loss on the last stage else None, grad norm)."""
+        if inputs.shape[0] % self.mesh.dp:
+            raise ValueError(f"global batch size {inputs.shape[0]} is not divisible by dp={self.mesh.dp}")
+        x, y = (t.chunk(self.mesh.dp)[self.mesh.dp_index] for t in (inputs, targets))
+        loss = self.executor.step(x, y)
+        for p in self.stage.parameters():
+            if p.grad is not None:
+                self.dp.all_reduce(p.grad, op="avg")
+        norm = self.global_grad_norm()
+        if self.max_norm is not None:
+            coef = self.max_norm / (norm.item() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
+            if coef < 1.0:
+                for p in self.stage.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if loss is not None and self.mesh.dp > 1:
+            loss = self.dp.all_reduce(loss.detach().reshape(1).clone(), op="avg")[0]
+        return (None if loss is None else loss.item()), norm.item()
