@@ -15,12 +15,15 @@ The stage's rank in `comm` is its stage index.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gpuforge.parallel.group_comm import as_group_comm
 from gpuforge.parallel.pipeline_schedule import make_schedule
+from gpuforge.parallel.pipeline_sim import Event
 
 
 def split_layers(n_layers: int, num_stages: int) -> list[range]:
@@ -104,8 +107,10 @@ class PipelineExecutor:
         xs, ys = inputs.chunk(self.m), targets.chunk(self.m)
         shape = self.activation_shape_fn(xs[0])
         received, outputs, out_grads, pending, losses = {}, {}, {}, [], []
+        self.timeline: list[Event] = []  # this stage's actions of the step, wall-clock seconds (time.time)
         for a in self.actions:
             mb = a.microbatch
+            start = time.time()
             if a.op == "RECV_F":
                 buffer = torch.empty(shape, dtype=self.dtype)
                 received[mb] = self.comm.recv(buffer, a.peer).requires_grad_()
@@ -124,6 +129,7 @@ class PipelineExecutor:
                 out.backward(None if self.stage.is_last else out_grads.pop(mb))
             elif a.op == "SEND_B":
                 pending.append(self.comm.isend(received.pop(mb).grad.contiguous(), a.peer))
+            self.timeline.append(Event(self.stage.index, a, start, time.time()))
         for handle in pending:
             handle.wait()
         self.sync_tied_grads()

@@ -114,6 +114,22 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
     return SimResult(timeline, max(clock, default=0.0), busy, peak)
 
 
+def measured_result(events: list[Event]) -> SimResult:
+    """A SimResult from events measured on real processes (wall-clock times of every stage, one machine):
+    times shifted to start at 0, busy = forward and backward time, in-flight counted as in `simulate`."""
+    t0 = min(e.start for e in events)
+    p = 1 + max(e.stage for e in events)
+    busy, in_flight, peak = [0.0] * p, [0] * p, [0] * p
+    shifted = []
+    for e in sorted(events, key=lambda e: (e.stage, e.start)):
+        shifted.append(Event(e.stage, e.action, e.start - t0, e.end - t0))
+        if e.action.op in ("F", "B"):
+            busy[e.stage] += e.end - e.start
+            in_flight[e.stage] += 1 if e.action.op == "F" else -1
+            peak[e.stage] = max(peak[e.stage], in_flight[e.stage])
+    return SimResult(shifted, max(e.end for e in shifted), busy, peak)
+
+
 def plot_timeline(result: SimResult, path: str, title: str = "pipeline schedule") -> None:
     """Save the timeline as a PNG: stages top to bottom, forwards blue, backwards orange, idle time blank."""
     import matplotlib

@@ -2,12 +2,14 @@
 accumulation in float64, the loss lives on the last stage, and send/recv bytes are the boundary tensors."""
 
 import copy
+import time
 
 import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
 from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split, split_layers
+from gpuforge.parallel.pipeline_sim import measured_result, plot_timeline
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, tiny_config
 
@@ -78,3 +80,51 @@ def test_split_layers_and_errors():
     assert split_layers(4, 4) == [range(i, i + 1) for i in range(4)]
     with pytest.raises(ValueError, match=r"more pipeline stages \(3\) than layers \(2\)"):
         pipeline_split(TinyLlama(tiny_config()), 3)
+
+
+class _Sleep(torch.autograd.Function):
+    """Identity that sleeps `f` seconds forward and `b` backward: a calibrated stage cost."""
+
+    @staticmethod
+    def forward(ctx, x, f, b):
+        ctx.b = b
+        time.sleep(f)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(ctx.b)
+        return grad, None, None
+
+
+class _Sleepy(torch.nn.Module):
+    def __init__(self, inner, f, b):
+        super().__init__()
+        self.inner, self.f, self.b = inner, f, b
+
+    def forward(self, h, *args):
+        return _Sleep.apply(self.inner(h, *args), self.f, self.b)
+
+
+def timed_pipeline(comm, schedule, m, f, b):
+    torch.manual_seed(0)
+    stage = pipeline_split(TinyLlama(tiny_config()).double(), comm.world_size)[comm.rank]
+    stage.layers[0] = _Sleepy(stage.layers[0], f, b)
+    executor = PipelineExecutor(stage, comm, schedule=schedule, num_microbatches=m)
+    x, y = make_batch(0, B, S)
+    executor.step(x, y)  # warm-up
+    comm.barrier()
+    executor.step(x, y)
+    return executor.timeline
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_measured_idle_fraction_matches_theory(schedule, tmp_path):
+    p, m = 2, 4
+    events = [e for timeline in run_distributed(timed_pipeline, p, schedule, m, 0.03, 0.06) for e in timeline]
+    result = measured_result(events)
+    assert abs(result.bubble_fraction - (p - 1) / (m + p - 1)) < 0.05, result.bubble_fraction
+    assert result.peak_in_flight == ([m] * p if schedule == "gpipe" else [min(p - s, m) for s in range(p)])
+    plot_timeline(result, str(tmp_path / "run.png"), f"{schedule} on 2 processes")
+    assert (tmp_path / "run.png").stat().st_size > 0
