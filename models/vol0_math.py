@@ -16,8 +16,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from gpuforge.models._layers import ReferenceModel, to_model_dtype
 from torch import nn
+
+from gpuforge.models._layers import ReferenceModel, to_model_dtype
 
 DATA_DIM, LATENT_DIM = 16, 2
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from gpuforge.models._layers import (
     Attention,
     ReferenceModel,
@@ -28,7 +30,6 @@ from gpuforge.models._layers import (
     Softmax,
     SwiGLU,
 )
-from torch import nn
 
 
 @dataclass

@@ -14,6 +14,7 @@ attention and int4 GEMM for quantized serving. Parallel strategy: TP for serving
 from __future__ import annotations
 
 import torch
+
 from gpuforge.models._layers import Attention
 from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gpuforge.models import vol0_math as m0
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gpuforge.models import vol2_llm as llm
 
 SMALL = dict(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, n_layers=2, max_seq_len=64)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from gpuforge.models import vol2_llm as llm
 from gpuforge.models import vol6_systems as sysm
 
