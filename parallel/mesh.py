@@ -108,3 +108,28 @@ class Trainer3D:
         if loss is not None and self.mesh.dp > 1:
             loss = self.dp.all_reduce(loss.detach().reshape(1).clone(), op="avg")[0]
         return (None if loss is None else loss.item()), norm.item()
+
+
+def train_model_parallel(comm, *, dp: int = 1, tp: int = 1, pp: int = 1, steps: int = 20, batch_size: int = 8,
+                         seq_len: int = 32, num_microbatches: int = 2, schedule: str = "1f1b", lr: float = 1e-3,
+                         max_norm: float | None = 1.0, seed: int = 0, config=None) -> list[float]:
+    """Train a TinyLlama for `steps` steps on dp × tp × pp ranks (the `tp`, `pp` and `3d` strategies of
+    `gpuforge train`). Returns the losses (on every rank: broadcast from the last stage)."""
+    from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, make_batch
+
+    torch.manual_seed(seed)
+    model = TinyLlama(config or TinyLlamaConfig(max_seq_len=max(seq_len, 256)))
+    mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp)
+    trainer = Trainer3D(model, mesh, schedule=schedule, num_microbatches=num_microbatches, lr=lr,
+                        max_norm=max_norm)
+    last_stage_rank = mesh.pp_group.ranks[-1]
+    losses = []
+    for step in range(steps):
+        comm.ledger.step = step
+        x, y = make_batch(seed * 100_003 + step, batch_size, seq_len)
+        loss, _ = trainer.step(x, y)
+        out = torch.tensor([float("nan") if loss is None else loss], dtype=torch.float64)
+        if pp > 1:
+            comm.broadcast(out, src=last_stage_rank, group=mesh.pp_group)
+        losses.append(out.item())
+    return losses

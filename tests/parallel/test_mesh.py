@@ -60,3 +60,19 @@ def test_mesh_rejects_bad_sizes():
         DeviceMesh(comm, dp=2, tp=2, pp=1)
     with pytest.raises(ValueError, match="tp must be a positive int"):
         DeviceMesh(comm, dp=8, tp=0, pp=1)
+
+
+def _train(comm, dp, tp, pp):
+    from gpuforge.models.vol2_llm import TinyLlamaConfig
+    from gpuforge.parallel.mesh import train_model_parallel
+
+    return train_model_parallel(comm, dp=dp, tp=tp, pp=pp, steps=3, batch_size=4, seq_len=8,
+                                config=TinyLlamaConfig(dim=32, n_heads=4, n_kv_heads=2, hidden_dim=64))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dp,tp,pp", [(1, 2, 1), (1, 1, 2), (2, 1, 2)])
+def test_train_model_parallel_losses_agree_and_fall(dp, tp, pp):
+    results = run_distributed(_train, dp * tp * pp, dp, tp, pp)
+    assert all(r == results[0] for r in results)
+    assert all(torch.isfinite(torch.tensor(results[0]))) and results[0][-1] < results[0][0]
