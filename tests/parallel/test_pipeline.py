@@ -13,12 +13,12 @@ from gpuforge.parallel.pipeline_sim import measured_result, plot_timeline
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, tiny_config
 
-B = 4
+B = 8
 
 
-def pipeline_parity(comm, schedule, m, steps):
+def pipeline_parity(comm, schedule, m, steps, n_layers=2):
     torch.manual_seed(0)
-    ref = TinyLlama(tiny_config()).double()
+    ref = TinyLlama(tiny_config(n_layers=n_layers)).double()
     stage = pipeline_split(copy.deepcopy(ref), comm.world_size)[comm.rank]
     executor = PipelineExecutor(stage, comm, schedule=schedule, num_microbatches=m)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -53,20 +53,24 @@ def _ref_name(stage, name):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("m", [1, 4])
-def test_pipeline_matches_gradient_accumulation(schedule, m):
-    results = run_distributed(pipeline_parity, 2, schedule, m, 3)
+@pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (4, 8)])
+def test_pipeline_matches_gradient_accumulation(schedule, p, m):
+    steps = 3
+    results = run_distributed(pipeline_parity, p, schedule, m, steps, p)
     for rank, (worst, losses, p2p) in enumerate(results):
         assert worst < 1e-12, (rank, worst)
-        assert (len(losses) == 3) == (rank == 1)  # the loss only on the last stage
+        assert (len(losses) == steps) == (rank == p - 1)  # the loss only on the last stage
         assert all(d < 1e-12 for d in losses), losses
-        # per step: m activations and m activation gradients of (B/m, S, h) float64, plus the tied-weight
-        # gradient exchanged between the first and the last stage
+        # per step and neighbour: m activations one way, m activation gradients the other, of (B/m, S, h)
+        # float64; plus the tied-weight gradient swapped between the first and the last stage
         act = (B // m, S, 32)
+        neighbours = (rank > 0) + (rank < p - 1)
         boundary = [e for e in p2p if e[1] == act]
-        assert len(boundary) == 3 * 2 * m and all(e[2] == B // m * S * 32 * 8 for e in boundary)
+        assert len(boundary) == steps * 2 * m * neighbours
+        assert all(e[2] == B // m * S * 32 * 8 for e in boundary)
         tied = [e for e in p2p if e[1] != act]
-        assert len(tied) == 3 * 2 and all(e[2] == 131 * 32 * 8 for e in tied)
+        assert len(tied) == (steps * 2 if rank in (0, p - 1) else 0)
+        assert all(e[2] == 131 * 32 * 8 for e in tied)
 
 
 @pytest.mark.distributed
