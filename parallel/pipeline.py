@@ -92,6 +92,8 @@ class PipelineExecutor:
     def __init__(self, stage: PipelineStage, comm, group=None, *, schedule: str = "1f1b",
                  num_microbatches: int = 1, activation_shape_fn=None):
         self.stage, self.comm, self.m = stage, as_group_comm(comm, group), num_microbatches
+        if schedule not in ("gpipe", "1f1b"):
+            raise ValueError(f"the executor runs 'gpipe' and '1f1b' (one model chunk per stage), not {schedule!r}")
         if self.comm.size != stage.num_stages or self.comm.rank != stage.index:
             raise ValueError(f"stage {stage.index} of {stage.num_stages} needs a group of {stage.num_stages} ranks "
                              f"with it at rank {stage.index}; got rank {self.comm.rank} of {self.comm.size}")

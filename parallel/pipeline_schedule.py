@@ -27,10 +27,12 @@ class Action:
     op: str
     microbatch: int
     peer: int | None = None
+    chunk: int = 0  # the model chunk (virtual stage) of the interleaved schedule; 0 otherwise
 
     def __str__(self) -> str:
         suffix = "" if self.peer is None else f"@{self.peer}"
-        return f"{self.op}{self.microbatch}{suffix}"
+        chunk = f"c{self.chunk}" if self.chunk else ""
+        return f"{self.op}{self.microbatch}{chunk}{suffix}"
 
 
 def _check(num_stages: int, num_microbatches: int) -> None:
@@ -90,11 +92,55 @@ def one_f_one_b(num_stages: int, num_microbatches: int) -> list[list[Action]]:
     return schedule
 
 
-SCHEDULES: dict[str, Callable[[int, int], list[list[Action]]]] = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def interleaved_one_f_one_b(num_stages: int, num_microbatches: int, num_chunks: int = 2) -> list[list[Action]]:
+    """Interleaved 1F1B (Megatron): each stage holds `num_chunks` model chunks, virtual stage c·p + s on stage
+    s, so the pipeline is v times deeper but each step v times shorter: the bubble drops to
+    (p − 1) / (v·m + p − 1). Micro-batches go through in groups of p (m must be a multiple of p); stage s
+    warms up with (p − s − 1)·2 + (v − 1)·p forwards. The last stage's chunk c sends to stage 0's chunk c + 1."""
+    _check(num_stages, num_microbatches)
+    p, m, v = num_stages, num_microbatches, num_chunks
+    if v < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {v}")
+    if m % p:
+        raise ValueError(f"interleaved 1F1B needs num_microbatches ({m}) to be a multiple of num_stages ({p})")
+    total = m * v
+
+    def unit(s: int, k: int, forward: bool) -> list[Action]:
+        group, within = divmod(k, p * v)
+        chunk = within // p if forward else v - 1 - within // p
+        mb = group * p + within % p
+        vstage = chunk * p + s
+        first, last = vstage == 0, vstage == p * v - 1
+        prev, nxt = (s - 1) % p, (s + 1) % p
+        if forward:
+            acts = [] if first else [Action("RECV_F", mb, prev, chunk)]
+            acts.append(Action("F", mb, None, chunk))
+            return acts if last else [*acts, Action("SEND_F", mb, nxt, chunk)]
+        acts = [] if last else [Action("RECV_B", mb, nxt, chunk)]
+        acts.append(Action("B", mb, None, chunk))
+        return acts if first else [*acts, Action("SEND_B", mb, prev, chunk)]
+
+    schedule = []
+    for s in range(p):
+        warmup = min((p - s - 1) * 2 + (v - 1) * p, total)
+        actions = []
+        for k in range(warmup):
+            actions += unit(s, k, True)
+        for i in range(total - warmup):
+            actions += unit(s, warmup + i, True)
+            actions += unit(s, i, False)
+        for k in range(total - warmup, total):
+            actions += unit(s, k, False)
+        schedule.append(actions)
+    return schedule
+
+
+SCHEDULES: dict[str, Callable[[int, int], list[list[Action]]]] = {
+    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_one_f_one_b}
 
 
 def make_schedule(name: str, num_stages: int, num_microbatches: int) -> list[list[Action]]:
-    """The schedule called `name` ("gpipe" or "1f1b") for `num_stages` stages and `num_microbatches`."""
+    """The schedule `name` ("gpipe", "1f1b", "interleaved-1f1b") for `num_stages` and `num_microbatches`."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
     return SCHEDULES[name](num_stages, num_microbatches)

@@ -54,8 +54,8 @@ def _validate(schedule: list[list[Action]]) -> None:
     """Each stage runs F then B of every micro-batch exactly once; peers are real neighbouring stages."""
     p = len(schedule)
     for s, actions in enumerate(schedule):
-        forwards = [a.microbatch for a in actions if a.op == "F"]
-        backwards = [a.microbatch for a in actions if a.op == "B"]
+        forwards = [(a.microbatch, a.chunk) for a in actions if a.op == "F"]
+        backwards = [(a.microbatch, a.chunk) for a in actions if a.op == "B"]
         if sorted(forwards) != sorted(set(forwards)) or sorted(forwards) != sorted(backwards):
             raise ValueError(
                 f"stage {s}: every micro-batch needs exactly one F and one B, got F {forwards}, B {backwards}"
@@ -63,10 +63,10 @@ def _validate(schedule: list[list[Action]]) -> None:
         seen_f = set()
         for a in actions:
             if a.op == "F":
-                seen_f.add(a.microbatch)
-            elif a.op == "B" and a.microbatch not in seen_f:
-                raise ValueError(f"stage {s}: B{a.microbatch} comes before F{a.microbatch}")
-            elif a.op not in ("F", "B") and (a.peer is None or not 0 <= a.peer < p or abs(a.peer - s) != 1):
+                seen_f.add((a.microbatch, a.chunk))
+            elif a.op == "B" and (a.microbatch, a.chunk) not in seen_f:
+                raise ValueError(f"stage {s}: {a} comes before its forward")
+            elif a.op not in ("F", "B") and (a.peer is None or a.peer not in ((s - 1) % p, (s + 1) % p)):
                 raise ValueError(f"stage {s}: {a} needs a neighbouring peer stage")
 
 
@@ -79,7 +79,8 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
     busy = [0.0] * p
     in_flight = [0] * p
     peak = [0] * p
-    arrivals: dict[tuple[str, int, int, int], float] = {}  # (recv op, microbatch, src, dst) -> arrival time
+    # (recv op, microbatch, receiving virtual stage) -> arrival time; virtual stage = chunk · p + stage
+    arrivals: dict[tuple[str, int, int], float] = {}
     timeline: list[Event] = []
     remaining = sum(len(a) for a in schedule)
     while remaining:
@@ -89,10 +90,11 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
                 a = schedule[s][head[s]]
                 start = clock[s]
                 if a.op in _MESSAGE_OF:
-                    arrivals[(_MESSAGE_OF[a.op], a.microbatch, s, a.peer)] = start + cost(s, a)
+                    to = a.chunk * p + s + (1 if a.op == "SEND_F" else -1)
+                    arrivals[(_MESSAGE_OF[a.op], a.microbatch, to)] = start + cost(s, a)
                     end = start
                 elif a.op in ("RECV_F", "RECV_B"):
-                    key = (a.op, a.microbatch, a.peer, s)
+                    key = (a.op, a.microbatch, a.chunk * p + s)
                     if key not in arrivals:
                         break
                     end = max(start, arrivals.pop(key))

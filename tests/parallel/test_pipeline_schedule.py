@@ -3,7 +3,14 @@
 from fractions import Fraction
 
 import pytest
-from gpuforge.parallel.pipeline_schedule import Action, gpipe, make_schedule, one_f_one_b
+
+from gpuforge.parallel.pipeline_schedule import (
+    Action,
+    gpipe,
+    interleaved_one_f_one_b,
+    make_schedule,
+    one_f_one_b,
+)
 from gpuforge.parallel.pipeline_sim import DeadlockError, plot_timeline, simulate
 
 SIZES = [(p, m) for p in range(1, 9) for m in range(1, 33)]
@@ -58,7 +65,7 @@ def test_bad_arguments():
         one_f_one_b(2, 0)
     with pytest.raises(ValueError, match="schedule must be one of"):
         make_schedule("zb-v", 2, 2)
-    with pytest.raises(ValueError, match="B0 comes before F0"):
+    with pytest.raises(ValueError, match="B0 comes before its forward"):
         simulate([[Action("B", 0), Action("F", 0)]])
 
 
@@ -66,3 +73,16 @@ def test_timeline_png(tmp_path):
     path = tmp_path / "timeline.png"
     plot_timeline(simulate(one_f_one_b(4, 6)), str(path), "1F1B p=4 m=6")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interleaved_1f1b_bubble_in_flight_and_deadlock_freedom():
+    for p in range(1, 9):
+        for m in range(p, 33, p):
+            for v in (1, 2, 3):
+                result = simulate(interleaved_one_f_one_b(p, m, v))  # unit cost per chunk
+                bubble = Fraction(result.bubble_fraction).limit_denominator(10000)
+                assert bubble == Fraction(p - 1, v * m + p - 1), (p, m, v)
+                warmup = [min((p - s - 1) * 2 + (v - 1) * p, m * v) for s in range(p)]
+                assert result.peak_in_flight == [min(w + 1, m * v) for w in warmup], (p, m, v)
+    with pytest.raises(ValueError, match="multiple of num_stages"):
+        interleaved_one_f_one_b(4, 6)
