@@ -10,6 +10,7 @@ so the ledger, timeouts and flight recorder see it (the ledger's `group` is the 
 from __future__ import annotations
 
 import torch
+
 from gpuforge.parallel.comm import Communicator, Group
 
 

@@ -13,8 +13,9 @@ The mappings (`gather_from_sp`, `reduce_scatter_to_sp`) live with f and g in `te
 
 from __future__ import annotations
 
-from gpuforge.parallel.tensor_parallel import TensorParallelLM, tensor_parallelize
 from torch import nn
+
+from gpuforge.parallel.tensor_parallel import TensorParallelLM, tensor_parallelize
 
 
 def sequence_parallelize(model: nn.Module, comm, group=None) -> TensorParallelLM:

@@ -6,9 +6,9 @@ from fractions import Fraction
 
 import pytest
 import torch
+
 from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, lm_loss, make_batch
 from gpuforge.parallel.tensor_parallel import check_tp_config, tensor_parallelize
-
 from tests.parallel.dist_harness import run_distributed
 
 B, S = 4, 8
