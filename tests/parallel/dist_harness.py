@@ -92,3 +92,31 @@ def _mpi_main(spec_path: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     _mpi_main(sys.argv[1], sys.argv[2])
+
+
+# ------------------------------------------------------------------------ a tiny model for parity tests
+class TiedMLP(torch.nn.Module):
+    """Input embedding tied (transposed) to the output layer, one frozen layer, optionally an unused one."""
+
+    def __init__(self, d: int = 6, h: int = 8, *, unused: bool = False, dtype=torch.float64):
+        super().__init__()
+        self.inp = torch.nn.Linear(d, h, dtype=dtype)
+        self.hidden = torch.nn.Linear(h, h, dtype=dtype)
+        self.frozen = torch.nn.Linear(h, h, dtype=dtype).requires_grad_(False)
+        self.unused = torch.nn.Linear(3, 3, dtype=dtype) if unused else None
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = self.frozen(torch.tanh(self.hidden(h)))
+        return torch.nn.functional.linear(h, self.inp.weight.t())
+
+
+def make_batches(steps: int, world: int, per_rank: int, d: int = 6, seed: int = 0, dtype=torch.float64):
+    """steps × (x, y) of world·per_rank rows; rank r trains on rows [r·per_rank, (r+1)·per_rank)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(world * per_rank, d, generator=g, dtype=dtype),
+             torch.randn(world * per_rank, d, generator=g, dtype=dtype)) for _ in range(steps)]
+
+
+def shard(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    return t.chunk(world)[rank]
