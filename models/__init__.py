@@ -3,7 +3,8 @@
 Each module exposes REFERENCE_MODELS: name -> ReferenceModel(build, make_batch, loss_fn), the uniform
 interface the parallel tests train through. `kernelize(model, backend=...)` swaps in gpuforge ops."""
 
-from gpuforge.models import vol0_math, vol1_architectures, vol2_llm, vol4_multimodal, vol6_systems
+from gpuforge.models import vol0_math, vol1_architectures, vol2_llm, vol3_generative, vol4_multimodal, vol6_systems
 from gpuforge.models._layers import ReferenceModel
 
-__all__ = ["ReferenceModel", "vol0_math", "vol1_architectures", "vol2_llm", "vol4_multimodal", "vol6_systems"]
+__all__ = ["ReferenceModel", "vol0_math", "vol1_architectures", "vol2_llm", "vol3_generative", "vol4_multimodal",
+           "vol6_systems"]
