@@ -50,7 +50,8 @@ cudaError_t launch_rms_norm_backward(const void* dy, int64_t dy_row_stride, cons
                                      bool deterministic, DType dtype, cudaStream_t stream);
 
 // out (batch, heads_q, seqlen_q, D, contiguous) and lse (batch, heads_q, seqlen_q) fp32, natural log, -inf for a
-// row that sees no key (csrc/flash_attention.cu, the row-per-warp baseline; D <= 256). q, k, v have unit stride
+// row that sees no key (csrc/flash_attention.cu: tensor cores for fp16/bf16, D 64/128, 16-byte aligned rows on
+// sm_80+; the row-per-warp baseline otherwise; D <= 256). q, k, v have unit stride
 // along D and element strides {batch, head, row} in *_strides; query i sees key j when
 // i + (seqlen_k - seqlen_q) - window_left <= j <= i + (seqlen_k - seqlen_q) + window_right (-1: unbounded).
 cudaError_t launch_flash_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,

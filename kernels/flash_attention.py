@@ -13,8 +13,8 @@ two in registers with masked loads); D > 256 is rejected. The backward (dQ) is b
 deterministic=True: dQ then has its own kernel instead of atomics.
 
 Backends: torch (the math reference, S×S scores), triton (FlashAttention-2: forward, backward, varlen) and
-cuda (csrc/flash_attention.cu, a row-per-warp baseline forward, dense layout only; its backward runs the
-Triton kernels). `auto` on a GPU is triton.
+cuda (csrc/flash_attention.cu, dense layout only: a tensor-core FlashAttention-2 forward for fp16/bf16 with
+D 64 or 128 on sm_80+, a row-per-warp baseline forward otherwise; its backward runs the Triton kernels). `auto` on a GPU is triton.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def attention_reference_backward(dout, dlse, q, k, v, out, lse, p, deterministic
 
 
 def attention_cuda(q, k, v, p):
-    """csrc/flash_attention.cu: the row-per-warp baseline forward (dense layout only)."""
+    """csrc/flash_attention.cu forward (dense layout only): tensor cores where they apply, else the baseline."""
     if p.varlen:
         raise ValueError("backend='cuda': flash_attention_varlen has no CUDA C++ kernel; use backend='triton'")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))

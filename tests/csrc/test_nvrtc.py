@@ -27,6 +27,9 @@ NAME_EXPRESSIONS = {
                       for t in ("float", "__half", "__nv_bfloat16")],
     "matmul.cu": [f"gpuforge::matmul_tiled_kernel<{t}>" for t in ("float", "__half", "__nv_bfloat16")]
     + [f"gpuforge::matmul_mma_kernel<{t}>" for t in ("__half", "__nv_bfloat16")],
+    # no cupy wrapper; instantiated so that CI compiles the tensor-core kernel's device code under NVRTC
+    "flash_attention.cu": [f"gpuforge::flash_attention_fwd_mma_kernel<{t}, {d}>" for t in ("__half", "__nv_bfloat16")
+                           for d in (64, 128)],
     "int4_matmul.cu": [f"gpuforge::int4_matmul_tiled_kernel<{x}, {s}>" for x in ("__half", "__nv_bfloat16")
                        for s in ("float", "__half", "__nv_bfloat16")],
 }
