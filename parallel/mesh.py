@@ -112,13 +112,14 @@ class Trainer3D:
 
 def train_model_parallel(comm, *, dp: int = 1, tp: int = 1, pp: int = 1, steps: int = 20, batch_size: int = 8,
                          seq_len: int = 32, num_microbatches: int = 2, schedule: str = "1f1b", lr: float = 1e-3,
-                         max_norm: float | None = 1.0, seed: int = 0, config=None) -> list[float]:
+                         max_norm: float | None = 1.0, seed: int = 0, config=None,
+                         dtype: torch.dtype = torch.float32) -> list[float]:
     """Train a TinyLlama for `steps` steps on dp × tp × pp ranks (the `tp`, `pp` and `3d` strategies of
     `gpuforge train`). Returns the losses (on every rank: broadcast from the last stage)."""
     from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, make_batch
 
     torch.manual_seed(seed)
-    model = TinyLlama(config or TinyLlamaConfig(max_seq_len=max(seq_len, 256)))
+    model = TinyLlama(config or TinyLlamaConfig(max_seq_len=max(seq_len, 256))).to(dtype)
     mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp)
     trainer = Trainer3D(model, mesh, schedule=schedule, num_microbatches=num_microbatches, lr=lr,
                         max_norm=max_norm)
@@ -133,3 +134,48 @@ def train_model_parallel(comm, *, dp: int = 1, tp: int = 1, pp: int = 1, steps: 
             comm.broadcast(out, src=last_stage_rank, group=mesh.pp_group)
         losses.append(out.item())
     return losses
+
+
+def single_process_losses(*, steps: int, batch_size: int, seq_len: int, lr: float, max_norm: float | None,
+                          seed: int = 0, config=None, dtype: torch.dtype = torch.float32) -> list[float]:
+    """The same run as `train_model_parallel` in one process (the oracle)."""
+    from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, lm_loss, make_batch
+
+    torch.manual_seed(seed)
+    model = TinyLlama(config or TinyLlamaConfig(max_seq_len=max(seq_len, 256))).to(dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for step in range(steps):
+        x, y = make_batch(seed * 100_003 + step, batch_size, seq_len)
+        loss = lm_loss(model(x), y)
+        loss.backward()
+        if max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def train_cli(comm, args) -> int:
+    """`gpuforge train --strategy tp|pp|3d [--tp T --pp P --dp D]`: unset degrees default to 1, except the
+    one the strategy names (the world size) and --dp (whatever is left). Rank 0 compares the losses with
+    one process."""
+    world = comm.world_size
+    tp = args.tp or (world if args.strategy == "tp" else 1)
+    pp = args.pp or (world if args.strategy == "pp" else 1)
+    dp = args.dp or max(1, world // (tp * pp))
+    dtype = getattr(torch, args.dtype)
+    opts = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, max_norm=args.clip,
+                dtype=dtype)
+    losses = train_model_parallel(comm, dp=dp, tp=tp, pp=pp, num_microbatches=args.microbatches,
+                                  schedule=args.schedule, **opts)
+    if comm.rank == 0:
+        single = single_process_losses(**opts)
+        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
+        print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} schedule={args.schedule} "
+              f"microbatches={args.microbatches} dtype={args.dtype}\n"
+              f"losses         {[f'{x:.6f}' for x in losses]}\n"
+              f"single process {[f'{x:.6f}' for x in single]}\n"
+              f"max |loss - single-process loss| = {diff:.3e}", flush=True)
+    return 0
