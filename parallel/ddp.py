@@ -181,6 +181,14 @@ class DistributedDataParallel(nn.Module):
         self._rebuilt = True
 
     # ------------------------------------------------------------------------------------------- API
+    def __getattr__(self, name):
+        """Attributes of the wrapped module (e.g. `config`) read through, so loss functions taking the
+        model work on the wrapper too."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
     def forward(self, *args, **kwargs):
         if self._join_active and self.require_sync:
             self.comm.all_reduce(torch.ones(1, device=self.device), group=self.group)  # "I still have data"
