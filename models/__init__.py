@@ -5,6 +5,7 @@ interface the parallel tests train through. `kernelize(model, backend=...)` swap
 
 from gpuforge.models import vol0_math, vol1_architectures, vol2_llm, vol3_generative, vol4_multimodal, vol6_systems
 from gpuforge.models._layers import ReferenceModel
+from gpuforge.models.kernelize import kernelize
 
-__all__ = ["ReferenceModel", "vol0_math", "vol1_architectures", "vol2_llm", "vol3_generative", "vol4_multimodal",
-           "vol6_systems"]
+__all__ = ["ReferenceModel", "kernelize", "vol0_math", "vol1_architectures", "vol2_llm", "vol3_generative",
+           "vol4_multimodal", "vol6_systems"]
