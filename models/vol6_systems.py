@@ -7,8 +7,8 @@ i·block_size .. (i+1)·block_size − 1) to a physical block, allocated on dema
 grows with the tokens actually held instead of the maximum length. The attention here gathers the blocks
 back through the table in plain torch: the oracle for a paged decode-attention kernel.
 
-gpuforge ops exercised: flash_attention over the gathered cache (through `kernelize`), later paged decode
-attention and int4 GEMM for quantized serving. Parallel strategy: TP for serving (heads split across ranks).
+gpuforge ops exercised: paged_attention for decode steps (`decode_backend`), flash_attention over the
+gathered cache (through `kernelize`). Parallel strategy: TP for serving (heads split across ranks).
 """
 
 from __future__ import annotations
@@ -22,17 +22,19 @@ from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig
 class PagedKVCache:
     """A block pool shared by a batch of sequences, addressed through per-sequence block tables.
 
-    k_pool, v_pool: (n_layers, num_blocks, Hkv, block_size, D). block_tables: (B, max_blocks) int64, −1 where
-    no block is assigned yet. Blocks are handed out from a free list in a seeded random order, so a sequence's
-    blocks are scattered through the pool and every read really goes through the table. `attend` has the same
+    k_pool, v_pool: (n_layers, num_blocks, block_size, Hkv, D) (per layer, gf.paged_attention's layout).
+    block_tables: (B, max_blocks) int64, −1 where no block is assigned yet. decode_backend: when set, single-token
+    decode steps call gf.paged_attention with that backend instead of gathering the blocks in torch. Blocks
+    are handed out from a free list in a seeded random order, so a sequence's blocks are scattered through
+    the pool and every read really goes through the table. `attend` has the same
     contract as KVCache.attend, so vol2_llm.generate and TinyLlama.forward accept either cache."""
 
     def __init__(self, config: TinyLlamaConfig, batch_size: int, *, num_blocks: int, block_size: int = 16,
-                 dtype=torch.float32, device="cpu", seed: int = 0):
+                 dtype=torch.float32, device="cpu", seed: int = 0, decode_backend: str | None = None):
         if block_size < 1 or num_blocks < 1:
             raise ValueError(f"block_size and num_blocks must be >= 1, got {block_size} and {num_blocks}")
-        self.block_size = block_size
-        shape = (config.n_layers, num_blocks, config.n_kv_heads, block_size, config.head_dim)
+        self.block_size, self.decode_backend = block_size, decode_backend
+        shape = (config.n_layers, num_blocks, block_size, config.n_kv_heads, config.head_dim)
         self.k_pool = torch.zeros(shape, dtype=dtype, device=device)
         self.v_pool = torch.zeros(shape, dtype=dtype, device=device)
         max_blocks = -(-config.max_seq_len // block_size)
@@ -73,21 +75,28 @@ class PagedKVCache:
         end = start_pos + k.shape[2]
         self._reserve(end)
         blocks, offsets = self._slots(start_pos, end)
-        # pool[layer][blocks, :, offsets] is (B, S, Hkv, D): the advanced indices go first
-        self.k_pool[layer][blocks, :, offsets] = k.transpose(1, 2)
-        self.v_pool[layer][blocks, :, offsets] = v.transpose(1, 2)
+        self.k_pool[layer][blocks, offsets] = k.transpose(1, 2)  # (B, S, Hkv, D) slots
+        self.v_pool[layer][blocks, offsets] = v.transpose(1, 2)
         self.seq_len = max(self.seq_len, end)
+        if self.decode_backend is not None and q.shape[2] == 1:
+            import gpuforge as gf
+
+            lens = torch.full((q.shape[0],), end, dtype=torch.int32, device=q.device)
+            table = self.block_tables.clamp(min=0).to(torch.int32)  # entries past seq_lens are never read
+            out = gf.paged_attention(q[:, :, 0], self.k_pool[layer], self.v_pool[layer], table, lens,
+                                     backend=self.decode_backend)
+            return out[:, :, None]
         blocks, offsets = self._slots(0, end)
-        keys = self.k_pool[layer][blocks, :, offsets].transpose(1, 2)
-        values = self.v_pool[layer][blocks, :, offsets].transpose(1, 2)
+        keys = self.k_pool[layer][blocks, offsets].transpose(1, 2)
+        values = self.v_pool[layer][blocks, offsets].transpose(1, 2)
         return attention(q, keys, values, causal=True)
 
 
 def new_paged_cache(model: TinyLlama, batch_size: int, *, num_blocks: int, block_size: int = 16,
-                    seed: int = 0) -> PagedKVCache:
+                    seed: int = 0, decode_backend: str | None = None) -> PagedKVCache:
     p = model.tok_embeddings.weight
     return PagedKVCache(model.config, batch_size, num_blocks=num_blocks, block_size=block_size,
-                        dtype=p.dtype, device=p.device, seed=seed)
+                        dtype=p.dtype, device=p.device, seed=seed, decode_backend=decode_backend)
 
 
 @torch.no_grad()

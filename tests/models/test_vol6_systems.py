@@ -45,3 +45,13 @@ def test_paged_generation_and_memory():
     assert cache.blocks_in_use == 6 and len(cache.free_blocks) == 2 + 6
     with pytest.raises(RuntimeError, match="out of blocks"):
         llm.generate(model, prompt, 60, cache=sysm.new_paged_cache(model, 2, num_blocks=4, block_size=4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_paged_decode_through_gf_paged_attention(backend):
+    model = _model(torch.float32)
+    tokens = llm.make_batch(2, 2, 15)[0]
+    full = model(tokens).detach()
+    cache = sysm.new_paged_cache(model, 2, num_blocks=10, block_size=4, decode_backend=backend)
+    paged = sysm.incremental_logits(model, tokens, 6, cache)
+    assert (paged - full).abs().max() <= 2e-5 * full.abs().max()
