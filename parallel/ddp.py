@@ -10,9 +10,9 @@
   A callback at the end of backward launches what is left and waits for all of them.
 - After the first synchronised backward the buckets are rebuilt in the observed ready order (rank 0's order,
   broadcast), so later steps launch as early as possible.
-- `no_sync()` skips communication for the backward of a forward run inside it (gradient accumulation); `find_unused_parameters=True` reduces zeros for
-  parameters without a gradient and keeps `grad=None` on parameters unused on every rank (a used-bitmap
-  all-reduce); without it, a parameter that got no gradient is an error naming it.
+- `no_sync()` skips communication for the backward of a forward run inside it (gradient accumulation);
+  `find_unused_parameters=True` reduces zeros for parameters without a gradient and keeps `grad=None` on
+  parameters unused on every rank (a used-bitmap all-reduce); without it, a parameter that got no gradient is an error naming it.
 - `join()` handles uneven inputs: a rank out of data shadows the others' all-reduces with zero gradients
   (averages stay divided by the initial world size, as torch's default) and, at the end, everybody takes the
   parameters of the last rank to join.
