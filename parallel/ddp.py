@@ -12,7 +12,8 @@
   broadcast), so later steps launch as early as possible.
 - `no_sync()` skips communication for the backward of a forward run inside it (gradient accumulation);
   `find_unused_parameters=True` reduces zeros for parameters without a gradient and keeps `grad=None` on
-  parameters unused on every rank (a used-bitmap all-reduce); without it, a parameter that got no gradient is an error naming it.
+  parameters unused on every rank (a used-bitmap all-reduce); without it, a parameter that got
+  no gradient is an error naming it.
 - `join()` handles uneven inputs: a rank out of data shadows the others' all-reduces with zero gradients
   (averages stay divided by the initial world size, as torch's default) and, at the end, everybody takes the
   parameters of the last rank to join.
