@@ -7,8 +7,12 @@ i·block_size .. (i+1)·block_size − 1) to a physical block, allocated on dema
 grows with the tokens actually held instead of the maximum length. The attention here gathers the blocks
 back through the table in plain torch: the oracle for a paged decode-attention kernel.
 
-gpuforge ops exercised: paged_attention for decode steps (`decode_backend`), flash_attention over the
-gathered cache (through `kernelize`). Parallel strategy: TP for serving (heads split across ranks).
+`int4_tiny_llama` swaps every nn.Linear for gf.quant's Int4Linear (RTN, or GPTQ/AWQ calibrated on
+synthetic text); the tied output head stays in floating point.
+
+gpuforge ops exercised: paged_attention for decode steps (`decode_backend`), int4_matmul (quantized layers),
+flash_attention over the gathered cache (through `kernelize`). Parallel strategy: TP for serving (heads
+split across ranks).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from gpuforge.models._layers import Attention
-from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig
+from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, make_batch
 
 
 class PagedKVCache:
@@ -115,3 +119,12 @@ def kv_cache_bytes(cache) -> int:
         block_bytes = cache.k_pool[:, 0].numel() * cache.k_pool.element_size()
         return 2 * cache.blocks_in_use * block_bytes
     return 2 * cache.k.numel() * cache.k.element_size()
+
+
+def int4_tiny_llama(model: TinyLlama, group_size: int = 128, method: str = "rtn", calibration_seed: int = 1000):
+    """Quantize TinyLlama's linear layers to int4 in place through gf.quant.quantize_model; GPTQ and AWQ
+    calibrate on 8 synthetic sequences of 64 bytes (seed `calibration_seed`). Returns the model."""
+    import gpuforge as gf
+
+    calibration = None if method == "rtn" else [make_batch(calibration_seed, 8, 64)[0]]
+    return gf.quant.quantize_model(model, method, calibration=calibration, group_size=group_size)

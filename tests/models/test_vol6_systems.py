@@ -1,5 +1,7 @@
 """TinyLlama serving: full recomputation, contiguous and paged KV caches give the same logits."""
 
+import copy
+
 import pytest
 import torch
 
@@ -55,3 +57,30 @@ def test_paged_decode_through_gf_paged_attention(backend):
     cache = sysm.new_paged_cache(model, 2, num_blocks=10, block_size=4, decode_backend=backend)
     paged = sysm.incremental_logits(model, tokens, 6, cache)
     assert (paged - full).abs().max() <= 2e-5 * full.abs().max()
+
+
+def test_int4_tiny_llama_serves_close_to_float_and_caches_agree():
+    torch.manual_seed(0)
+    model = llm.TinyLlama()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    for step in range(15):  # trained weights, not just the N(0, 0.02) init
+        loss = llm.loss_fn(model, llm.make_batch(step, 8, 48))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    inputs, targets = llm.make_batch(100, 4, 48)
+    with torch.no_grad():
+        full = model(inputs)
+        errors = {}
+        for method, group in [("rtn", 32), ("rtn", 128), ("gptq", 128)]:
+            quantized = sysm.int4_tiny_llama(copy.deepcopy(model), group, method)
+            out = quantized(inputs)
+            errors[method, group] = float((out - full).abs().max() / full.abs().max())
+            assert abs(llm.lm_loss(out, targets) - llm.lm_loss(full, targets)) < 0.02 * llm.lm_loss(full, targets)
+        assert max(errors.values()) < 0.05, errors
+        assert errors["rtn", 32] < errors["rtn", 128]  # smaller groups, finer scales
+        assert errors["gptq", 128] < errors["rtn", 128]  # GPTQ compensates rounding error with the Hessian
+        cache = sysm.new_paged_cache(quantized, 4, num_blocks=4 * 4, block_size=16)
+        paged = sysm.incremental_logits(quantized, inputs, 20, cache)
+        reference = quantized(inputs)
+        assert (paged - reference).abs().max() <= 2e-5 * reference.abs().max()
