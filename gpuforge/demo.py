@@ -58,11 +58,11 @@ def run_training(nproc: int, steps: int) -> bool:
                    "-m", "gpuforge", "train", "--strategy", strategy, "--steps", str(steps)]
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        lines = (result.stdout + result.stderr).strip().splitlines()
         verdict = "ok  " if result.returncode == 0 else "FAIL"
-        print(f"{verdict} {strategy:<8} {time.perf_counter() - start:5.1f}s  {lines[-1] if lines else ''}")
+        summary = result.stdout.strip().splitlines()
+        print(f"{verdict} {strategy:<8} {time.perf_counter() - start:5.1f}s  {summary[-1] if summary else ''}")
         if result.returncode != 0:
-            print("\n".join(lines[-20:]))
+            print("\n".join((result.stdout + result.stderr).strip().splitlines()[-20:]))
             ok = False
     return ok
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpuforge.parallel import parity
 from gpuforge.parallel.group_comm import GroupComm
 from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split
 from gpuforge.parallel.tensor_parallel import check_tp_config, tensor_parallelize
@@ -170,12 +171,13 @@ def train_cli(comm, args) -> int:
                 dtype=dtype)
     losses = train_model_parallel(comm, dp=dp, tp=tp, pp=pp, num_microbatches=args.microbatches,
                                   schedule=args.schedule, **opts)
+    ok = True
     if comm.rank == 0:
         single = single_process_losses(**opts)
         diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
+        ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
         print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} schedule={args.schedule} "
               f"microbatches={args.microbatches} dtype={args.dtype}\n"
               f"losses         {[f'{x:.6f}' for x in losses]}\n"
-              f"single process {[f'{x:.6f}' for x in single]}\n"
-              f"max |loss - single-process loss| = {diff:.3e}", flush=True)
-    return 0
+              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
+    return 0 if ok else 1

@@ -19,6 +19,7 @@ import sys
 
 import torch
 
+from gpuforge.parallel import parity
 from gpuforge.parallel.comm import init_comm
 from gpuforge.parallel.ddp import DistributedDataParallel
 from gpuforge.parallel.zero import ZeroRedundancyOptimizer
@@ -113,6 +114,7 @@ def main(argv=None) -> int:
         model = ref.build().to(dtype)
         fwd, opt = STRATEGIES[args.strategy](model, comm, args)
         losses = _train(ref, model, fwd, opt, comm, args, comm.rank, world)
+        ok = True
         if comm.rank == 0:
             torch.manual_seed(0)
             single = ref.build().to(dtype)
@@ -121,11 +123,12 @@ def main(argv=None) -> int:
             diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), single.parameters(),
                                                                   strict=True))
             sent = comm.ledger.total_bytes()
+            ok, line = parity.verdict("param - single-process param", diff, args.dtype)
             print(f"strategy={args.strategy} comm={args.comm} world={world} steps={args.steps} "
                   f"dtype={args.dtype}\nrank-0 shard losses {[f'{x:.6f}' for x in losses]}\n"
                   f"single process      {[f'{x:.6f}' for x in single_losses]}\n"
-                  f"max |param - single-process param| = {diff:.3e}\nledger bytes (rank 0) = {sent}", flush=True)
+                  f"ledger bytes (rank 0) = {sent}\n{line}", flush=True)
         comm.barrier()
     finally:
         comm.destroy()
-    return 0
+    return 0 if comm.rank != 0 or ok else 1
