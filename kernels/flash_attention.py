@@ -14,7 +14,8 @@ deterministic=True: dQ then has its own kernel instead of atomics.
 
 Backends: torch (the math reference, S×S scores), triton (FlashAttention-2: forward, backward, varlen) and
 cuda (csrc/flash_attention.cu, dense layout only: a tensor-core FlashAttention-2 forward for fp16/bf16 with
-D 64 or 128 on sm_80+, a row-per-warp baseline forward otherwise; its backward runs the Triton kernels). `auto` on a GPU is triton.
+D 64 or 128 on sm_80+, a row-per-warp baseline forward otherwise; its backward runs the Triton kernels).
+`auto` on a GPU is triton.
 """
 
 from __future__ import annotations
