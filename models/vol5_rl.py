@@ -7,7 +7,16 @@ replay buffer of a fully explored world). PPO: generalised advantage estimation
 Â_t = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ V(s_{t+1})(1 − done_t) − V(s_t), and the clipped surrogate
 −E[min(ρ Â, clip(ρ, 1 − ε, 1 + ε) Â)] with ε = 0.2, ρ = π_new(a|s) / π_old(a|s).
 
-gpuforge ops exercised: matmul, softmax (the policy). Parallel strategy: DDP.
+PPO training: parallel gridworld rollouts (an episode that reaches the goal restarts at the start), GAE per
+environment, then a few epochs of minibatch updates of clipped surrogate + value MSE − entropy bonus.
+TinyDecisionTransformer: offline RL as sequence modelling. Per timestep three tokens (return-to-go, state,
+action), each plus a timestep embedding; causal attention; the action is predicted from the state token.
+Offline data: gridworld episodes (reward 1 at the goal minus a step cost of 0.1, at most DT_STEPS moves) from
+policies mixing optimal and random moves. At evaluation the return-to-go starts at the target return and
+each received reward is subtracted from it.
+
+gpuforge ops exercised: matmul, softmax (the policy), flash_attention (causal, the decision transformer).
+Parallel strategy: DDP.
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpuforge.models._layers import ReferenceModel, Softmax, to_model_dtype
+from gpuforge.models._layers import Attention, ReferenceModel, Softmax, model_dtype, to_model_dtype
 
 GRID, GAMMA = 4, 0.9
 MOVES = torch.tensor([[-1, 0], [1, 0], [0, -1], [0, 1]])
@@ -106,6 +115,195 @@ def ppo_clip_loss(logp_new, logp_old, advantages, clip: float = 0.2) -> torch.Te
     return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
 
 
+
+
+# ----------------------------------------------------------------------------------------------- PPO training
+
+def collect_rollouts(model: ActorCritic, n_envs: int, horizon: int, generator: torch.Generator):
+    """n_envs parallel episodes for `horizon` steps, sampling from the policy (an episode that reaches the goal
+    restarts at the start) -> dict of (T, n_envs) tensors, states (T, n_envs, GRID²), and the bootstrap value."""
+    dtype = model_dtype(model)
+    pos = torch.zeros(n_envs, 2, dtype=torch.int64)
+    keys = ("states", "actions", "logp", "values", "rewards", "dones")
+    out = {key: [] for key in keys}
+    with torch.no_grad():
+        for _ in range(horizon):
+            state = one_hot_state(pos).to(dtype)
+            probs, value = model(state)
+            action = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            nxt, reward, done = grid_step(pos, action)
+            logp = probs.gather(-1, action[:, None]).squeeze(-1).log()
+            for key, item in zip(keys, (state, action, logp, value, reward.to(dtype), done.to(dtype))):
+                out[key].append(item)
+            pos = torch.where(done[:, None], torch.zeros_like(nxt), nxt)
+        bootstrap = model(one_hot_state(pos).to(dtype))[1]
+    return {key: torch.stack(items) for key, items in out.items()}, bootstrap
+
+
+def ppo_update(model: ActorCritic, optimizer, rollout, bootstrap, *, epochs: int = 4, minibatch: int = 64,
+               generator: torch.Generator, value_coef: float = 0.5, entropy_coef: float = 0.01):
+    """GAE per environment, then `epochs` passes of shuffled minibatches of clipped surrogate + value loss."""
+    values = torch.cat([rollout["values"], bootstrap[None]])
+    columns = [gae(rollout["rewards"][:, e], values[:, e], rollout["dones"][:, e]) for e in range(values.shape[1])]
+    advantages = torch.stack([c[0] for c in columns], 1).flatten()
+    returns = torch.stack([c[1] for c in columns], 1).flatten()
+    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    states, actions = rollout["states"].flatten(0, 1), rollout["actions"].flatten()
+    logp_old = rollout["logp"].flatten()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(actions), generator=generator).split(minibatch):
+            probs, value = model(states[idx])
+            logp = probs.gather(-1, actions[idx, None]).squeeze(-1).clamp_min(1e-12).log()
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+            loss = (ppo_clip_loss(logp, logp_old[idx], advantages[idx])
+                    + value_coef * F.mse_loss(value, returns[idx]) - entropy_coef * entropy)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+
+def train_ppo(model: ActorCritic, iterations: int, *, n_envs: int = 16, horizon: int = 32, lr: float = 1e-2,
+              seed: int = 0) -> ActorCritic:
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(iterations):
+        rollout, bootstrap = collect_rollouts(model, n_envs, horizon, generator)
+        ppo_update(model, optimizer, rollout, bootstrap, generator=generator)
+    return model
+
+
+@torch.no_grad()
+def policy_episode_lengths(model: ActorCritic, n_episodes: int, generator: torch.Generator,
+                           max_steps: int = 20) -> torch.Tensor:
+    """Steps each sampled episode from the start takes to the goal (max_steps + 1 if it never arrives)."""
+    pos = torch.zeros(n_episodes, 2, dtype=torch.int64)
+    lengths = torch.full((n_episodes,), max_steps + 1)
+    for step in range(1, max_steps + 1):
+        probs, _ = model(one_hot_state(pos).to(model_dtype(model)))
+        pos, _, done = grid_step(pos, torch.multinomial(probs, 1, generator=generator).squeeze(-1))
+        lengths = torch.where(done & (lengths > max_steps), step, lengths)
+    return lengths
+
+
+# ----------------------------------------------------------------------------------------------- Decision Transformer
+
+DT_STEPS, STEP_COST = 10, 0.1
+OPTIMAL_RETURN = 1.0 - STEP_COST * 2 * (GRID - 1)  # the goal in 6 moves: 0.4
+
+
+def dt_step(pos: torch.Tensor, action: torch.Tensor):
+    """The gridworld step with the decision transformer's reward: 1 at the goal minus STEP_COST per move."""
+    nxt, reward, done = grid_step(pos, action)
+    return nxt, reward - STEP_COST, done
+
+
+class DTBlock(nn.Module):
+    """Pre-LayerNorm transformer block with causal self-attention through `Attention`."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.attention = Attention()
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        b, s, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, s, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        x = x + self.proj(self.attention(q, k, v, causal=True).transpose(1, 2).reshape(b, s, d))
+        return x + self.mlp(self.norm2(x))
+
+
+class TinyDecisionTransformer(nn.Module):
+    """forward(rtg (B, T, 1), states (B, T) cell ids, actions (B, T), timesteps (B, T)) -> action logits (B, T, 4).
+
+    Tokens R_1, s_1, a_1, R_2, s_2, a_2, … each plus its timestep's embedding; the logits for a_t are read from
+    the output at s_t, so causality lets a_t see R_≤t, s_≤t and a_<t only."""
+
+    def __init__(self, dim: int = 32, n_heads: int = 2, n_layers: int = 2, max_steps: int = DT_STEPS):
+        super().__init__()
+        self.embed_rtg = nn.Linear(1, dim)
+        self.embed_state, self.embed_action = nn.Embedding(GRID * GRID, dim), nn.Embedding(4, dim)
+        self.embed_time = nn.Embedding(max_steps, dim)
+        self.blocks = nn.Sequential(*[DTBlock(dim, n_heads) for _ in range(n_layers)])
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 4)
+
+    def forward(self, rtg, states, actions, timesteps):
+        b, t = states.shape
+        tokens = torch.stack([self.embed_rtg(rtg), self.embed_state(states), self.embed_action(actions)], 2)
+        tokens = tokens + self.embed_time(timesteps)[:, :, None]
+        h = self.norm(self.blocks(tokens.reshape(b, 3 * t, -1)))
+        return self.head(h[:, 1::3])
+
+
+def make_dt_batch(seed: int, batch_size: int):
+    """Offline episodes from the start, each from a policy taking a random move with probability ε ∈ {0, 0.25,
+    0.5, 1} and otherwise an optimal one (down or right, at random) -> (rtg (B, T, 1), states, actions,
+    timesteps, valid (B, T) bool); steps after the goal are padding (valid False)."""
+    g = torch.Generator().manual_seed(seed)
+    eps = torch.tensor([0.0, 0.25, 0.5, 1.0])[torch.randint(4, (batch_size,), generator=g)]
+    pos = torch.zeros(batch_size, 2, dtype=torch.int64)
+    alive = torch.ones(batch_size, dtype=torch.bool)
+    states, actions, rewards, valid = [], [], [], []
+    for _ in range(DT_STEPS):
+        down = torch.randint(2, (batch_size,), generator=g).bool() & (pos[:, 0] < GRID - 1) | (pos[:, 1] == GRID - 1)
+        optimal = torch.where(down, 1, 3)
+        random = torch.randint(4, (batch_size,), generator=g)
+        action = torch.where(torch.rand(batch_size, generator=g) < eps, random, optimal)
+        nxt, reward, done = dt_step(pos, action)
+        states.append(pos[:, 0] * GRID + pos[:, 1])
+        actions.append(torch.where(alive, action, 0))
+        rewards.append(torch.where(alive, reward, 0.0))
+        valid.append(alive)
+        alive = alive & ~done
+        pos = nxt
+    rewards = torch.stack(rewards, 1)
+    rtg = rewards.flip(1).cumsum(1).flip(1)
+    timesteps = torch.arange(DT_STEPS).expand(batch_size, -1)
+    return rtg[..., None], torch.stack(states, 1), torch.stack(actions, 1), timesteps, torch.stack(valid, 1)
+
+
+def dt_loss(model: TinyDecisionTransformer, batch) -> torch.Tensor:
+    """Cross-entropy of the predicted actions over the valid (non-padding) timesteps."""
+    rtg, states, actions, timesteps, valid = to_model_dtype(model, *batch)
+    logits = model(rtg, states, actions, timesteps)
+    return F.cross_entropy(logits[valid], actions[valid])
+
+
+@torch.no_grad()
+def dt_rollout(model: TinyDecisionTransformer, target_return: float, n_episodes: int = 1,
+               generator: torch.Generator | None = None):
+    """Episodes from the start conditioned on `target_return`: after each move the received reward is subtracted
+    from the return-to-go. Actions are greedy, or sampled when a generator is given; an episode that reached the
+    goal stays there with reward 0. -> (lengths (B,) with DT_STEPS + 1 for never arriving, rtg (B, T) as fed to
+    the model, rewards (B, T))."""
+    dtype = model_dtype(model)
+    pos = torch.zeros(n_episodes, 2, dtype=torch.int64)
+    rtg = torch.full((n_episodes, 1), target_return, dtype=dtype)
+    states = torch.zeros(n_episodes, 0, dtype=torch.int64)
+    actions, rewards = torch.zeros_like(states), torch.zeros(n_episodes, 0, dtype=dtype)
+    lengths = torch.full((n_episodes,), DT_STEPS + 1)
+    for t in range(DT_STEPS):
+        states = torch.cat([states, (pos[:, 0] * GRID + pos[:, 1])[:, None]], 1)
+        placeholder = torch.cat([actions, torch.zeros(n_episodes, 1, dtype=torch.int64)], 1)
+        logits = model(rtg[..., None], states, placeholder, torch.arange(t + 1).expand(n_episodes, -1))[:, -1]
+        if generator is None:
+            action = logits.argmax(-1)
+        else:
+            action = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+        nxt, reward, done = dt_step(pos, action)
+        alive = lengths > DT_STEPS
+        reward = torch.where(alive, reward, 0.0).to(dtype)
+        pos = torch.where(alive[:, None], nxt, pos)
+        lengths = torch.where(done & alive, t + 1, lengths)
+        actions, rewards = torch.cat([actions, action[:, None]], 1), torch.cat([rewards, reward[:, None]], 1)
+        if t + 1 < DT_STEPS:
+            rtg = torch.cat([rtg, rtg[:, -1:] - reward[:, None]], 1)
+    return lengths, rtg, rewards
+
+
 REFERENCE_MODELS = {
     "dqn_gridworld": ReferenceModel(QNetwork, make_transition_batch, dqn_loss),
+    "tiny_decision_transformer": ReferenceModel(TinyDecisionTransformer, make_dt_batch, dt_loss),
 }
