@@ -4,21 +4,15 @@ import pytest
 import torch
 
 from gpuforge.models import vol0_math as m0
+from tests.models.training import train
 
 
 def _train(name, steps, lr, batch_size=64):
     build, make_batch, loss_fn = m0.REFERENCE_MODELS[name]
     torch.manual_seed(0)
     model = build()
-    opt = m0.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for step in range(steps):
-        loss = loss_fn(model, make_batch(step, batch_size))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return model, losses
+    written_out_adamw = lambda params, lr: m0.AdamW(params, lr=lr, weight_decay=0.0)
+    return model, train(model, make_batch, loss_fn, steps, lr, batch_size, optimizer=written_out_adamw)
 
 
 def test_vae_elbo_improves():

@@ -4,25 +4,14 @@ import pytest
 import torch
 
 from gpuforge.models import vol1_architectures as m1
-
-
-def _train(model, make_batch, loss_fn, steps, lr, batch_size):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = loss_fn(model, make_batch(step, batch_size))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+from tests.models.training import train
 
 
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_convnext_learns_the_four_patterns(norm):
     torch.manual_seed(0)
     model = m1.TinyConvNeXt(norm=norm)
-    _train(model, m1.make_image_batch, m1.classification_loss, 40, 3e-3, 32)
+    train(model, m1.make_image_batch, m1.classification_loss, 40, 3e-3, 32)
     images, labels = m1.make_image_batch(10_000, 256)
     with torch.no_grad():
         accuracy = (model(images).argmax(-1) == labels).float().mean().item()
@@ -34,7 +23,7 @@ def test_graph_models_beat_a_node_alone(name, threshold):
     build, make_batch, loss_fn = m1.REFERENCE_MODELS[name]
     torch.manual_seed(0)
     model = build()
-    _train(model, make_batch, loss_fn, 60, 1e-2, 90)
+    train(model, make_batch, loss_fn, 60, 1e-2, 90)
     features, adjacency, labels = make_batch(10_000, 150)
     with torch.no_grad():
         accuracy = (model(features, adjacency).argmax(-1) == labels).float().mean().item()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from gpuforge.models import vol2_llm as llm
+from tests.models.training import train
 
 SMALL = dict(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, n_layers=2, max_seq_len=64)
 
@@ -32,15 +33,7 @@ def test_make_batch_is_deterministic_bytes():
 
 
 def _train(model, steps, lr, batch_size=8, seq_len=48):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = llm.loss_fn(model, llm.make_batch(step, batch_size, seq_len))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+    return train(model, lambda step, size: llm.make_batch(step, size, seq_len), llm.loss_fn, steps, lr, batch_size)
 
 
 def test_tiny_llama_loss_falls_below_unigram_entropy():

@@ -3,18 +3,7 @@
 import torch
 
 from gpuforge.models import vol3_generative as m3
-
-
-def _train(model, make_batch, loss_fn, steps, lr, batch_size):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = loss_fn(model, make_batch(step, batch_size))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+from tests.models.training import train
 
 
 def test_ddim_with_the_exact_noise_predictor_recovers_the_data_point():
@@ -33,7 +22,7 @@ def test_ddim_with_the_exact_noise_predictor_recovers_the_data_point():
 def test_ddpm_loss_falls_and_ddim_samples_land_on_the_ring():
     torch.manual_seed(0)
     model = m3.Denoiser2D()
-    losses = _train(model, m3.make_ddpm_batch, m3.ddpm_loss, 250, 5e-3, 128)
+    losses = train(model, m3.make_ddpm_batch, m3.ddpm_loss, 250, 5e-3, 128)
     # the noise-prediction loss has a large irreducible part (≈ 0.5 here); the samples are the real check
     assert sum(losses[-20:]) / 20 < 0.75 * sum(losses[:5]) / 5, (losses[:5], losses[-20:])
     samples = m3.ddim_sample(model, torch.randn(256, 2, generator=torch.Generator().manual_seed(1)), 20)
@@ -50,14 +39,14 @@ def test_dit_blocks_start_as_identity_and_loss_falls():
     h, cond, context = model.embed(x0, t, text)
     assert torch.equal(model.blocks[0](h, cond, context), h)  # adaLN-Zero gates are zero
     assert torch.equal(model(x0, t, text), torch.zeros_like(x0))
-    losses = _train(model, m3.make_dit_batch, m3.dit_loss, 60, 3e-3, 32)
+    losses = train(model, m3.make_dit_batch, m3.dit_loss, 60, 3e-3, 32)
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], (losses[0], losses[-5:])
 
 
 def test_controlnet_equals_base_at_init_then_learns():
     torch.manual_seed(0)
     base = m3.TinyDiT()
-    _train(base, m3.make_dit_batch, m3.dit_loss, 5, 3e-3, 16)  # a non-trivial base (its init output is 0)
+    train(base, m3.make_dit_batch, m3.dit_loss, 5, 3e-3, 16)  # a non-trivial base (its init output is 0)
     control_net = m3.ControlNetDiT(base)
     x0, text, t, eps = m3.make_dit_batch(7, 8)
     x_t, control = m3.noisy(x0, t, eps), x0.sign()

@@ -3,24 +3,13 @@
 import torch
 
 from gpuforge.models import vol4_multimodal as m4
-
-
-def _train(model, make_batch, loss_fn, steps, lr, batch_size):
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for step in range(steps):
-        loss = loss_fn(model, make_batch(step, batch_size))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+from tests.models.training import train
 
 
 def test_clip_loss_falls_and_temperature_learns():
     torch.manual_seed(0)
     model = m4.TinyCLIP()
-    losses = _train(model, m4.make_batch, m4.contrastive_loss, 60, 3e-3, 16)
+    losses = train(model, m4.make_batch, m4.contrastive_loss, 60, 3e-3, 16)
     assert losses[0] > 2.5  # chance is ln 16 = 2.77 for 16 pairs
     assert sum(losses[-5:]) / 5 < 2.0, losses[-5:]
     assert model.logit_scale.item() != torch.tensor(1 / 0.07).log().item()
@@ -57,6 +46,6 @@ def test_llava_stage1_freezes_all_but_the_projector_and_captions_are_learned():
     for p in model.llm.parameters():  # stage 2: projector and language model, the vision tower stays frozen
         p.requires_grad_(True)
     frozen_before = model.vision.patch_embed.weight.clone()
-    losses = _train(model, m4.make_caption_batch, m4.caption_loss, 40, 5e-3, 16)
+    losses = train(model, m4.make_caption_batch, m4.caption_loss, 40, 5e-3, 16)
     assert torch.equal(model.vision.patch_embed.weight, frozen_before)
     assert losses[0] > 5.0 and sum(losses[-5:]) / 5 < 1.5, (losses[0], losses[-5:])
