@@ -247,7 +247,8 @@ def make_dt_batch(seed: int, batch_size: int):
     alive = torch.ones(batch_size, dtype=torch.bool)
     states, actions, rewards, valid = [], [], [], []
     for _ in range(DT_STEPS):
-        down = torch.randint(2, (batch_size,), generator=g).bool() & (pos[:, 0] < GRID - 1) | (pos[:, 1] == GRID - 1)
+        coin = torch.randint(2, (batch_size,), generator=g).bool()
+        down = (coin & (pos[:, 0] < GRID - 1)) | (pos[:, 1] == GRID - 1)  # never off the grid's edge
         optimal = torch.where(down, 1, 3)
         random = torch.randint(4, (batch_size,), generator=g)
         action = torch.where(torch.rand(batch_size, generator=g) < eps, random, optimal)

@@ -1,11 +1,15 @@
-"""DQN with a target network on the gridworld; GAE and the PPO clipped objective against their definitions."""
+"""DQN with a target network on the gridworld; GAE and the PPO clipped objective against their definitions; PPO
+training; the Decision Transformer (loss, return-conditioned rollouts, return-to-go bookkeeping, float64)."""
 
 import copy
 
 import pytest
 import torch
 
+import gpuforge as gf
 from gpuforge.models import vol5_rl as m5
+from gpuforge.models.kernelize import KernelAttention
+from tests.helpers import assert_close_rel
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -154,3 +158,14 @@ def test_decision_transformer_float64_matches_float32():
     lengths, rtg, rewards = m5.dt_rollout(model64, m5.OPTIMAL_RETURN, 3, torch.Generator().manual_seed(0))
     assert rtg.dtype == rewards.dtype == torch.float64
     torch.testing.assert_close(rtg[:, 1:], rtg[:, :-1] - rewards[:, :-1], rtol=0, atol=1e-12)
+
+
+def test_decision_transformer_attention_is_swapped_by_kernelize():
+    torch.manual_seed(0)
+    model = m5.TinyDecisionTransformer()
+    rtg, states, actions, timesteps, _ = m5.make_dt_batch(0, 2)
+    kernel_model = gf.models.kernelize(copy.deepcopy(model), backend="triton")
+    assert any(isinstance(m, KernelAttention) for m in kernel_model.modules())
+    with torch.no_grad():
+        assert_close_rel(kernel_model(rtg, states, actions, timesteps), model(rtg, states, actions, timesteps),
+                         2e-4, "decision transformer logits")
