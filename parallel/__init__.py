@@ -4,6 +4,7 @@ Names mirror PyTorch / Megatron where a counterpart exists."""
 
 from gpuforge.parallel.comm import CommDesyncError, CommError, CommTimeoutError, Communicator, init_comm
 from gpuforge.parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.fsdp import FullyShardedDataParallel
 from gpuforge.parallel.mesh import DeviceMesh, Trainer3D
 from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split
 from gpuforge.parallel.pipeline_schedule import gpipe, interleaved_one_f_one_b, make_schedule, one_f_one_b
@@ -19,6 +20,7 @@ from gpuforge.parallel.tensor_parallel import (
 from gpuforge.parallel.zero import ZeroRedundancyOptimizer
 
 __all__ = ["ColumnParallelLinear", "CommDesyncError", "CommError", "CommTimeoutError", "Communicator", "DeviceMesh",
-           "DistributedDataParallel", "PipelineExecutor", "RowParallelLinear", "Trainer3D", "VocabParallelEmbedding",
+           "DistributedDataParallel", "FullyShardedDataParallel", "PipelineExecutor", "RowParallelLinear", "Trainer3D",
+           "VocabParallelEmbedding",
            "ZeroRedundancyOptimizer", "gpipe", "init_comm", "interleaved_one_f_one_b", "make_schedule", "one_f_one_b",
            "pipeline_split", "sequence_parallelize", "simulate", "tensor_parallelize", "vocab_parallel_cross_entropy"]

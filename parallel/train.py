@@ -22,6 +22,7 @@ import torch
 from gpuforge.parallel import parity
 from gpuforge.parallel.comm import init_comm
 from gpuforge.parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.fsdp import FullyShardedDataParallel
 from gpuforge.parallel.zero import ZeroRedundancyOptimizer
 
 MODEL_ALIASES = {"tinyllama": "tiny_llama", "tiny_llama": "tiny_llama", "tinymoe": "tiny_moe"}
@@ -37,7 +38,12 @@ def _zero(stage):
     return build
 
 
-STRATEGIES = {"ddp": _ddp, "zero1": _zero(1), "zero2": _zero(2)}
+def _zero3(model, comm, args):
+    fsdp = FullyShardedDataParallel(model, comm)
+    return fsdp, torch.optim.AdamW(fsdp.shard_parameters(), lr=args.lr)
+
+
+STRATEGIES = {"ddp": _ddp, "zero1": _zero(1), "zero2": _zero(2), "zero3": _zero3}
 
 # Model-parallel strategies run their own loop (stages and shards, not one forward module):
 # `train_cli(comm, args)` from parallel/mesh.py, dispatched in main().
@@ -83,6 +89,8 @@ def _train(ref, model, fwd, opt, comm, args, rank, world):
         loss.backward()
         if hasattr(opt, "clip_grad_norm_"):
             opt.clip_grad_norm_(args.clip)
+        elif hasattr(fwd, "clip_grad_norm_"):  # FullyShardedDataParallel clips its shards
+            fwd.clip_grad_norm_(args.clip)
         else:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         opt.step()
@@ -114,6 +122,8 @@ def main(argv=None) -> int:
         model = ref.build().to(dtype)
         fwd, opt = STRATEGIES[args.strategy](model, comm, args)
         losses = _train(ref, model, fwd, opt, comm, args, comm.rank, world)
+        if hasattr(fwd, "gather_full_params"):  # sharded parameters: rebuild them for the comparison
+            fwd.gather_full_params()
         ok = True
         if comm.rank == 0:
             torch.manual_seed(0)

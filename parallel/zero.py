@@ -21,6 +21,17 @@ import torch
 from gpuforge.parallel.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
 
 
+def flatten_padded(params, tensors, padded: int) -> torch.Tensor:
+    """tensors (one per parameter, shaped like it, None = zeros) laid end to end in a zero-padded flat buffer."""
+    flat = torch.zeros(padded, dtype=params[0].dtype, device=params[0].device)
+    offset = 0
+    for p, t in zip(params, tensors, strict=True):
+        if t is not None:
+            flat[offset:offset + p.numel()].copy_(t.reshape(-1))
+        offset += p.numel()
+    return flat
+
+
 class ZeroRedundancyOptimizer:
     def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], comm, *, stage: int = 1,
                  group=None, **defaults):
@@ -52,13 +63,7 @@ class ZeroRedundancyOptimizer:
         return self.optimizer.param_groups
 
     def _flatten(self, tensors) -> torch.Tensor:
-        flat = torch.zeros(self.padded, dtype=self.params[0].dtype, device=self.params[0].device)
-        offset = 0
-        for p, t in zip(self.params, tensors, strict=True):
-            if t is not None:
-                flat[offset:offset + p.numel()].copy_(t.reshape(-1))
-            offset += p.numel()
-        return flat
+        return flatten_padded(self.params, tensors, self.padded)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
