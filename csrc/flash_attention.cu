@@ -24,12 +24,6 @@ struct AttentionParams {
   float scale;
 };
 
-static __device__ __forceinline__ float attention_warp_sum(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
-
 // kPerLane = ceil(D / 32) rounded up to a power of two: the registers each lane keeps for q and the accumulator.
 template <typename T, int kPerLane>
 __global__ void __launch_bounds__(kAttentionWarpsPerBlock * 32)
@@ -73,7 +67,7 @@ flash_attention_fwd_rowwise_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) s
       const long long d = lane + 32 * i;
       if (d < prm.head_dim) partial += q_reg[i] * to_float(k_row[d]);
     }
-    const float s = attention_warp_sum(partial);
+    const float s = warp_sum(partial);
     const float m_new = fmaxf(m, s);
     const float alpha = __expf(m - m_new);  // m = -inf on the first key: alpha = 0
     const float p = __expf(s - m_new);

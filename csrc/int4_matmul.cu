@@ -116,9 +116,7 @@ __global__ void int4_matmul_decode_kernel(
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
     if (m >= M) break;
-    float v = acc[m];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    const float v = warp_sum(acc[m]);
     if (lane == 0) {
       if (gridDim.y == 1)
         out[static_cast<long long>(m) * N + n] = from_float<T>(v);

@@ -32,12 +32,6 @@ __device__ __forceinline__ void store_packed(T* p, const Packed<T, VEC>& value) 
   *reinterpret_cast<Packed<T, VEC>*>(p) = value;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // Sum of one value per thread over the block: shuffles within each warp, then warp 0 adds the per-warp sums.
 // The order is fixed, so the result is deterministic. `scratch` holds 33 floats; every thread gets the sum.
 __device__ __forceinline__ float block_sum(float v, float* scratch) {
