@@ -15,7 +15,9 @@ storage is resized to 0, so the original parameters hold no memory. Per unit and
 Ledger per step: all_gather 2·Ψ_pad·B and reduce_scatter Ψ_pad·B, i.e. ring traffic 3(N−1)/N·Ψ_pad·B
 (+ one scalar all-reduce for `clip_grad_norm_`). Parameters of the root that are in no unit form a root unit.
 Frozen parameters are not sharded (kept whole, broadcast from the first rank). A parameter shared between
-modules (tied weights) is rejected. Not done: prefetch of the next unit, mixed precision, CPU offload.
+modules (tied weights) is rejected. Prefetch: when a unit starts (forward or backward), the all-gather of
+the unit that followed it in the previous pass is launched asynchronously (same bytes, earlier).
+Not done: mixed precision, CPU offload.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from gpuforge.parallel.zero import flatten_padded
 class _Unit:
     """One wrapped module: its own trainable parameters as views of a flat buffer, and this rank's shard."""
 
-    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], comm, group):
-        self.module, self.params, self.comm, self.group = module, params, comm, group
+    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], comm, group, scheduler):
+        self.module, self.params, self.comm, self.group, self.scheduler = module, params, comm, group, scheduler
         world, rank = comm.group_size(group), comm.group_rank(group)
         self.numel = sum(p.numel() for p in params)
         self.shard_size = -(-self.numel // world)
@@ -46,11 +48,11 @@ class _Unit:
                 p.data = self.flat[offset:offset + p.numel()].view_as(p)
                 offset += p.numel()
         self._full_bytes = self.flat.untyped_storage().nbytes()
-        self._grads_pending = 0
+        self._grads_pending, self._in_flight = 0, None
         self.free()
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
-        module.register_forward_pre_hook(lambda *_: self.gather())
+        module.register_forward_pre_hook(lambda *_: scheduler.use(self, "forward"))
         module.register_forward_hook(lambda *_: self.free())
         module.register_full_backward_pre_hook(self._on_backward)
 
@@ -59,12 +61,21 @@ class _Unit:
         return self.flat.untyped_storage().nbytes() > 0
 
     @torch.no_grad()
-    def gather(self) -> None:
-        if not self.gathered:
-            self.flat.untyped_storage().resize_(self._full_bytes)
-        # gather into a temporary: a buffer exported to MPI (tensor.numpy()) can no longer be resized
-        full = torch.empty_like(self.flat) if self.comm.kind == "mpi" else self.flat
-        self.comm.all_gather(full, self.shard.detach(), group=self.group)
+    def gather(self, async_op: bool = False) -> None:
+        """All-gather the full parameters (or finish the one a prefetch launched)."""
+        if self._in_flight is None:
+            if not self.gathered:
+                self.flat.untyped_storage().resize_(self._full_bytes)
+            # gather into a temporary under MPI: a buffer exported to MPI (tensor.numpy()) can't be resized later
+            full = torch.empty_like(self.flat) if self.comm.kind == "mpi" else self.flat
+            self._in_flight = (self.comm.all_gather(full, self.shard.detach(), group=self.group,
+                                                    async_op=async_op), full)
+            if async_op:
+                return
+        work, full = self._in_flight
+        self._in_flight = None
+        if work is not None:
+            work.wait()
         if full is not self.flat:
             self.flat.copy_(full)
 
@@ -72,7 +83,7 @@ class _Unit:
         self.flat.untyped_storage().resize_(0)
 
     def _on_backward(self, module, grad_output):
-        self.gather()
+        self.scheduler.use(self, "backward")
         self._grads_pending = len(self.params)
 
     @torch.no_grad()
@@ -149,8 +160,24 @@ class FullyShardedDataParallel(torch.nn.Module):
             for p in module.parameters():
                 if not p.requires_grad:
                     comm.broadcast(p.data, src=group.ranks[0] if group is not None else 0, group=group)
-        self.units = [_Unit(m, ps, comm, group) for m, ps in owners.items()]
+        self.units = [_Unit(m, ps, comm, group, self) for m, ps in owners.items()]
         self.shards = torch.nn.ParameterList([u.shard for u in self.units])
+        # the order units were used in, per phase: the last complete pass and the one being recorded
+        self._order = {"forward": [], "backward": []}
+        self._recording = {"forward": [], "backward": []}
+        self.prefetches = 0
+
+    def use(self, unit: _Unit, phase: str) -> None:
+        """A unit is about to run (forward or backward): make its parameters whole, and launch the all-gather
+        of the unit that ran after it in the previous pass of this phase (prefetch, overlapping this unit)."""
+        unit.gather()
+        self._recording[phase].append(unit)
+        order = self._order[phase]
+        if unit in order and order.index(unit) + 1 < len(order):
+            nxt = order[order.index(unit) + 1]
+            if not nxt.gathered and nxt._in_flight is None:
+                nxt.gather(async_op=True)
+                self.prefetches += 1
 
     def __getattr__(self, name):
         """Attributes of the wrapped module (e.g. `config`) read through, as DistributedDataParallel does."""
@@ -160,6 +187,9 @@ class FullyShardedDataParallel(torch.nn.Module):
             return getattr(self._modules["module"], name)
 
     def forward(self, *args, **kwargs):
+        for phase, seen in self._recording.items():  # a new pass: keep the last one's order for prefetching
+            if seen:
+                self._order[phase], self._recording[phase] = seen, []
         return self.module(*args, **kwargs)
 
     def shard_parameters(self) -> list[torch.nn.Parameter]:

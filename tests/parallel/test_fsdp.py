@@ -59,20 +59,22 @@ def _fsdp_parity(comm, auto_wrap):
     fsdp = FullyShardedDataParallel(model, comm, auto_wrap=auto_wrap)
     opt = torch.optim.AdamW(fsdp.shard_parameters(), lr=0.05)
     comm.ledger.clear()
-    between = []
+    between, prefetches = [], []
     for step, (x, y) in enumerate(make_batches(STEPS, comm.world_size, PER_RANK)):
         comm.ledger.step = step
         opt.zero_grad()
+        before = fsdp.prefetches
         F.mse_loss(fsdp(shard(x, comm.rank, comm.world_size)), shard(y, comm.rank, comm.world_size)).backward()
         fsdp.clip_grad_norm_(CLIP)
         opt.step()
         between.append(fsdp.memory(opt))
+        prefetches.append(fsdp.prefetches - before)
     ledger = [(e.op, e.bytes) for e in comm.ledger.select(step=1)]
     wire = comm.ledger.wire_bytes(step=1)
     padded = sum(u.padded for u in fsdp.units)
     fsdp.gather_full_params()
     return dict(state={k: v.clone() for k, v in model.state_dict().items()}, ledger=ledger, wire=wire,
-                padded=padded, units=[u.padded for u in fsdp.units], between=between,
+                padded=padded, units=[u.padded for u in fsdp.units], between=between, prefetches=prefetches,
                 frozen=sum(p.numel() for p in model.parameters() if not p.requires_grad))
 
 
@@ -92,6 +94,8 @@ def test_fsdp_matches_single_process_fp64(world, kind, auto_wrap):
     assert sorted(scatters) == sorted(b * p for p in res["units"])
     assert [e for e in res["ledger"] if e[0] not in ("all_gather", "reduce_scatter")] == [("all_reduce", 8)]
     assert res["wire"] == Fraction(3 * (world - 1), world) * psi_pad * b + Fraction(2 * (world - 1), world) * 8
+    # from the second step on, every unit but the first of each pass was prefetched, forward and backward
+    assert res["prefetches"] == [0] + [2 * (len(res["units"]) - 1)] * (STEPS - 1)
     for mem in res["between"]:  # between steps: only the 1/N shards (plus the unsharded frozen layer)
         assert mem.params == b * psi_pad // world + b * res["frozen"]
         assert mem.grads == b * psi_pad // world
