@@ -86,7 +86,7 @@ class CMakeBuild(build_ext):
 setup(
     packages=list(PACKAGE_DIRS),
     package_dir=PACKAGE_DIRS,
-    package_data={"gpuforge.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"], "gpuforge.profiling": ["results/*"]},
+    package_data={"gpuforge.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
     ext_modules=[CMakeExtension("gpuforge._C")],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

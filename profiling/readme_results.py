@@ -1,6 +1,6 @@
 """Regenerate the README's results section from the newest results file under profiling/results/.
 
-`python -m gpuforge.profiling.readme_results [RESULTS.json]` replaces the text between the README's
+`python -m gpuforge.profiling.readme_results [DIR/results.json]` (default: the newest profiling/results/*/results.json) replaces the text between the README's
 `<!-- results:start -->` and `<!-- results:end -->` markers with a per-op summary: the best gpuforge
 implementation at the largest size, its ratio to the baseline and fraction of peak, and the max error."""
 
@@ -17,7 +17,7 @@ BASELINE_LABELS = {"torch", "torch.compile", "cuBLAS", "SDPA-flash", "SDPA-math"
 
 
 def newest_results(folder: Path) -> Path:
-    files = sorted(folder.glob("*.json"), key=lambda p: json.loads(p.read_text())["environment"]["date"])
+    files = sorted(folder.glob("*/results.json"), key=lambda p: json.loads(p.read_text())["environment"]["date"])
     if not files:
         raise FileNotFoundError(f"no results file under {folder}")
     return files[-1]
