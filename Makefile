@@ -17,4 +17,5 @@ demo: setup
 	$(PY) -m gpuforge demo
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)

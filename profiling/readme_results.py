@@ -1,8 +1,9 @@
 """Regenerate the README's results section from the newest results file under profiling/results/.
 
-`python -m gpuforge.profiling.readme_results [DIR/results.json]` (default: the newest profiling/results/*/results.json) replaces the text between the README's
-`<!-- results:start -->` and `<!-- results:end -->` markers with a per-op summary: the best gpuforge
-implementation at the largest size, its ratio to the baseline and fraction of peak, and the max error."""
+`python -m gpuforge.profiling.readme_results [DIR/results.json]` (default: the newest
+profiling/results/*/results.json) replaces the text between the README's `<!-- results:start -->` and
+`<!-- results:end -->` markers with a per-op summary: the best gpuforge implementation at the largest size, its
+ratio to the baseline and fraction of peak, and the max error."""
 
 from __future__ import annotations
 
