@@ -69,3 +69,20 @@ def test_dit_cross_attention():
 def test_unknown_op_is_rejected():
     with pytest.raises(ValueError, match="ops must be among"):
         gf.models.kernelize(torch.nn.Linear(2, 2), ops=("layer_norm",))
+
+
+REFERENCE_CASES = [(vol, name) for vol in ("vol0_math", "vol1_architectures", "vol2_llm", "vol3_generative",
+                                           "vol4_multimodal", "vol5_rl")
+                   for name in getattr(gf.models, vol).REFERENCE_MODELS]
+
+
+@pytest.mark.parametrize("volume, name", REFERENCE_CASES)
+def test_every_reference_model_kernelized_gives_the_same_loss_and_gradients(volume, name):
+    """Each registered model, its layers swapped for gpuforge ops, on its own batch and loss (fp32)."""
+    build, make_batch, loss_fn = getattr(gf.models, volume).REFERENCE_MODELS[name]
+    torch.manual_seed(0)
+    model = build()
+    batch = make_batch(3, 2)
+    kernel_model = _compare(model, lambda m: loss_fn(m, batch).reshape(1))
+    assert any(isinstance(m, KernelLinear | KernelRMSNorm | KernelSoftmax | KernelAttention)
+               for m in kernel_model.modules()), "kernelize swapped nothing"
