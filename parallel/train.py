@@ -53,7 +53,7 @@ STRATEGIES.update(dict.fromkeys(MODEL_PARALLEL, "gpuforge.parallel.mesh:train_cl
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="gpuforge train", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="tinyllama", choices=sorted(MODEL_ALIASES))
+    p.add_argument("--model", default="tinyllama", choices=sorted(set(MODEL_ALIASES) | set(_registered_models())))
     p.add_argument("--strategy", default="ddp", help=f"one of {sorted(STRATEGIES)}")
     p.add_argument("--comm", default="torch", choices=["torch", "mpi"])
     p.add_argument("--nproc", type=int, default=None, help="expected world size (checked, not spawned)")
@@ -71,10 +71,19 @@ def parse_args(argv):
     return p.parse_known_args(argv)[0]
 
 
-def _reference_model(name):
-    from gpuforge.models import vol2_llm
+VOLUMES = ("vol0_math", "vol1_architectures", "vol2_llm", "vol3_generative", "vol4_multimodal", "vol5_rl")
 
-    return vol2_llm.REFERENCE_MODELS[MODEL_ALIASES[name]]
+
+def _registered_models() -> dict:
+    """Every reference model of every volume, by name (models/: REFERENCE_MODELS)."""
+    import importlib
+
+    return {name: ref for volume in VOLUMES
+            for name, ref in importlib.import_module(f"gpuforge.models.{volume}").REFERENCE_MODELS.items()}
+
+
+def _reference_model(name):
+    return _registered_models()[MODEL_ALIASES.get(name, name)]
 
 
 def _train(ref, model, fwd, opt, comm, args, rank, world):

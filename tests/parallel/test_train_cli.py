@@ -39,3 +39,18 @@ def test_batch_not_divisible_by_world_size_is_an_error():
                 "--batch", "3", "--steps", "1")
     assert proc.returncode != 0
     assert "--batch 3 is not divisible by the world size 2" in proc.stderr
+
+
+@pytest.mark.parametrize("model", ["tiny_convnext", "tiny_dit"])
+def test_image_models_train_with_parity(model):
+    proc = _run(TORCHRUN, "--model", model, "--strategy", "zero2", "--steps", "3")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "parity ok" in proc.stdout
+
+
+def test_a_loss_that_needs_gathered_embeddings_fails_parity_loudly():
+    """CLIP's contrastive loss couples the samples of a batch: plain data parallelism must not pass for it
+    (the models tests check the gathered version); the launcher's exit code says so."""
+    proc = _run(TORCHRUN, "--model", "tiny_clip", "--strategy", "ddp", "--steps", "2")
+    assert proc.returncode != 0
+    assert "PARITY FAILED" in proc.stdout
