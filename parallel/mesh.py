@@ -6,12 +6,14 @@ Rank r sits at (pp, dp, tp) = coordinates of r in a grid with tp varying fastest
 this rank's three: `tp_group`, `dp_group`, `pp_group`.
 
 `Trainer3D` shards a TinyLlama with tensor parallelism over the TP group, cuts it into pipeline stages over
-the PP group (run by a GPipe or 1F1B executor), and averages gradients over the DP group (each DP rank gets
-its slice of the global batch). The global gradient norm for clipping counts every parameter exactly once:
-TP shards are summed over the TP group, replicated norm weights are counted on TP rank 0 only, the tied
-embedding/head on the first stage only, stages are summed over the PP group; after the DP average all DP
-ranks hold the same gradients, so the DP group adds nothing. Optimizer: AdamW on this rank's parameters
-(not ZeRO-1: the data-parallel issue's ZeRO optimizer was not there to build on).
+the PP group (run by a GPipe or 1F1B executor), and trains the stage with ZeRO-1 over the DP group
+(`ZeroRedundancyOptimizer(stage=1, group=dp_group)`: each DP rank gets its slice of the global batch, the
+gradients are averaged over DP, and every DP rank keeps AdamW state for 1/dp of the stage's parameters).
+The global gradient norm for clipping counts every parameter of the full model exactly once: TP shards are
+summed over the TP group, replicated norm weights are counted on TP rank 0 only, the tied embedding/head on
+the first stage only, stages are summed over the PP group; after the DP average all DP ranks hold the same
+gradients, so the DP group adds nothing. The clipping factor scales the ZeRO shard's gradient, which is
+what the optimizer steps on.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from gpuforge.parallel import parity
 from gpuforge.parallel.group_comm import GroupComm
 from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split
 from gpuforge.parallel.tensor_parallel import check_tp_config, tensor_parallelize
+from gpuforge.parallel.zero import ZeroRedundancyOptimizer
 
 
 class DeviceMesh:
@@ -70,7 +73,8 @@ class Trainer3D:
         self.stage = pipeline_split(sharded, mesh.pp)[mesh.pp_index]
         self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule,
                                          num_microbatches=num_microbatches)
-        self.optimizer = torch.optim.AdamW(self.stage.parameters(), lr=lr)
+        self.optimizer = ZeroRedundancyOptimizer(self.stage.parameters(), torch.optim.AdamW, mesh.comm, stage=1,
+                                                 group=mesh.dp_group, lr=lr)
 
     def _counted_once(self, name: str, p: nn.Parameter) -> bool:
         if name == "head_weight" and not self.stage.is_first:
@@ -94,16 +98,12 @@ class Trainer3D:
             raise ValueError(f"global batch size {inputs.shape[0]} is not divisible by dp={self.mesh.dp}")
         x, y = (t.chunk(self.mesh.dp)[self.mesh.dp_index] for t in (inputs, targets))
         loss = self.executor.step(x, y)
-        for p in self.stage.parameters():
-            if p.grad is not None:
-                self.dp.all_reduce(p.grad, op="avg")
+        self.optimizer.reduce_gradients()  # ZeRO-1: the DP average; every DP rank keeps the full gradients
         norm = self.global_grad_norm()
         if self.max_norm is not None:
             coef = self.max_norm / (norm.item() + 1e-6)  # torch.nn.utils.clip_grad_norm_'s rule
             if coef < 1.0:
-                for p in self.stage.parameters():
-                    if p.grad is not None:
-                        p.grad.mul_(coef)
+                self.optimizer.shard.grad.mul_(coef)
         self.optimizer.step()
         self.optimizer.zero_grad()
         if loss is not None and self.mesh.dp > 1:

@@ -1,4 +1,5 @@
-"""3D parallelism (dp × tp × pp) on 8 real gloo processes vs one process, with global grad-norm clipping."""
+"""3D parallelism (dp × tp × pp, ZeRO-1 over dp) on 8 real gloo processes vs one process, with global
+grad-norm clipping."""
 
 import copy
 from types import SimpleNamespace
@@ -7,12 +8,13 @@ import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
+from gpuforge.parallel.ledger import optimizer_state_bytes
 from gpuforge.parallel.mesh import DeviceMesh, Trainer3D
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_pipeline import _ref_name
 from tests.parallel.test_tensor_parallel import S, shard_of, tiny_config
 
-B, STEPS, MAX_NORM, LR = 8, 3, 0.05, 1e-2
+B, STEPS, MAX_NORM, LR = 8, 20, 0.05, 1e-2
 
 
 def train_3d(comm, dp, tp, pp, m):
@@ -41,15 +43,19 @@ def train_3d(comm, dp, tp, pp, m):
         ref_name = ref_name.replace(".inner.", ".")
         w = shard_of(ref_name, full[ref_name].detach(), tp, mesh.tp_index)
         worst_param = max(worst_param, ((p.detach() - w).abs().max() / w.abs().max()).item())
-    return worst_loss, worst_norm, worst_param, clipped, (mesh.pp_index, mesh.dp_index, mesh.tp_index)
+    stage_numel = sum(p.numel() for p in trainer.stage.parameters())
+    state_elements = optimizer_state_bytes(trainer.optimizer.optimizer) // 8  # AdamW: exp_avg, exp_avg_sq
+    return (worst_loss, worst_norm, worst_param, clipped, (mesh.pp_index, mesh.dp_index, mesh.tp_index),
+            state_elements / (2 * stage_numel))
 
 
 @pytest.mark.distributed
 def test_3d_dp2_tp2_pp2_matches_single_process_float64():
     results = run_distributed(train_3d, 8, 2, 2, 2, 2)
     assert [r[4] for r in results] == [(p, d, t) for p in range(2) for d in range(2) for t in range(2)]
-    for worst_loss, worst_norm, worst_param, clipped, _ in results:
+    for worst_loss, worst_norm, worst_param, clipped, _, state_fraction in results:
         assert clipped  # the clipping path really ran
+        assert 0.5 <= state_fraction < 0.5 + 1e-3, state_fraction  # ZeRO-1: AdamW state for 1/dp of the stage
         assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
                                                                                     worst_param)
 
