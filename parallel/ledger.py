@@ -7,8 +7,10 @@ is the size of the logical operand — all_reduce / broadcast / send / recv: the
 full input; all_gather: the full output — and `wire_bytes` gives the per-rank traffic of the ring
 algorithm: all_reduce 2(n−1)/n·B, reduce_scatter and all_gather (n−1)/n·B, broadcast/send/recv B.
 
-`memory_ledger(...)` counts per-rank bytes of parameters, gradients and optimizer state, and
-`zero_formula_bytes` gives the ZeRO paper's numbers for mixed-precision Adam (K = 12):
+`MemoryLedger` is what each strategy's `memory()` returns: this rank's bytes of model parameters, gradients,
+master weights (the optimizer's own copy: float32 under mixed precision) and optimizer state, plus what
+CPU offload moved to the host (`offloaded`, not in `total`). `zero_formula_bytes` gives the ZeRO paper's
+numbers for mixed-precision Adam (K = 12: fp32 master, momentum and variance):
 DDP 16Ψ, stage 1 4Ψ + 12Ψ/N, stage 2 2Ψ + 14Ψ/N, stage 3 16Ψ/N.
 """
 
@@ -85,15 +87,28 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                         if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
+def optimizer_memory(optimizer) -> tuple[int, int]:
+    """(master-weight bytes, state bytes) of a torch optimizer (no master copy) or of a mixed-precision wrapper
+    holding `master_params` and an inner torch `optimizer`."""
+    if optimizer is None:
+        return 0, 0
+    if hasattr(optimizer, "master_params"):
+        return tensor_bytes(optimizer.master_params), optimizer_state_bytes(optimizer.optimizer)
+    return 0, optimizer_state_bytes(optimizer)
+
+
 @dataclass(frozen=True)
 class MemoryLedger:
     params: int
     grads: int
     optimizer_state: int
+    master: int = 0
+    offloaded: int = 0
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.optimizer_state
+        """Bytes on this rank's device (what the ZeRO formula counts); `offloaded` bytes live on the host."""
+        return self.params + self.grads + self.master + self.optimizer_state
 
 
 def zero_formula_bytes(num_params: int, world_size: int, stage: int, *, k: int = 12) -> Fraction:
