@@ -17,6 +17,8 @@
 - `join()` handles uneven inputs: a rank out of data shadows the others' all-reduces with zero gradients
   (averages stay divided by the initial world size, as torch's default) and, at the end, everybody takes the
   parameters of the last rank to join.
+- `memory(optimizer)`: this rank's bytes (ledger.MemoryLedger): the module's parameters, the gradient
+  buckets, and the optimizer's master weights and state (mixed precision: MixedPrecisionOptimizer).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import contextlib
 
 import torch
 from torch import nn
+
+from gpuforge.parallel.ledger import MemoryLedger, optimizer_memory, tensor_bytes
 
 _MB = 1024 * 1024
 
@@ -238,6 +242,13 @@ class DistributedDataParallel(nn.Module):
         with torch.no_grad():
             for t in list(self.module.parameters()) + list(self.module.buffers()):
                 self.comm.broadcast(t.data, src=src, group=self.group)
+
+    def memory(self, optimizer=None) -> MemoryLedger:
+        """Parameters (every one, tied ones once), the gradient buckets, and the optimizer's master weights and
+        state when given."""
+        master, state = optimizer_memory(optimizer)
+        return MemoryLedger(params=tensor_bytes(self.module.parameters()), master=master, optimizer_state=state,
+                            grads=tensor_bytes(b.buffer for b in self.buckets))
 
     def _check_same_config(self) -> None:
         shapes = [s for p in self.params for s in (p.dim(), *p.shape)]

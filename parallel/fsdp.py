@@ -17,22 +17,33 @@ Ledger per step: all_gather 2·Ψ_pad·B and reduce_scatter Ψ_pad·B, i.e. ring
 Frozen parameters are not sharded (kept whole, broadcast from the first rank). A parameter shared between
 modules (tied weights) is rejected. Prefetch: when a unit starts (forward or backward), the all-gather of
 the unit that followed it in the previous pass is launched asynchronously (same bytes, earlier).
-Not done: mixed precision, CPU offload.
+Mixed precision (torch FSDP's `MixedPrecision` shape, mixed_precision.py): the shards stay float32 (they are
+the master weights, and the optimizer's state is float32); each all-gather sends the shard cast to
+`param_dtype`, so the gathered parameters, the activations and the gradients are low precision; gradients are
+reduce-scattered in `reduce_dtype` and accumulated into the float32 shard gradient. Frozen parameters are
+cast to `param_dtype`; buffers and inputs are the caller's. Per rank: 4S shard + 4S gradient + 8S Adam
+state = 16Ψ/N. fp16 loss scaling: `LossScaler` over the optimizer of the shards.
+At construction one small all-gather checks every rank has the same configuration. Not done: CPU offload.
 """
 
 from __future__ import annotations
 
 import torch
 
+from gpuforge.parallel.config_check import check_same_config, shapes_fingerprint
 from gpuforge.parallel.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
+from gpuforge.parallel.mixed_precision import check_mixed_precision
 from gpuforge.parallel.zero import flatten_padded
 
 
 class _Unit:
     """One wrapped module: its own trainable parameters as views of a flat buffer, and this rank's shard."""
 
-    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], comm, group, scheduler):
+    def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], comm, group, scheduler,
+                 mixed_precision):
         self.module, self.params, self.comm, self.group, self.scheduler = module, params, comm, group, scheduler
+        param_dtype = params[0].dtype if mixed_precision is None else mixed_precision.param_dtype
+        self.reduce_dtype = param_dtype if mixed_precision is None else mixed_precision.reduce
         world, rank = comm.group_size(group), comm.group_rank(group)
         self.numel = sum(p.numel() for p in params)
         self.shard_size = -(-self.numel // world)
@@ -42,7 +53,8 @@ class _Unit:
             comm.broadcast(first, src=group.ranks[0] if group is not None else 0, group=group)
             lo = rank * self.shard_size
             self.shard = torch.nn.Parameter(first[lo:lo + self.shard_size].clone())
-            self.flat = first.clone()  # a storage of our own: `first` may have been exported to MPI
+            # a storage of our own (`first` may have been exported to MPI), in the parameters' compute dtype
+            self.flat = first.to(param_dtype, copy=True)
             offset = 0
             for p in params:
                 p.data = self.flat[offset:offset + p.numel()].view_as(p)
@@ -68,11 +80,11 @@ class _Unit:
                 self.flat.untyped_storage().resize_(self._full_bytes)
             # gather into a temporary under MPI: a buffer exported to MPI (tensor.numpy()) can't be resized later
             full = torch.empty_like(self.flat) if self.comm.kind == "mpi" else self.flat
-            self._in_flight = (self.comm.all_gather(full, self.shard.detach(), group=self.group,
-                                                    async_op=async_op), full)
+            shard = self.shard.detach().to(self.flat.dtype)  # the shard itself when no cast is needed
+            self._in_flight = (self.comm.all_gather(full, shard, group=self.group, async_op=async_op), full, shard)
             if async_op:
                 return
-        work, full = self._in_flight
+        work, full, _ = self._in_flight
         self._in_flight = None
         if work is not None:
             work.wait()
@@ -91,9 +103,10 @@ class _Unit:
         self._grads_pending -= 1
         if self._grads_pending:
             return
-        flat_grad = flatten_padded(self.params, [p.grad for p in self.params], self.padded)
-        shard_grad = torch.empty_like(self.shard)
+        flat_grad = flatten_padded(self.params, [p.grad for p in self.params], self.padded, self.reduce_dtype)
+        shard_grad = torch.empty(self.shard_size, dtype=self.reduce_dtype, device=flat_grad.device)
         self.comm.reduce_scatter(shard_grad, flat_grad, op="avg", group=self.group)
+        shard_grad = shard_grad.to(self.shard.dtype)
         self.shard.grad = shard_grad if self.shard.grad is None else self.shard.grad.add_(shard_grad)
         for p in self.params:
             p.grad = None
@@ -132,7 +145,7 @@ def _default_units(root: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class FullyShardedDataParallel(torch.nn.Module):
-    def __init__(self, module: torch.nn.Module, comm, *, auto_wrap=None, group=None):
+    def __init__(self, module: torch.nn.Module, comm, *, auto_wrap=None, group=None, mixed_precision=None):
         super().__init__()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -155,12 +168,24 @@ class FullyShardedDataParallel(torch.nn.Module):
             if len(dtypes) > 1:
                 raise TypeError(f"module: the trainable parameters of one unit ({type(unit_module).__name__}) must "
                                 f"have one dtype, got {sorted(map(str, dtypes))}")
+        mp = self.mixed_precision = check_mixed_precision(mixed_precision)
+        trainable = [p for ps in owners.values() for p in ps]
+        if mp is not None and any(p.dtype != torch.float32 for p in trainable):
+            raise TypeError("module: with mixed_precision the trainable parameters must be float32 (the shards "
+                            "are the float32 master weights)")
         self.module, self.comm, self.group = module, comm, group
+        check_same_config(comm, group, "FullyShardedDataParallel", trainable[0].device, world=comm.group_size(group),
+                          units=len(owners), numel=sum(p.numel() for p in trainable),
+                          shapes=shapes_fingerprint(trainable), dtype=trainable[0].dtype,
+                          param_dtype=trainable[0].dtype if mp is None else mp.param_dtype,
+                          reduce_dtype=trainable[0].dtype if mp is None else mp.reduce)
         with torch.no_grad():
             for p in module.parameters():
                 if not p.requires_grad:
+                    if mp is not None and p.is_floating_point():
+                        p.data = p.data.to(mp.param_dtype)
                     comm.broadcast(p.data, src=group.ranks[0] if group is not None else 0, group=group)
-        self.units = [_Unit(m, ps, comm, group, self) for m, ps in owners.items()]
+        self.units = [_Unit(m, ps, comm, group, self, mp) for m, ps in owners.items()]
         self.shards = torch.nn.ParameterList([u.shard for u in self.units])
         # the order units were used in, per phase: the last complete pass and the one being recorded
         self._order = {"forward": [], "backward": []}
@@ -217,10 +242,12 @@ class FullyShardedDataParallel(torch.nn.Module):
         return norm
 
     def memory(self, optimizer: torch.optim.Optimizer | None = None) -> MemoryLedger:
-        """This rank's bytes now: shards plus any gathered units plus frozen parameters; shard gradients;
-        the optimizer's state when given."""
+        """This rank's bytes now: any gathered units, frozen parameters and the shards (under mixed precision
+        the float32 shards are reported as `master`); shard gradients; the optimizer's state when given."""
         gathered = sum(u.flat.untyped_storage().nbytes() for u in self.units)
         frozen = tensor_bytes(p for p in self.module.parameters() if not p.requires_grad)
-        return MemoryLedger(params=tensor_bytes(self.shards) + gathered + frozen,
+        shards = tensor_bytes(self.shards)
+        master = 0 if self.mixed_precision is None else shards
+        return MemoryLedger(params=gathered + frozen + shards - master, master=master,
                             grads=tensor_bytes(s.grad for s in self.shards if s.grad is not None),
                             optimizer_state=0 if optimizer is None else optimizer_state_bytes(optimizer))
