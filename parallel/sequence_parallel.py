@@ -6,8 +6,8 @@ Outside the tensor-parallel regions (the RMSNorms and the residual stream) every
 along the sequence replaces g's all-reduce. An all-reduce is a reduce-scatter plus an all-gather, so the
 communication volume is unchanged while the activations outside the regions shrink by t.
 
-The norms' weights are replicated but now see only their rank's tokens, so their gradients are partial
-sums: `allreduce_sequence_parallel_grads` adds them over the TP group after the backward pass.
+The norms' weights (and row-parallel biases) are replicated but now see only their rank's tokens, so their
+gradients are partial sums: `allreduce_sequence_parallel_grads` adds them over the TP group after the backward pass.
 The mappings (`gather_from_sp`, `reduce_scatter_to_sp`) live with f and g in `tensor_parallel`.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from gpuforge.parallel.tensor_parallel import TensorParallelLM, tensor_parallelize
+from gpuforge.parallel.tensor_parallel import RowParallelLinear, TensorParallelLM, tensor_parallelize
 
 
 def sequence_parallelize(model: nn.Module, comm, group=None) -> TensorParallelLM:
@@ -25,8 +25,10 @@ def sequence_parallelize(model: nn.Module, comm, group=None) -> TensorParallelLM
 
 
 def replicated_parameters(model: TensorParallelLM) -> list[nn.Parameter]:
-    """Parameters every TP rank holds whole: the norm weights (everything else is a shard)."""
-    return [p for name, p in model.named_parameters() if name.endswith("norm.weight")]
+    """Parameters every TP rank holds whole but applies to its own tokens only: the norm weights and the
+    row-parallel biases (everything else is a shard)."""
+    biases = [m.bias for m in model.modules() if isinstance(m, RowParallelLinear) and m.bias is not None]
+    return [p for name, p in model.named_parameters() if name.endswith("norm.weight")] + biases
 
 
 def allreduce_sequence_parallel_grads(model: TensorParallelLM) -> None:

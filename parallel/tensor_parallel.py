@@ -12,7 +12,9 @@ The vocabulary is split the same way: `VocabParallelEmbedding` looks up the rows
 the tied LM head multiplies by the local rows only, and `vocab_parallel_cross_entropy` computes the loss from
 those local logits with three all-reduces of b·s numbers (max, sum of exponentials, target logit), never
 building the (b, s, vocab) logits on one rank. A vocabulary not divisible by t is padded; padded columns are
-masked out of the softmax. `tensor_parallelize(model, comm)` shards a TinyLlama (heads and KV heads split).
+masked out of the softmax. `tensor_parallelize(model, comm)` shards a TinyLlama (heads and KV heads split)
+or a TinyDiT (`tensor_parallel_dit`). Biases: column-parallel ones are split with the weight's rows,
+row-parallel ones are replicated and added once, after the reduction.
 """
 
 from __future__ import annotations
@@ -100,48 +102,52 @@ def _shard(full: torch.Tensor, comm, dim: int) -> torch.Tensor:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_localᵀ with W split by output features. `copy_input=False` when the caller already
-    applied f (several column layers reading the same input share one backward all-reduce)."""
+    """y_local = x W_localᵀ + b_local with W and b split by output features. `copy_input=False` when the
+    caller already applied f (several column layers reading the same input share one backward all-reduce)."""
 
-    def __init__(self, weight: torch.Tensor, comm, *, copy_input: bool = True):
+    def __init__(self, weight: torch.Tensor, comm, *, bias: torch.Tensor | None = None, copy_input: bool = True):
         super().__init__()
         self.comm, self.copy_input = comm, copy_input
         self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, comm, **kw) -> ColumnParallelLinear:
-        if linear.bias is not None:
-            raise ValueError("ColumnParallelLinear.from_linear: bias is not supported (TinyLlama has none)")
-        return cls(_shard(linear.weight.detach(), comm, 0), comm, **kw)
+        bias = None if linear.bias is None else _shard(linear.bias.detach(), comm, 0)
+        return cls(_shard(linear.weight.detach(), comm, 0), comm, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp(x, self.comm) if self.copy_input else x, self.weight)
+        return F.linear(copy_to_tp(x, self.comm) if self.copy_input else x, self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):
-    """y = Σ_ranks x_local W_localᵀ with W split by input features; the sum is g (an all-reduce), or a
-    reduce-scatter along the sequence under sequence parallelism, or skipped with `reduce_output=False`."""
+    """y = Σ_ranks x_local W_localᵀ + b with W split by input features; the sum is g (an all-reduce), or a
+    reduce-scatter along the sequence under sequence parallelism, or skipped with `reduce_output=None`.
+    The bias is replicated and added once, after the sum (so it needs the sum: not with reduce_output=None)."""
 
-    def __init__(self, weight: torch.Tensor, comm, *, reduce_output: str | None = "all_reduce"):
+    def __init__(self, weight: torch.Tensor, comm, *, bias: torch.Tensor | None = None,
+                 reduce_output: str | None = "all_reduce"):
         super().__init__()
         if reduce_output not in ("all_reduce", "reduce_scatter", None):
             raise ValueError(f"reduce_output must be 'all_reduce', 'reduce_scatter' or None: {reduce_output}")
+        if bias is not None and reduce_output is None:
+            raise ValueError("bias: a RowParallelLinear adds its bias after the sum, so it needs reduce_output")
         self.comm, self.reduce_output = comm, reduce_output
         self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, comm, **kw) -> RowParallelLinear:
-        if linear.bias is not None:
-            raise ValueError("RowParallelLinear.from_linear: bias is not supported (TinyLlama has none)")
-        return cls(_shard(linear.weight.detach(), comm, 1), comm, **kw)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(_shard(linear.weight.detach(), comm, 1), comm, bias=bias, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
         if self.reduce_output == "all_reduce":
-            return reduce_from_tp(y, self.comm)
-        if self.reduce_output == "reduce_scatter":
-            return reduce_scatter_to_sp(y, self.comm, 1)
-        return y
+            y = reduce_from_tp(y, self.comm)
+        elif self.reduce_output == "reduce_scatter":
+            y = reduce_scatter_to_sp(y, self.comm, 1)
+        return y if self.bias is None else y + self.bias
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -284,9 +290,17 @@ class TensorParallelLM(nn.Module):
         return self.output_loss(self.forward(tokens), targets)
 
 
-def tensor_parallelize(model: nn.Module, comm, group=None, *,
-                       sequence_parallel: bool = False) -> TensorParallelLM:
+def tensor_parallelize(model: nn.Module, comm, group=None, *, sequence_parallel: bool = False) -> nn.Module:
     """Shard a TinyLlama over the ranks of `group` (default: all of `comm`), Megatron's layout: wq/wk/wv and
-    w1/w3 by columns, wo/w2 by rows, embedding and tied head by vocabulary. Every rank must pass the same full
-    model; its layers are converted in place and reused. `comm`: a Communicator or a GroupComm."""
+    w1/w3 by columns, wo/w2 by rows, embedding and tied head by vocabulary (a TensorParallelLM); a TinyDiT
+    by `tensor_parallel_dit`. Every rank must pass the same full model; its layers are converted in place and
+    reused. `comm`: a Communicator or a GroupComm."""
+    from gpuforge.models.vol3_generative import TinyDiT
+
+    if isinstance(model, TinyDiT):
+        from gpuforge.parallel.tensor_parallel_dit import tensor_parallelize_dit
+
+        if sequence_parallel:
+            raise ValueError("sequence_parallel: not supported for the TinyDiT (its 16 tokens stay whole)")
+        return tensor_parallelize_dit(model, as_group_comm(comm, group))
     return TensorParallelLM(model, as_group_comm(comm, group), sequence_parallel=sequence_parallel)
