@@ -1,5 +1,6 @@
-"""flash_attention benchmark: the Triton kernels beside torch SDPA's flash backend (FlashAttention-2 inside
-PyTorch, the baseline) and its math backend, forward and forward+backward.
+"""flash_attention benchmark: the Triton and CUDA C++ kernels beside torch SDPA's flash backend
+(FlashAttention-2 inside PyTorch, the baseline) and its math backend, forward and forward+backward (a backend's
+fwd+bwd row times its forward and the backward that kernels/flash_attention.py's BACKWARD_IMPLS maps it to).
 
 TFLOP/s counts 4·B·H·Sq·Sk·D for the forward (two GEMMs), halved when causal; the backward is 2.5× the
 forward, so a forward+backward row counts 3.5×. The issue's targets (H100/H200, bf16, B=4, H=32, D=128,
@@ -49,8 +50,9 @@ def _with_backward(fn):
 
 def _implementations(device: torch.device) -> dict[str, object]:
     fns = {}
-    if backends.is_available("triton")[0] and backends.runs_on("triton", device):
-        fns["triton"] = lambda q, k, v, causal: gf.flash_attention(q, k, v, causal=causal, backend="triton")
+    for name in ("triton", "cuda"):
+        if backends.is_available(name)[0] and backends.runs_on(name, device):
+            fns[name] = lambda q, k, v, causal, name=name: gf.flash_attention(q, k, v, causal=causal, backend=name)
     if device.type == "cuda":
         fns["SDPA-flash"] = _sdpa("flash")
         fns["SDPA-math"] = _sdpa("math")
@@ -59,43 +61,49 @@ def _implementations(device: torch.device) -> dict[str, object]:
     return fns
 
 
-def _shapes(device: torch.device, quick: bool):
-    """(B, H, S, D) per dtype."""
+def _shapes(device: torch.device, quick: bool) -> list[tuple[tuple[int, int, int, int], torch.dtype]]:
+    """((B, H, S, D), dtype) pairs: the issue's shape in bf16 (and fp16), the other shapes in bf16 only: each
+    (head dim, dtype) autotunes 16 forward and 14 backward configs, which dominates the sweep's time."""
     if device.type != "cuda":
-        return [(1, 2, 64, 32)], (torch.float32,)
+        return [((1, 2, 64, 32), torch.float32)]
+    target = (4, 32, 4096, 128)
     if quick:
-        return [(4, 32, 4096, 128)], (torch.bfloat16,)
-    shapes = [(4, 32, 4096, 128), (4, 32, 4096, 64), (8, 16, 2048, 128), (2, 16, 8192, 128), (1, 8, 4096, 256)]
-    return shapes, (torch.bfloat16, torch.float16)
+        return [(target, torch.bfloat16)]
+    others = [(4, 32, 4096, 64), (8, 16, 2048, 128), (2, 16, 8192, 128), (1, 8, 4096, 256)]
+    return [(target, torch.bfloat16), (target, torch.float16)] + [(shape, torch.bfloat16) for shape in others]
+
+
+def _reference(q, k, v, causal):
+    """float64 attention one batch element at a time: B4 H32 S4096's whole score matrix is 17 GB in float64."""
+    scale = q.shape[-1] ** -0.5
+    return torch.cat([attention_math(q[i:i + 1], k[i:i + 1], v[i:i + 1], scale, -1, 0 if causal else -1)[0]
+                      for i in range(q.shape[0])])
 
 
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    shapes, dtypes = _shapes(device, quick)
     baseline = "SDPA-flash" if device.type == "cuda" else "SDPA-math"
+    other_baselines = ("SDPA-math",) if device.type == "cuda" else ()
     cases = []
-    for dtype in dtypes:
-        for b, h, s, d in shapes:
-            for causal in (False, True):
-                for backward in (False, True):
-                    def make(b=b, h=h, s=s, d=d, dtype=dtype, grad=backward):
-                        return tuple(torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=grad)
-                                     for _ in range(3))
-                    impls = _implementations(device)
-                    if backward:
-                        impls = {label: _with_backward(fn) for label, fn in impls.items()}
-                    fwd_flops = attention_flops(b, h, s, s, d, causal)
-                    cases.append(BenchCase(
-                        op="flash_attention",
-                        shape=f"B{b} H{h} S{s} D{d}{' causal' if causal else ''} {'fwd+bwd' if backward else 'fwd'}",
-                        dtype=dtype, make_inputs=make,
-                        fns={label: (lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c)) for label, fn in impls.items()},
-                        baseline=baseline,
-                        bytes=(4 if not backward else 8) * b * h * s * d * dtype.itemsize,
-                        flops=int(fwd_flops * (3.5 if backward else 1)),
-                        reference=None if backward else (
-                            lambda q, k, v, c=causal: attention_math(q, k, v, q.shape[-1] ** -0.5, -1,
-                                                                     0 if c else -1)[0]),
-                        size=s))
+    for (b, h, s, d), dtype in _shapes(device, quick):
+        for causal in (False, True):
+            for backward in (False, True):
+                def make(b=b, h=h, s=s, d=d, dtype=dtype, grad=backward):
+                    return tuple(torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=grad)
+                                 for _ in range(3))
+                impls = _implementations(device)
+                if backward:
+                    impls = {label: _with_backward(fn) for label, fn in impls.items()}
+                fwd_flops = attention_flops(b, h, s, s, d, causal)
+                cases.append(BenchCase(
+                    op="flash_attention",
+                    shape=f"B{b} H{h} S{s} D{d}{' causal' if causal else ''} {'fwd+bwd' if backward else 'fwd'}",
+                    dtype=dtype, make_inputs=make,
+                    fns={label: (lambda q, k, v, fn=fn, c=causal: fn(q, k, v, c)) for label, fn in impls.items()},
+                    baseline=baseline, other_baselines=other_baselines, causal=causal,
+                    bytes=(4 if not backward else 8) * b * h * s * d * dtype.itemsize,
+                    flops=int(fwd_flops * (3.5 if backward else 1)),
+                    reference=None if backward else (lambda q, k, v, c=causal: _reference(q, k, v, c)),
+                    size=s))
     return cases
 
 

@@ -1,7 +1,8 @@
 """matmul benchmark: every backend beside cuBLAS (torch.matmul), TFLOP/s and the fraction of the measured GEMM
 peak. The issue's targets are bf16 M=N=K=4096 and 8192 on an H100/H200: Triton >= 90% of cuBLAS, the CUDA C++
 fast path >= 75%. fp32 rows run Triton on tf32 tensor cores against cuBLAS in torch's default (full fp32)
-precision, so read them as "what tf32 buys", not as a like-for-like race."""
+precision, so read them as "what tf32 buys", not as a like-for-like race. Forward+backward rows time the forward
+and the gradients of both operands (three GEMMs, 6·n³ FLOP)."""
 
 from __future__ import annotations
 
@@ -24,20 +25,48 @@ def _sizes_and_dtypes(device: torch.device, quick: bool):
     return ([16, 64] if quick else [16, 64, 128]), (torch.float32,)
 
 
+def _backward_sizes(device: torch.device, quick: bool) -> list[int]:
+    if device.type == "cuda":
+        return [4096] if quick else [4096, 8192]
+    return [64]
+
+
+def _with_backward(fn):
+    """fn(a, b, dc) -> (da, db): the forward, then the gradients of both operands."""
+    def run(a, b, dc):
+        return torch.autograd.grad(fn(a, b), (a, b), dc)
+    return run
+
+
+def _reference_backward(a, b, dc):
+    return torch.autograd.grad(a @ b, (a, b), dc)
+
+
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     sizes, dtypes = _sizes_and_dtypes(device, quick)
     status = backends.available()
     runnable = [b for b in BACKENDS.impls if b != "torch" and status[b][0] and backends.runs_on(b, device)]
+    baseline = "cuBLAS" if device.type == "cuda" else "torch"
     cases = []
     for dtype in dtypes:
+        element = torch.finfo(dtype).bits // 8
+
+        def operands(n, dtype=dtype, grad=False):
+            return tuple(torch.randn(n, n, device=device, dtype=dtype, requires_grad=grad) for _ in range(2))
+
         for n in sizes:
-            fns = {"cuBLAS" if device.type == "cuda" else "torch": torch.matmul}
+            fns = {baseline: torch.matmul}
             fns |= {b: (lambda x, y, b=b: gf.matmul(x, y, backend=b)) for b in runnable
                     if BACKENDS.supports(b, dtype) and (b != "numba" or n <= NUMBA_MAX_SIZE[device.type])}
             cases.append(BenchCase(
-                op="matmul", shape=f"{n}x{n}x{n}", dtype=dtype, size=n,
-                make_inputs=lambda n=n, dtype=dtype: (torch.randn(n, n, device=device, dtype=dtype),
-                                                      torch.randn(n, n, device=device, dtype=dtype)),
-                fns=fns, baseline=next(iter(fns)), bytes=3 * n * n * torch.finfo(dtype).bits // 8,
+                op="matmul", shape=f"{n}x{n}x{n} fwd", dtype=dtype, size=n,
+                make_inputs=lambda n=n: operands(n), fns=fns, baseline=baseline, bytes=3 * n * n * element,
                 flops=2 * n**3, reference=torch.matmul))
+            if n in _backward_sizes(device, quick):
+                cases.append(BenchCase(
+                    op="matmul", shape=f"{n}x{n}x{n} fwd+bwd", dtype=dtype, size=n,
+                    make_inputs=lambda n=n, dtype=dtype: (*operands(n, grad=True),
+                                                          torch.randn(n, n, device=device, dtype=dtype)),
+                    fns={label: _with_backward(fn) for label, fn in fns.items()}, baseline=baseline,
+                    bytes=9 * n * n * element, flops=6 * n**3, reference=_reference_backward))
     return cases

@@ -61,6 +61,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     dtypes = (torch.bfloat16,)
     if device.type == "cuda" and not quick:
         dtypes += (torch.float16, torch.float32)
+    secondary = "torch.compile" if device.type == "cuda" else None
     cases = []
     for dtype in dtypes:
         for rows, n in _shapes(device, quick):
@@ -81,10 +82,11 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
             cases.append(BenchCase(
                 op="rms_norm", shape=f"({rows}, {n}) fwd", dtype=dtype, size=rows * n,
-                make_inputs=make_forward_inputs, fns=forward, baseline="torch",
+                make_inputs=make_forward_inputs, fns=forward, baseline="torch", secondary_baseline=secondary,
                 bytes=2 * rows * n * element, reference=lambda x, w: rms_norm_float64(x, w, EPS)))
             cases.append(BenchCase(
                 op="rms_norm", shape=f"({rows}, {n}) fwd+bwd", dtype=dtype, size=rows * n,
                 make_inputs=make_backward_inputs, fns={k: _with_backward(f) for k, f in forward.items()},
-                baseline="torch", bytes=5 * rows * n * element, reference=reference_backward))
+                baseline="torch", secondary_baseline=secondary, bytes=5 * rows * n * element,
+                reference=reference_backward))
     return cases

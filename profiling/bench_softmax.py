@@ -47,7 +47,8 @@ def _reference_backward(x, dy):
 def _shapes_and_dtypes(device: torch.device, quick: bool):
     if device.type == "cuda":
         lengths = [1024, 8192, 32768] if quick else [1024, 2048, 4096, 8192, 16384, 32768]
-        return [(4096, n) for n in lengths], (torch.float16, torch.bfloat16)
+        return [(4096, n) for n in lengths], (torch.float16, torch.bfloat16) if quick else \
+            (torch.float16, torch.bfloat16, torch.float32)
     return ([(8, 64)] if quick else [(8, 64), (64, 1000)]), (torch.float32,)
 
 
@@ -55,6 +56,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     status = backends.available()
     runnable = [b for b in BACKENDS.impls if b != "torch" and status[b][0] and backends.runs_on(b, device)]
     shapes, dtypes = _shapes_and_dtypes(device, quick)
+    secondary = "torch.compile" if device.type == "cuda" else None
     cases = []
     for dtype in dtypes:
         for rows, n in shapes:
@@ -70,10 +72,11 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
             cases.append(BenchCase(
                 op="softmax", shape=f"({rows}, {n}) fwd", dtype=dtype, size=rows * n,
-                make_inputs=make_forward_inputs, fns=forward, baseline="torch",
+                make_inputs=make_forward_inputs, fns=forward, baseline="torch", secondary_baseline=secondary,
                 bytes=2 * rows * n * element, reference=lambda x: torch.softmax(x, -1)))
             cases.append(BenchCase(
                 op="softmax", shape=f"({rows}, {n}) fwd+bwd", dtype=dtype, size=rows * n,
                 make_inputs=make_backward_inputs, fns={k: _with_backward(f) for k, f in forward.items()},
-                baseline="torch", bytes=5 * rows * n * element, reference=_reference_backward))
+                baseline="torch", secondary_baseline=secondary, bytes=5 * rows * n * element,
+                reference=_reference_backward))
     return cases

@@ -13,7 +13,7 @@ from gpuforge.profiling.harness import BenchCase
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     if device.type == "cuda":
         sizes = [1 << 20, 1 << 24, 1 << 28] if quick else [1 << p for p in range(16, 30, 2)]
-        dtypes = (torch.float32, torch.bfloat16)
+        dtypes = (torch.float32, torch.bfloat16, torch.float16)
     else:
         sizes = [1 << 10, 1 << 12] if quick else [1 << 10, 1 << 14, 1 << 18]
         dtypes = (torch.float32,)
@@ -24,7 +24,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
         for n in sizes:
             fns = {"torch": torch.add}
             fns |= {b: (lambda x, y, b=b: gf.vector_add(x, y, backend=b)) for b in runnable
-                    if not (b == "numba" and dtype == torch.bfloat16)}
+                    if BACKENDS.supports(b, dtype)}
             cases.append(BenchCase(
                 op="vector_add", shape=f"({n},)", dtype=dtype, size=n,
                 make_inputs=lambda n=n, dtype=dtype: (torch.randn(n, device=device, dtype=dtype),

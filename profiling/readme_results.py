@@ -2,19 +2,27 @@
 
 `python -m gpuforge.profiling.readme_results [DIR/results.json]` (default: the newest
 profiling/results/*/results.json) replaces the text between the README's `<!-- results:start -->` and
-`<!-- results:end -->` markers with a per-op summary: the best gpuforge implementation at the largest size, its
-ratio to the baseline and fraction of peak, and the max error."""
+`<!-- results:end -->` markers with: the device, date and command; the issues' targets (met / missed / not
+measured); a per-op summary (the best gpuforge implementation at the largest size, its ratio to the baseline and
+the secondary baseline, fraction of peak, max error); and that run's roofline plot.
+`--publish REPORT_DIR` first copies a fresh report (e.g. from scripts/gpu_job.sh) to
+profiling/results/<device-slug>/ and regenerates the section from it. Baseline rows are the ones the harness
+marked `is_baseline`."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
+from gpuforge.profiling import targets
+
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "profiling" / "results"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-BASELINE_LABELS = {"torch", "torch.compile", "cuBLAS", "SDPA-flash", "SDPA-math", "torch-int4", "cuBLAS-bf16"}
 
 
 def newest_results(folder: Path) -> Path:
@@ -24,6 +32,28 @@ def newest_results(folder: Path) -> Path:
     return files[-1]
 
 
+def device_slug(env: dict) -> str:
+    """Folder name for a run's device: 'nvidia-h200' for 'NVIDIA H200'; every CPU run is 'cpu-interpreter'."""
+    if not env["gpu_timings"]:
+        return "cpu-interpreter"
+    return re.sub(r"[^a-z0-9]+", "-", env["device"].lower()).strip("-")
+
+
+def publish(report_dir: Path, results_root: Path = RESULTS) -> Path:
+    """Copy report_dir's report.md, results.json and plots to results_root/<device-slug>/; the new results.json."""
+    env = json.loads((report_dir / "results.json").read_text())["environment"]
+    target = results_root / device_slug(env)
+    target.mkdir(parents=True, exist_ok=True)
+    for path in report_dir.iterdir():
+        if path.suffix in (".md", ".json", ".png") and path.is_file():
+            shutil.copy2(path, target / path.name)
+    return target / "results.json"
+
+
+def _ratio(value: float | None, against: str | None) -> str:
+    return "–" if value is None else f"{value:.2f}x {against}"
+
+
 def summary_rows(records: list[dict]) -> list[str]:
     rows = []
     for op in dict.fromkeys(r["op"] for r in records):
@@ -31,29 +61,37 @@ def summary_rows(records: list[dict]) -> list[str]:
         largest = max(r["size"] for r in op_records)
         at_largest = [r for r in op_records if r["size"] == largest]
         for dtype in dict.fromkeys(r["dtype"] for r in at_largest):
-            ours = [r for r in at_largest if r["dtype"] == dtype and r["label"] not in BASELINE_LABELS]
+            ours = [r for r in at_largest if r["dtype"] == dtype and not r["is_baseline"]]
             if not ours:
                 continue
             best = max(ours, key=lambda r: r["speedup_vs_baseline"])
             worst_error = max((r["max_rel_error"] or 0.0) for r in ours)
             throughput = f"{best['tflops']:.1f} TFLOP/s" if best["tflops"] else f"{best['gbps']:.0f} GB/s"
-            ratio = f"{best['speedup_vs_baseline']:.2f}x {best['baseline']}"
+            vs_baseline = _ratio(best["speedup_vs_baseline"], best["baseline"])
+            vs_secondary = _ratio(best["speedup_vs_secondary"], best["secondary_baseline"])
             rows.append(f"| {op} | {best['shape']} | {dtype} | {best['label']} | {throughput} | "
-                        f"{100 * best['fraction_of_peak']:.0f}% | {ratio} | {worst_error:.1e} |")
+                        f"{100 * best['fraction_of_peak']:.0f}% | {vs_baseline} | {vs_secondary} | {worst_error:.1e} |")
     return rows
 
 
 def render(results: Path) -> str:
     payload = json.loads(results.read_text())
     env = payload["environment"]
+    folder = os.path.relpath(results.parent, ROOT)
     lines = [f"Device: **{env['device']}**, {env['date'][:10]}, commit {env['git_commit'][:10]}, "
-             f"command `{env['command']}` ([full report and plots]({os.path.relpath(results.parent, ROOT)}/)).",
+             f"command `{env['command']}` ([full report and plots]({folder}/)).",
              f"Measured ceilings: copy {env['peaks']['copy_gbps']:.0f} GB/s, GEMM {env['peaks']['matmul_tflops']:.1f} "
              f"TFLOP/s ({env['peaks']['matmul_dtype']})."]
     if not env["gpu_timings"]:
         lines.append("**CPU run (interpreter/simulator): times are not GPU timings; the error column is meaningful.**")
-    lines += ["", "| op | shape | dtype | best gpuforge | throughput | of peak | vs baseline | max rel. error |",
-              "|---|---|---|---|---|---|---|---|", *summary_rows(payload["records"])]
+    verdicts = targets.evaluate_all(payload["records"], env["gpu_timings"])
+    met = sum(v.status == "met" for v in verdicts)
+    lines += ["", f"Targets of issues 2, 3, 5, 6: {met} of {len(verdicts)} met in this run.", "",
+              targets.markdown_table(verdicts)]
+    lines += ["", "| op | shape | dtype | best gpuforge | throughput | of peak | vs baseline | vs secondary | "
+              "max rel. error |", "|---|---|---|---|---|---|---|---|---|", *summary_rows(payload["records"])]
+    if (results.parent / "roofline.png").exists():
+        lines += ["", f"![roofline]({folder}/roofline.png)"]
     return "\n".join(lines)
 
 
@@ -68,7 +106,13 @@ def update_readme(readme: Path, results: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    results = Path(argv[0]) if argv else newest_results(ROOT / "profiling" / "results")
+    if argv[:1] == ["--publish"]:
+        if len(argv) != 2:
+            raise SystemExit("usage: python -m gpuforge.profiling.readme_results --publish REPORT_DIR")
+        results = publish(Path(argv[1]))
+        print(f"copied {argv[1]} to {results.parent}")
+    else:
+        results = Path(argv[0]) if argv else newest_results(RESULTS)
     update_readme(ROOT / "README.md", results)
     print(f"README results section regenerated from {results}")
     return 0

@@ -25,7 +25,9 @@ class Timing:
 
 def _summarise(samples_ms: list[float]) -> Timing:
     ordered = sorted(samples_ms)
-    q = statistics.quantiles(ordered, n=5) if len(ordered) >= 2 else [ordered[0]] * 4
+    # 'inclusive' interpolates between the samples, so min <= p20 <= p80 <= max even with 3 samples (the default
+    # 'exclusive' method extrapolates beyond them: p20 < min).
+    q = statistics.quantiles(ordered, n=5, method="inclusive") if len(ordered) >= 2 else [ordered[0]] * 4
     return Timing(statistics.median(ordered), ordered[0], q[0], q[3], len(ordered))
 
 

@@ -1,0 +1,124 @@
+"""The speed targets of the kernel issues (2, 3, 5, 6), checked against a run's records.
+
+A Target names the rows it judges (op, dtypes, a regular expression on the shape string), one gpuforge
+implementation and a metric: the fraction of the measured peak, or a speed ratio
+`time(baseline) / time(implementation)` against a baseline measured in the same case. A target is met when
+every matching (shape, dtype) reaches the threshold; its reported value is the worst one. A CPU run
+(interpreter / simulator) measures nothing: every target is "not measured (CPU)". A target whose rows are
+absent (a backend that did not build, a sweep cut by --quick or the time budget) is "not measured (no rows)".
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FRACTION = "fraction_of_peak"
+
+
+@dataclass(frozen=True)
+class Target:
+    issue: int
+    op: str
+    implementation: str
+    metric: str  # FRACTION, or the label of a baseline measured in the same case
+    threshold: float
+    dtypes: tuple[str, ...]
+    shape: str  # regular expression searched in the record's shape
+    what: str  # the rows, in words
+
+    def describe(self) -> str:
+        need = f">= {100 * self.threshold:.0f}% of peak" if self.metric == FRACTION else \
+            f">= {self.threshold:g}x {self.metric}"
+        return f"{self.implementation} {need}, {self.what}"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: Target
+    status: str  # "met", "missed", "not measured (CPU)", "not measured (no rows)"
+    value: float | None  # the worst matching value
+    rows: int  # matching (shape, dtype) groups
+    worst_shape: str | None
+
+
+BF16, FP16, FP32 = "bfloat16", "float16", "float32"
+_VECTOR = r"^\(268435456,\)$"
+_GEMM = r"^(4096|8192)x\1x\1 fwd$"
+_SOFTMAX = r"^\(4096, \d+\) fwd$"
+_RMS = r"^\((4096, 4096|16384, 8192)\) fwd\+bwd$"
+_FLASH = r"^B4 H32 S4096 D128( causal)? "
+_DECODE = r"^M=(1|4|16) N=(4096|11008|8192) K=(4096|11008|8192) g128$"
+_PREFILL = r"^M=2048 .* g128$"
+
+
+def _each(implementations: tuple[str, ...], *args) -> tuple[Target, ...]:
+    issue, op, *rest = args
+    return tuple(Target(issue, op, impl, *rest) for impl in implementations)
+
+
+TARGETS = (
+    *_each(("triton", "cuda"), 2, "vector_add", FRACTION, 0.90, (FP32,), _VECTOR, "2^28 fp32"),
+    Target(3, "matmul", "triton", "cuBLAS", 0.90, (BF16,), _GEMM, "bf16 4096^3, 8192^3"),
+    Target(3, "matmul", "cuda", "cuBLAS", 0.75, (BF16,), _GEMM, "bf16 4096^3, 8192^3"),
+    *_each(("triton", "cuda"), 3, "softmax", FRACTION, 0.85, (FP16, BF16), _SOFTMAX, "4096 x 1K..32K fwd"),
+    *_each(("triton", "cuda"), 3, "softmax", "torch", 1.0, (FP16, BF16), _SOFTMAX, "4096 x 1K..32K fwd"),
+    *_each(("triton", "cuda"), 3, "rms_norm", "torch", 1.3, (BF16,), _RMS, "4096x4096, 16384x8192 fwd+bwd"),
+    *_each(("triton", "cuda"), 3, "rms_norm", "torch.compile", 1.0, (BF16,), _RMS, "4096x4096, 16384x8192 fwd+bwd"),
+    *_each(("triton", "cuda"), 3, "rms_norm", FRACTION, 0.80, (BF16,), _RMS, "4096x4096, 16384x8192 fwd+bwd"),
+    Target(5, "flash_attention", "triton", "SDPA-flash", 1.0, (BF16,), _FLASH + "fwd$", "B4 H32 S4096 D128 fwd"),
+    Target(5, "flash_attention", "cuda", "SDPA-flash", 0.8, (BF16,), _FLASH + "fwd$", "B4 H32 S4096 D128 fwd"),
+    Target(5, "flash_attention", "triton", "SDPA-flash", 0.8, (BF16,), _FLASH + r"fwd\+bwd$",
+           "B4 H32 S4096 D128 backward (timed as fwd+bwd)"),
+    Target(5, "paged_attention", "triton", FRACTION, 0.70, (BF16,), r"^B32 .* ctx\d+ ", "batch 32, 4K..32K context"),
+    *_each(("cuda", "triton"), 6, "int4_matmul", "cuBLAS", 2.5, (BF16,), _DECODE, "decode M=1,4,16, Llama shapes"),
+    *_each(("cuda", "triton"), 6, "int4_matmul", "torch int4 (tinygemm)", 1.0, (BF16,), _DECODE,
+           "decode M=1,4,16, Llama shapes"),
+    *_each(("cuda", "triton"), 6, "int4_matmul", "cuBLAS", 0.7, (BF16,), _PREFILL, "prefill M=2048"),
+)
+
+
+def _value(target: Target, group: dict[str, dict]) -> float | None:
+    """The target's metric in one (shape, dtype) group of records (label -> record); None if a row is absent."""
+    row = group.get(target.implementation)
+    if row is None:
+        return None
+    if target.metric == FRACTION:
+        return row["fraction_of_peak"]
+    baseline = group.get(target.metric)
+    return baseline["median_ms"] / row["median_ms"] if baseline is not None else None
+
+
+def evaluate(target: Target, records: list[dict], gpu_timings: bool) -> Verdict:
+    if not gpu_timings:
+        return Verdict(target, "not measured (CPU)", None, 0, None)
+    pattern = re.compile(target.shape)
+    groups: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in records:
+        if r["op"] == target.op and r["dtype"] in target.dtypes and pattern.search(r["shape"]):
+            groups.setdefault((r["shape"], r["dtype"]), {})[r["label"]] = r
+    values = {key: v for key, group in groups.items() if (v := _value(target, group)) is not None}
+    if not values:
+        return Verdict(target, "not measured (no rows)", None, 0, None)
+    worst = min(values, key=values.get)
+    status = "met" if values[worst] >= target.threshold else "missed"
+    return Verdict(target, status, values[worst], len(values), f"{worst[0]} {worst[1]}")
+
+
+def evaluate_all(records: list[dict], gpu_timings: bool) -> list[Verdict]:
+    return [evaluate(t, records, gpu_timings) for t in TARGETS]
+
+
+def _format_value(verdict: Verdict) -> str:
+    if verdict.value is None:
+        return "–"
+    if verdict.target.metric == FRACTION:
+        return f"{100 * verdict.value:.0f}%"
+    return f"{verdict.value:.2f}x"
+
+
+def markdown_table(verdicts: list[Verdict]) -> str:
+    lines = ["| issue | op | dtype | target | rows | worst | at | status |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {v.target.issue} | {v.target.op} | {'/'.join(v.target.dtypes)} | {v.target.describe()} | "
+              f"{v.rows} | {_format_value(v)} | {v.worst_shape or '–'} | {v.status} |" for v in verdicts]
+    return "\n".join(lines)
