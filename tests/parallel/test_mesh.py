@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
+from gpuforge.parallel.layout_checkpoint import full_name
 from gpuforge.parallel.ledger import optimizer_state_bytes
 from gpuforge.parallel.mesh import DeviceMesh, Trainer3D
 from tests.parallel.dist_harness import run_distributed
-from tests.parallel.test_pipeline import _ref_name
 from tests.parallel.test_tensor_parallel import S, shard_of, tiny_config
 
 B, STEPS, MAX_NORM, LR = 8, 20, 0.05, 1e-2
@@ -39,8 +39,7 @@ def train_3d(comm, dp, tp, pp, m):
     full = dict(ref.named_parameters())
     worst_param = 0.0
     for name, p in trainer.stage.named_parameters():
-        ref_name = "tok_embeddings.weight" if name == "head_weight" else _ref_name(trainer.stage, name)
-        ref_name = ref_name.replace(".inner.", ".")
+        ref_name = full_name(trainer.stage, name)
         w = shard_of(ref_name, full[ref_name].detach(), tp, mesh.tp_index)
         worst_param = max(worst_param, ((p.detach() - w).abs().max() / w.abs().max()).item())
     stage_numel = sum(p.numel() for p in trainer.stage.parameters())

@@ -1,19 +1,24 @@
-"""Pipeline parallelism on real processes (gloo and MPI): GPipe and 1F1B equal single-process gradient
-accumulation in float64, the loss lives on the last stage, and send/recv bytes are the boundary tensors."""
+"""Pipeline parallelism on real processes (gloo and MPI): GPipe and 1F1B with p = 2, 4 stages and m = 1, 4, 8
+micro-batches equal single-process gradient accumulation in float64 over 20 steps, the loss lives on the
+last stage, and send/recv bytes are the boundary tensors. All cases of one world size and communicator run
+in ONE spawned job (`pipeline_results`, cached), so process start-up is paid once."""
 
 import copy
+import functools
 import time
 
 import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
+from gpuforge.parallel.layout_checkpoint import full_name
 from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split, split_layers
 from gpuforge.parallel.pipeline_sim import measured_result, plot_timeline
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, tiny_config
 
-B = 8
+B, STEPS = 8, 20
+SCHEDULES, MICROBATCHES = ("gpipe", "1f1b"), (1, 4, 8)
 
 
 def pipeline_parity(comm, schedule, m, steps, n_layers=2):
@@ -34,7 +39,7 @@ def pipeline_parity(comm, schedule, m, steps, n_layers=2):
         if loss is not None:
             losses.append(abs(loss.item() - loss_ref.item()) / loss_ref.item())
         for name, p in stage.named_parameters():
-            ref_p = full["tok_embeddings.weight"] if name == "head_weight" else full[_ref_name(stage, name)]
+            ref_p = full[full_name(stage, name)]
             worst = max(worst, ((p.grad - ref_p.grad).abs().max() / ref_p.grad.abs().max()).item())
         opt_ref.step()
         opt.step()
@@ -44,39 +49,48 @@ def pipeline_parity(comm, schedule, m, steps, n_layers=2):
     return worst, losses, p2p
 
 
-def _ref_name(stage, name):
-    if name.startswith("layers."):
-        i, rest = name.split(".", 2)[1:]
-        return f"layers.{stage.layer_range[int(i)]}.{rest}"
-    return name
+def pipeline_suite(comm, cases):
+    """pipeline_parity of every (schedule, m) in `cases`, the model having one layer per stage."""
+    return {(schedule, m): pipeline_parity(comm, schedule, m, STEPS, comm.world_size) for schedule, m in cases}
+
+
+@functools.cache
+def pipeline_results(p, comm="torch"):
+    """Every rank's pipeline_suite results on p processes: all schedules × micro-batch counts under gloo,
+    both schedules at m = 4 under MPI (run once per (p, comm) and pytest session)."""
+    cases = [(s, m) for s in SCHEDULES for m in (MICROBATCHES if comm == "torch" else (4,))]
+    return run_distributed(pipeline_suite, p, cases, comm=comm, timeout=300)
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-@pytest.mark.parametrize("p,m", [(2, 1), (2, 4), (4, 8)])
-def test_pipeline_matches_gradient_accumulation(schedule, p, m):
-    steps = 3
-    results = run_distributed(pipeline_parity, p, schedule, m, steps, p)
-    for rank, (worst, losses, p2p) in enumerate(results):
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("m", MICROBATCHES)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipeline_matches_gradient_accumulation(schedule, m, p):
+    for rank, results in enumerate(pipeline_results(p)):
+        worst, losses, p2p = results[(schedule, m)]
         assert worst < 1e-12, (rank, worst)
-        assert (len(losses) == steps) == (rank == p - 1)  # the loss only on the last stage
+        assert (len(losses) == STEPS) == (rank == p - 1)  # the loss only on the last stage
         assert all(d < 1e-12 for d in losses), losses
         # per step and neighbour: m activations one way, m activation gradients the other, of (B/m, S, h)
         # float64; plus the tied-weight gradient swapped between the first and the last stage
         act = (B // m, S, 32)
         neighbours = (rank > 0) + (rank < p - 1)
         boundary = [e for e in p2p if e[1] == act]
-        assert len(boundary) == steps * 2 * m * neighbours
+        assert len(boundary) == STEPS * 2 * m * neighbours
         assert all(e[2] == B // m * S * 32 * 8 for e in boundary)
         tied = [e for e in p2p if e[1] != act]
-        assert len(tied) == (steps * 2 if rank in (0, p - 1) else 0)
+        assert len(tied) == (STEPS * 2 if rank in (0, p - 1) else 0)
         assert all(e[2] == 131 * 32 * 8 for e in tied)
 
 
 @pytest.mark.distributed
-def test_pipeline_with_mpi():
-    for worst, losses, _ in run_distributed(pipeline_parity, 2, "1f1b", 4, 2, comm="mpi"):
-        assert worst < 1e-12 and all(d < 1e-12 for d in losses)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_pipeline_with_mpi(schedule):
+    for rank, results in enumerate(pipeline_results(2, "mpi")):
+        worst, losses, _ = results[(schedule, 4)]
+        assert worst < 1e-12 and all(d < 1e-12 for d in losses), (rank, worst, losses)
+        assert (len(losses) == STEPS) == (rank == 1)
 
 
 def test_split_layers_and_errors():
