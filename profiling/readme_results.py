@@ -80,13 +80,13 @@ def render(results: Path) -> str:
     folder = os.path.relpath(results.parent, ROOT)
     lines = [f"Device: **{env['device']}**, {env['date'][:10]}, commit {env['git_commit'][:10]}, "
              f"command `{env['command']}` ([full report and plots]({folder}/)).",
-             f"Measured ceilings: copy {env['peaks']['copy_gbps']:.0f} GB/s, GEMM {env['peaks']['matmul_tflops']:.1f} "
+             f"Measured ceilings: copy {env['peaks']['copy_gbps']:.3g} GB/s, GEMM {env['peaks']['matmul_tflops']:.3g} "
              f"TFLOP/s ({env['peaks']['matmul_dtype']})."]
     if not env["gpu_timings"]:
-        lines.append("**CPU run (interpreter/simulator): times are not GPU timings; the error column is meaningful.**")
+        lines.append("**GPU: not yet measured.** This is a CPU run (interpreter/simulator): its times are not GPU "
+                     "timings and no speed target is judged by it; the error column is meaningful.")
     verdicts = targets.evaluate_all(payload["records"], env["gpu_timings"])
-    met = sum(v.status == "met" for v in verdicts)
-    lines += ["", f"Targets of issues 2, 3, 5, 6: {met} of {len(verdicts)} met in this run.", "",
+    lines += ["", f"Targets of issues 2, 3, 5, 6 in this run: {targets.status_counts(verdicts)}.", "",
               targets.markdown_table(verdicts)]
     lines += ["", "| op | shape | dtype | best gpuforge | throughput | of peak | vs baseline | vs secondary | "
               "max rel. error |", "|---|---|---|---|---|---|---|---|---|", *summary_rows(payload["records"])]

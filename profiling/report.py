@@ -140,9 +140,7 @@ def write_markdown(path: Path, env: dict, records: list[Record], telemetry: dict
         lines += ["", "> **CPU run: kernels ran in the Triton interpreter / numba.cuda simulator. Times are CPU "
                   "times of simulators, not GPU timings; only the error columns are meaningful.**"]
     verdicts = targets.evaluate_all([asdict(r) for r in records], env["gpu_timings"])
-    counts = {status: sum(v.status == status for v in verdicts) for status in dict.fromkeys(v.status for v in verdicts)}
-    lines += ["", "## Targets", "", ", ".join(f"{n} {status}" for status, n in counts.items()) + ".", "",
-              targets.markdown_table(verdicts)]
+    lines += ["", "## Targets", "", targets.status_counts(verdicts) + ".", "", targets.markdown_table(verdicts)]
     if env.get("failed_rows"):
         lines += ["", f"**{len(env['failed_rows'])} row(s) failed (left out of the tables):**", "",
                   *[f"- {line}" for line in env["failed_rows"]]]

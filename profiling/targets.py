@@ -109,6 +109,12 @@ def evaluate_all(records: list[dict], gpu_timings: bool) -> list[Verdict]:
     return [evaluate(t, records, gpu_timings) for t in TARGETS]
 
 
+def status_counts(verdicts: list[Verdict]) -> str:
+    """'3 met, 2 missed, 19 not measured (no rows)': how many targets ended in each status."""
+    counts = {status: sum(v.status == status for v in verdicts) for status in dict.fromkeys(v.status for v in verdicts)}
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
 def _format_value(verdict: Verdict) -> str:
     if verdict.value is None:
         return "–"
