@@ -30,6 +30,23 @@ void check_nonnegative(int64_t value, const char* arg) {
   if (value < 0) throw std::invalid_argument(std::string(arg) + " must be >= 0, got " + std::to_string(value));
 }
 
+// The attention kernels' preconditions (forward and backward): sizes, GQA grouping, grid limits, window.
+void check_attention_problem(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k,
+                             int64_t head_dim, int64_t window_left, int64_t window_right) {
+  check_nonnegative(batch, "batch");
+  check_nonnegative(seqlen_q, "seqlen_q");
+  check_nonnegative(seqlen_k, "seqlen_k");
+  if (head_dim < 1 || head_dim > 256)
+    throw std::invalid_argument("head_dim must be in 1..256, got " + std::to_string(head_dim));
+  if (heads_kv < 1 || heads_q % heads_kv)
+    throw std::invalid_argument("heads_q (" + std::to_string(heads_q) + ") must be a multiple of heads_kv (" +
+                                std::to_string(heads_kv) + ")");
+  if (batch * heads_q > 65535)  // the grid's y dimension
+    throw std::invalid_argument("batch * heads_q must be <= 65535, got " + std::to_string(batch * heads_q));
+  if (window_left < -1 || window_right < -1)
+    throw std::invalid_argument("window_left and window_right must be >= -1");
+}
+
 template <typename T>
 T* as_ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
 
@@ -173,18 +190,7 @@ PYBIND11_MODULE(_C, m) {
                                       int64_t q_b, int64_t q_h, int64_t q_s, int64_t k_b, int64_t k_h, int64_t k_s,
                                       int64_t v_b, int64_t v_h, int64_t v_s, float scale, int dtype,
                                       uintptr_t stream) {
-    check_nonnegative(batch, "batch");
-    check_nonnegative(seqlen_q, "seqlen_q");
-    check_nonnegative(seqlen_k, "seqlen_k");
-    if (head_dim < 1 || head_dim > 256)
-      throw std::invalid_argument("head_dim must be in 1..256, got " + std::to_string(head_dim));
-    if (heads_kv < 1 || heads_q % heads_kv)
-      throw std::invalid_argument("heads_q (" + std::to_string(heads_q) + ") must be a multiple of heads_kv (" +
-                                  std::to_string(heads_kv) + ")");
-    if (batch * heads_q > 65535)  // the grid's y dimension
-      throw std::invalid_argument("batch * heads_q must be <= 65535, got " + std::to_string(batch * heads_q));
-    if (window_left < -1 || window_right < -1)
-      throw std::invalid_argument("window_left and window_right must be >= -1");
+    check_attention_problem(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right);
     const int64_t q_strides[3] = {q_b, q_h, q_s}, k_strides[3] = {k_b, k_h, k_s}, v_strides[3] = {v_b, v_h, v_s};
     throw_if_error(gpuforge::launch_flash_attention_forward(
                        as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), as_ptr<void>(out),
@@ -197,4 +203,27 @@ PYBIND11_MODULE(_C, m) {
      py::arg("window_left"), py::arg("window_right"), py::arg("q_b"), py::arg("q_h"), py::arg("q_s"),
      py::arg("k_b"), py::arg("k_h"), py::arg("k_s"), py::arg("v_b"), py::arg("v_h"), py::arg("v_s"),
      py::arg("scale"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("flash_attention_backward", [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t dout,
+                                       uintptr_t lse, uintptr_t dlse, uintptr_t dq, uintptr_t dk, uintptr_t dv,
+                                       uintptr_t delta, int64_t batch, int64_t heads_q, int64_t heads_kv,
+                                       int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim, int64_t window_left,
+                                       int64_t window_right, int64_t q_b, int64_t q_h, int64_t q_s, int64_t k_b,
+                                       int64_t k_h, int64_t k_s, int64_t v_b, int64_t v_h, int64_t v_s, float scale,
+                                       int dtype, uintptr_t stream) {
+    check_attention_problem(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right);
+    const int64_t q_strides[3] = {q_b, q_h, q_s}, k_strides[3] = {k_b, k_h, k_s}, v_strides[3] = {v_b, v_h, v_s};
+    throw_if_error(gpuforge::launch_flash_attention_backward(
+                       as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), as_ptr<const void>(out),
+                       as_ptr<const void>(dout), as_ptr<const float>(lse), as_ptr<const float>(dlse),
+                       as_ptr<void>(dq), as_ptr<void>(dk), as_ptr<void>(dv), as_ptr<float>(delta), batch, heads_q,
+                       heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right, q_strides, k_strides,
+                       v_strides, scale, checked_dtype(dtype, "dtype"), as_stream(stream)),
+                   "flash_attention_backward");
+  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("dout"), py::arg("lse"), py::arg("dlse"),
+     py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("delta"), py::arg("batch"), py::arg("heads_q"),
+     py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"), py::arg("window_left"),
+     py::arg("window_right"), py::arg("q_b"), py::arg("q_h"), py::arg("q_s"), py::arg("k_b"), py::arg("k_h"),
+     py::arg("k_s"), py::arg("v_b"), py::arg("v_h"), py::arg("v_s"), py::arg("scale"), py::arg("dtype"),
+     py::arg("stream"));
 }

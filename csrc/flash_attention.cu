@@ -9,20 +9,13 @@
 // registers; a key's score is a warp-wide reduction with shuffles, so K and V rows are read as whole 32-lane coalesced
 // segments. Rows of one block are consecutive queries of the same (batch, head), so the K/V rows they share
 // are served by L1/L2. No tensor cores and no shared-memory tiling: the correctness baseline, not the fast path.
+#include "attention_params.cuh"
 #include "common.cuh"
 #include "mma.cuh"
 
 namespace gpuforge {
 
 constexpr int kAttentionWarpsPerBlock = 4;
-
-// Sizes, window and element strides over (batch, head, row); D has unit stride. Query i sees key j when
-// i + (seqlen_k - seqlen_q) - window_left <= j <= i + (seqlen_k - seqlen_q) + window_right (-1: unbounded).
-struct AttentionParams {
-  long long heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right;
-  long long q_b, q_h, q_s, k_b, k_h, k_s, v_b, v_h, v_s;
-  float scale;
-};
 
 // kPerLane = ceil(D / 32) rounded up to a power of two: the registers each lane keeps for q and the accumulator.
 template <typename T, int kPerLane>
@@ -52,9 +45,8 @@ flash_attention_fwd_rowwise_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) s
     q_reg[i] = d < prm.head_dim ? to_float(q_row[d]) * prm.scale : 0.f;
     acc[i] = 0.f;
   }
-  const long long diag = row + prm.seqlen_k - prm.seqlen_q;
-  const long long lo = prm.window_left < 0 ? 0 : max(0LL, diag - prm.window_left);
-  const long long hi = prm.window_right < 0 ? prm.seqlen_k : min(prm.seqlen_k, diag + prm.window_right + 1);
+  long long lo, hi;
+  visible_keys(prm, row, lo, hi);
 
   float m = -INFINITY;
   float l = 0.f;

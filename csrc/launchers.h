@@ -61,4 +61,16 @@ cudaError_t launch_flash_attention_forward(const void* q, const void* k, const v
                                            const int64_t* v_strides, float scale, DType dtype,
                                            cudaStream_t stream);
 
+// dq (B, Hq, Sq, D), dk and dv (B, Hkv, Sk, D), all contiguous, of the attention above (csrc/flash_attention_bwd.cu:
+// probabilities recomputed from q, k and the forward's lse; no atomics, so bit-reproducible). q, k, v strided as
+// for the forward; out and dout contiguous like the forward's output; lse, dlse and the fp32 scratch `delta`
+// (B, Hq, Sq). D <= 256.
+cudaError_t launch_flash_attention_backward(const void* q, const void* k, const void* v, const void* out,
+                                            const void* dout, const float* lse, const float* dlse, void* dq,
+                                            void* dk, void* dv, float* delta, int64_t batch, int64_t heads_q,
+                                            int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim,
+                                            int64_t window_left, int64_t window_right, const int64_t* q_strides,
+                                            const int64_t* k_strides, const int64_t* v_strides, float scale,
+                                            DType dtype, cudaStream_t stream);
+
 }  // namespace gpuforge

@@ -13,8 +13,9 @@ two in registers with masked loads); D > 256 is rejected. The backward (dQ) is b
 deterministic=True: dQ then has its own kernel instead of atomics.
 
 Backends: torch (the math reference, S×S scores), triton (FlashAttention-2: forward, backward, varlen) and
-cuda (csrc/flash_attention.cu, dense layout only: a tensor-core FlashAttention-2 forward for fp16/bf16 with
-D 64 or 128 on sm_80+, a row-per-warp baseline forward otherwise; its backward runs the Triton kernels).
+cuda (dense layout only: csrc/flash_attention.cu, a tensor-core FlashAttention-2 forward for fp16/bf16 with
+D 64 or 128 on sm_80+ and a row-per-warp baseline forward otherwise; csrc/flash_attention_bwd.cu, a row-per-warp
+backward that recomputes P from the LSE, without atomics, so it is always deterministic).
 `auto` on a GPU is triton.
 """
 
@@ -45,7 +46,7 @@ BACKWARD_IMPLS = OpBackends(
     impls={
         "torch": "gpuforge.kernels.flash_attention:attention_reference_backward",
         "triton": "gpuforge.kernels.triton.flash_attention:backward",
-        "cuda": "gpuforge.kernels.triton.flash_attention:backward",  # no CUDA C++ backward yet: Triton's
+        "cuda": "gpuforge.kernels.flash_attention:attention_cuda_backward",
     },
     auto_order=("triton",),
 )
@@ -166,6 +167,21 @@ def attention_cuda(q, k, v, p):
         p.seqlen_q, p.seqlen_k, p.head_dim, p.window_left, p.window_right, *q.stride()[:3], *k.stride()[:3],
         *v.stride()[:3], p.scale, cuda_ext.dtype_code(q), cuda_ext.stream_handle(q))
     return out, lse
+
+
+def attention_cuda_backward(dout, dlse, q, k, v, out, lse, p, deterministic):
+    """csrc/flash_attention_bwd.cu (dense layout only); bit-reproducible whatever `deterministic` says."""
+    if p.varlen:
+        raise ValueError("backend='cuda': flash_attention_varlen has no CUDA C++ kernel; use backend='triton'")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out, dout, lse, dlse = (t.contiguous() for t in (out, dout, lse, dlse.float()))
+    dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
+    delta = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    cuda_ext.extension().flash_attention_backward(
+        *(t.data_ptr() for t in (q, k, v, out, dout, lse, dlse, dq, dk, dv, delta)), p.batch, p.heads_q,
+        p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim, p.window_left, p.window_right, *q.stride()[:3],
+        *k.stride()[:3], *v.stride()[:3], p.scale, cuda_ext.dtype_code(q), cuda_ext.stream_handle(q))
+    return dq, dk, dv
 
 
 # ----------------------------------------------------------------------------------------- custom ops

@@ -30,6 +30,9 @@ NAME_EXPRESSIONS = {
     # no cupy wrapper; instantiated so that CI compiles the tensor-core kernel's device code under NVRTC
     "flash_attention.cu": [f"gpuforge::flash_attention_fwd_mma_kernel<{t}, {d}>" for t in ("__half", "__nv_bfloat16")
                            for d in (64, 128)],
+    "flash_attention_bwd.cu": [f"gpuforge::flash_attention_bwd_{kind}_kernel<{t}, {p}>"
+                               for kind in ("delta", "dq", "dkdv") for t in ("float", "__half", "__nv_bfloat16")
+                               for p in (1, 2, 4, 8)],
     "int4_matmul.cu": [f"gpuforge::int4_matmul_tiled_kernel<{x}, {s}>" for x in ("__half", "__nv_bfloat16")
                        for s in ("float", "__half", "__nv_bfloat16")],
 }

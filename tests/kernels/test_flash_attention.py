@@ -340,6 +340,37 @@ def test_gpu_cuda_forward(case, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-Sq{}-Sk{}-D{}-c{}-w{}".format(*c))
+def test_gpu_cuda_backward(case, dtype):
+    """csrc/flash_attention_bwd.cu through the op (its forward is the CUDA C++ one too), vs float64 autograd."""
+    b, hq, hkv, sq, sk, d, causal, window = case
+    q, k, v, dout = (make(s, dtype) for s in ((b, hq, sq, d), (b, hkv, sk, d), (b, hkv, sk, d), (b, hq, sq, d)))
+    got = run_with_grads(lambda *t: gf.flash_attention(*t, causal=causal, window=window, backend="cuda"), q, k, v,
+                         dout)
+    expected = reference_with_grads(q, k, v, dout, causal, window)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        assert_close_rel(g, e, tol, f"{name} {case} {dtype}")
+
+
+def test_cuda_backward_binding_checks_arguments():
+    ext = pytest.importorskip("gpuforge._C", reason="the CUDA extension is not built here")
+    args = dict(q=16, k=16, v=16, out=16, dout=16, lse=16, dlse=16, dq=16, dk=16, dv=16, delta=16, batch=1,
+                heads_q=4, heads_kv=2, seqlen_q=3, seqlen_k=3, head_dim=32, window_left=-1, window_right=0,
+                q_b=384, q_h=96, q_s=32, k_b=192, k_h=96, k_s=32, v_b=192, v_h=96, v_s=32, scale=0.2, dtype=0,
+                stream=0)
+    with pytest.raises(ValueError, match="must be a multiple of heads_kv"):
+        ext.flash_attention_backward(**args | dict(heads_kv=3))
+    with pytest.raises(ValueError, match="head_dim must be in 1..256"):
+        ext.flash_attention_backward(**args | dict(head_dim=257))
+    with pytest.raises(ValueError, match="window_left and window_right"):
+        ext.flash_attention_backward(**args | dict(window_left=-2))
+    with pytest.raises(ValueError, match="unknown dtype code"):
+        ext.flash_attention_backward(**args | dict(dtype=5))
+
+
+@pytest.mark.gpu
 def test_gpu_varlen_bf16_long():
     lens = [1000, 1, 517, 2048]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")

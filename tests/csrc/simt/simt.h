@@ -1,0 +1,198 @@
+// A small SIMT emulator that runs csrc/ kernels on the CPU, so that their numbers can be checked in CI on a
+// machine with no GPU. Included before a .cu file compiled by g++ as C++20 with __CUDACC_RTC__ defined (which
+// hides the host launchers and their <<<...>>> syntax, as for NVRTC).
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; blocks run one after another. A fiber
+// runs until it reaches a barrier (__syncthreads, __syncwarp, or a warp shuffle, which is a write of the lane's
+// value, a barrier, a read of the partner's and a second barrier), then the next fiber runs. A barrier opens
+// when every live thread of its warp or block has reached it; a thread that returns leaves its barriers, so
+// whole warps may exit early as they do on a GPU. Scheduling is deterministic. What it cannot run: inline PTX
+// (tensor cores, cp.async: kernels guarded by __CUDA_ARCH__ compile to empty bodies here) and code that relies
+// on warps running in lockstep without a shuffle or barrier between.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_bf16.h"
+#include "cuda_fp16.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+};
+
+namespace simt {
+
+struct Barrier {
+  int live = 0, arrived = 0;
+  long generation = 0;
+};
+
+struct Fiber {
+  ucontext_t context;
+  std::vector<char> stack;
+  dim3 thread_idx;
+  int warp = 0, lane = 0;
+  bool done = false;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  std::vector<Barrier> warps;
+  Barrier block;
+  std::vector<uint64_t> slots;  // one shuffle slot per thread
+  ucontext_t scheduler;
+  int current = 0;
+};
+
+inline Block* g_block = nullptr;
+inline dim3 g_block_idx, g_block_dim, g_grid_dim;
+
+inline Fiber& self() { return g_block->fibers[g_block->current]; }
+
+// Back to the scheduler, which resumes the next fiber that has not finished.
+inline void yield() { swapcontext(&self().context, &g_block->scheduler); }
+
+inline void open_if_full(Barrier& b) {
+  if (b.arrived == b.live && b.live > 0) {
+    b.arrived = 0;
+    ++b.generation;
+  }
+}
+
+inline void wait(Barrier& b) {
+  const long generation = b.generation;
+  ++b.arrived;
+  open_if_full(b);
+  while (b.generation == generation) yield();
+}
+
+inline void leave(Barrier& b) {
+  --b.live;
+  open_if_full(b);
+}
+
+template <typename T>
+T shuffle(T value, int src_lane) {
+  static_assert(sizeof(T) <= sizeof(uint64_t) && std::is_trivially_copyable_v<T>);
+  Fiber& me = self();
+  const int base = me.warp * 32;
+  std::memcpy(&g_block->slots[base + me.lane], &value, sizeof(T));
+  wait(g_block->warps[me.warp]);
+  T out;
+  std::memcpy(&out, &g_block->slots[base + (src_lane & 31)], sizeof(T));
+  wait(g_block->warps[me.warp]);
+  return out;
+}
+
+inline std::function<void()>* g_body = nullptr;
+
+inline void fiber_main() {
+  (*g_body)();
+  Fiber& me = self();
+  me.done = true;
+  leave(g_block->warps[me.warp]);
+  leave(g_block->block);
+  yield();  // never resumed
+}
+
+// kernel<<<grid, block>>>(args...) with no dynamic shared memory; threads per block a multiple of 32.
+template <typename Kernel, typename... Args>
+void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+  const int threads = static_cast<int>(block.x * block.y * block.z);
+  if (threads % 32 != 0) throw std::invalid_argument("simt::launch: threads per block must be a multiple of 32");
+  std::function<void()> body = [&] { kernel(args...); };
+  g_body = &body;
+  g_block_dim = block;
+  g_grid_dim = grid;
+  Block b;  // fibers and their stacks are reused by every block of the grid
+  b.fibers.resize(threads);
+  b.warps.resize(threads / 32);
+  b.slots.resize(threads);
+  for (auto& f : b.fibers) f.stack.resize(64 * 1024);
+  g_block = &b;
+  for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
+      for (unsigned bx = 0; bx < grid.x; ++bx) {
+        for (auto& w : b.warps) w = Barrier{32, 0, 0};
+        b.block = Barrier{threads, 0, 0};
+        g_block_idx = {bx, by, bz};
+        for (int t = 0; t < threads; ++t) {
+          Fiber& f = b.fibers[t];
+          f.thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+          f.warp = t / 32;
+          f.lane = t % 32;
+          f.done = false;
+          getcontext(&f.context);
+          f.context.uc_stack.ss_sp = f.stack.data();
+          f.context.uc_stack.ss_size = f.stack.size();
+          f.context.uc_link = nullptr;
+          makecontext(&f.context, fiber_main, 0);
+        }
+        for (int remaining = threads; remaining > 0;) {
+          remaining = 0;
+          for (b.current = 0; b.current < threads; ++b.current) {
+            if (b.fibers[b.current].done) continue;
+            swapcontext(&b.scheduler, &b.fibers[b.current].context);
+            remaining += !b.fibers[b.current].done;
+          }
+        }
+      }
+  g_block = nullptr;
+  g_body = nullptr;
+}
+
+}  // namespace simt
+
+#define threadIdx (simt::self().thread_idx)
+#define blockIdx (simt::g_block_idx)
+#define blockDim (simt::g_block_dim)
+#define gridDim (simt::g_grid_dim)
+
+inline void __syncthreads() { simt::wait(simt::g_block->block); }
+inline void __syncwarp(unsigned = 0xffffffffu) { simt::wait(simt::g_block->warps[simt::self().warp]); }
+template <typename T>
+T __shfl_xor_sync(unsigned, T value, int mask) { return simt::shuffle(value, simt::self().lane ^ mask); }
+template <typename T>
+T __shfl_sync(unsigned, T value, int src_lane) { return simt::shuffle(value, src_lane); }
+template <typename T>
+T __shfl_down_sync(unsigned, T value, int delta) {
+  const int src = simt::self().lane + delta;
+  return simt::shuffle(value, src < 32 ? src : simt::self().lane);
+}
+inline float atomicAdd(float* address, float value) {  // one OS thread: a plain read-modify-write is atomic
+  const float old = *address;
+  *address = old + value;
+  return old;
+}
+
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
+inline float __int_as_float(int x) {
+  float f;
+  std::memcpy(&f, &x, 4);
+  return f;
+}
+inline unsigned __cvta_generic_to_shared(const void*) {
+  throw std::logic_error("simt: shared-memory address spaces (PTX) are not emulated");
+}
+template <typename A, typename B>
+auto min(A a, B b) { return b < a ? b : a; }
+template <typename A, typename B>
+auto max(A a, B b) { return a < b ? b : a; }
