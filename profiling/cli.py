@@ -3,10 +3,11 @@
 JSON and plots (per op, roofline, bandwidth); `bench compare OLD.json NEW.json` flags regressions.
 
 Each op's cases come from `gpuforge.profiling.bench_<op>`. Filters keep the cases of the given dtypes, the
-causal (or non-causal) attention cases, and the rows of the given backends beside every baseline. With a time
-budget, no new case starts once the budget is spent; the cases left out are listed in the report. On a machine
-without a GPU the kernels run in the Triton interpreter / numba simulator: the numbers are CPU timings of
-simulators, printed under a banner."""
+causal (or non-causal) attention cases, and the rows of the given backends beside every baseline. The quick
+sweep (the issues' target shapes) runs first; with a time budget (450 s by default on a GPU), no new case starts
+once the budget is spent, and the cases left out are listed in the report. On a machine without a GPU the
+kernels run in the Triton interpreter / numba simulator: the numbers are CPU timings of simulators, printed
+under a banner."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from gpuforge.profiling import report, roofline
 from gpuforge.profiling.harness import BenchCase, run_case
 from gpuforge.profiling.peaks import peaks
 
+# A fresh GPU spends most of a sweep compiling (Triton autotuning, torch.compile): `bench all` without --quick
+# (~170 cases) may not fit a 10-minute command, so by default no case starts after 7.5 minutes.
+GPU_TIME_BUDGET_S = 450.0
 CPU_BANNER = ("NOTE: no CUDA GPU here. Kernels run in the Triton interpreter / numba.cuda simulator on the CPU;\n"
               "these timings are CPU timings of simulators, NOT GPU timings. Error columns are meaningful.")
 
@@ -54,9 +58,18 @@ class Filters:
         return dataclasses.replace(case, fns=fns) if set(fns) - baselines else None
 
 
+def _cases(ops: list[str], device: torch.device, quick: bool) -> list[BenchCase]:
+    return [case for op in ops for case in importlib.import_module(f"gpuforge.profiling.bench_{op}")
+            .bench_cases(device, quick)]
+
+
 def select_cases(ops: list[str], device: torch.device, quick: bool, filters: Filters) -> list[BenchCase]:
-    cases = [case for op in ops for case in importlib.import_module(f"gpuforge.profiling.bench_{op}")
-             .bench_cases(device, quick)]
+    """The quick sweep (every op's target shapes) first; without --quick, the rest of the full sweep after it,
+    so a run cut short by its time budget still has every target's rows."""
+    cases = _cases(ops, device, quick=True)
+    if not quick:
+        first = {case_tag(c) for c in cases}
+        cases += [c for c in _cases(ops, device, quick=False) if case_tag(c) not in first]
     return [kept for case in cases if (kept := filters.apply(case)) is not None]
 
 
@@ -126,7 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None,
                         help="only the causal (--causal) or unmasked (--no-causal) attention cases")
     parser.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                        help="start no new case after this many seconds; the rest are listed as skipped")
+                        help="start no new case after this many seconds; the rest are listed as skipped "
+                             f"(default on a GPU: {GPU_TIME_BUDGET_S:.0f}, so `bench all` fits a 10-minute command; "
+                             "'inf' for none)")
     args = parser.parse_args(argv)
     ops = bench_ops() if args.ops == ["all"] else args.ops
     unknown = sorted(set(ops) - set(bench_ops()))
@@ -139,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type != "cuda":
         print(CPU_BANNER)
     filters = Filters(args.dtype, args.backend, args.causal)
+    budget = args.time_budget
+    if budget is None and device.type == "cuda":
+        budget = GPU_TIME_BUDGET_S
     env, records, telemetry = run(ops, device, args.quick, args.out, "python -m gpuforge bench " + " ".join(argv or []),
-                                  filters, args.time_budget)
+                                  filters, budget)
     if not records:
         print("no benchmark case matches the filters", file=sys.stderr)
         return 2

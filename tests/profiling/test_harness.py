@@ -93,6 +93,14 @@ def test_filters_keep_baselines_and_the_named_backends():
     assert cli.select_cases(["vector_add"], device, True, cli.Filters(dtypes=("bfloat16",))) == []
 
 
+def test_full_sweep_runs_the_quick_cases_first():
+    device = torch.device("cpu")
+    quick = [cli.case_tag(c) for c in cli.select_cases(["vector_add"], device, True, cli.Filters())]
+    full = [cli.case_tag(c) for c in cli.select_cases(["vector_add"], device, False, cli.Filters())]
+    assert full[:len(quick)] == quick and len(full) > len(quick) == len(set(quick))
+    assert len(set(full)) == len(full)
+
+
 def test_time_budget_skips_the_remaining_cases(tmp_path, monkeypatch):
     monkeypatch.setenv("GPUFORGE_CACHE", str(tmp_path))
     env, records, _ = cli.run(["vector_add"], torch.device("cpu"), True, None, "test",
