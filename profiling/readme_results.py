@@ -85,6 +85,11 @@ def render(results: Path) -> str:
     if not env["gpu_timings"]:
         lines.append("**GPU: not yet measured.** This is a CPU run (interpreter/simulator): its times are not GPU "
                      "timings and no speed target is judged by it; the error column is meaningful.")
+    left_out = [f"{len(env[key])} {what}" for key, what in (("failed_rows", "row(s) failed"),
+                                                              ("skipped_cases", "case(s) not run (time budget)"))
+                if env.get(key)]
+    if left_out:
+        lines.append(f"**Incomplete run: {', '.join(left_out)}; the report lists them.**")
     verdicts = targets.evaluate_all(payload["records"], env["gpu_timings"])
     lines += ["", f"Targets of issues 2, 3, 5, 6 in this run: {targets.status_counts(verdicts)}.", "",
               targets.markdown_table(verdicts)]

@@ -29,7 +29,8 @@ def test_render_and_replace_between_markers(tmp_path):
     ]
     run = tmp_path / "profiling" / "results" / "nvidia-h100"
     run.mkdir(parents=True)
-    (run / "results.json").write_text(json.dumps({"environment": ENV, "records": records}))
+    env = {**ENV, "failed_rows": ["matmul 8192 bfloat16 cuda: OutOfResources"], "skipped_cases": []}
+    (run / "results.json").write_text(json.dumps({"environment": env, "records": records}))
     (run / "roofline.png").write_bytes(b"png")
     rows = readme_results.summary_rows(records)
     assert rows == ["| matmul | 4096x4096x4096 fwd | bfloat16 | triton | 650.0 TFLOP/s | 81% | 0.93x cuBLAS | "
@@ -43,6 +44,7 @@ def test_render_and_replace_between_markers(tmp_path):
     assert "NVIDIA H100" in section and rows[0] in section
     assert "| triton >= 0.9x cuBLAS, bf16 4096^3, 8192^3 | 1 | 0.93x | 4096x4096x4096 fwd bfloat16 | met |" in section
     assert "profiling/results/nvidia-h100/roofline.png)" in section
+    assert "**Incomplete run: 1 row(s) failed; the report lists them.**" in section
 
 
 def test_publish_copies_the_report_under_the_device_slug(tmp_path):
