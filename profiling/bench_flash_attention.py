@@ -40,11 +40,10 @@ def _sdpa(backend_name: str):
 
 
 def _with_backward(fn):
-    """fn(q, k, v, causal) followed by its backward with a ones gradient (inputs require grad)."""
+    """fn(q, k, v, causal) -> (dq, dk, dv): the forward, then its backward for a ones output gradient."""
     def run(q, k, v, causal):
         out = fn(q, k, v, causal)
-        out.backward(torch.ones_like(out))
-        return out
+        return torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     return run
 
 
@@ -73,11 +72,16 @@ def _shapes(device: torch.device, quick: bool) -> list[tuple[tuple[int, int, int
     return [(target, torch.bfloat16), (target, torch.float16)] + [(shape, torch.bfloat16) for shape in others]
 
 
-def _reference(q, k, v, causal):
-    """float64 attention one batch element at a time: B4 H32 S4096's whole score matrix is 17 GB in float64."""
+def _reference(q, k, v, causal: bool, backward: bool):
+    """float64 attention, or its (dq, dk, dv) for a ones output gradient, one batch element at a time:
+    B4 H32 S4096's whole score matrix is 17 GB in float64."""
     scale = q.shape[-1] ** -0.5
-    return torch.cat([attention_math(q[i:i + 1], k[i:i + 1], v[i:i + 1], scale, -1, 0 if causal else -1)[0]
-                      for i in range(q.shape[0])])
+    parts = []
+    for i in range(q.shape[0]):
+        qi, ki, vi = (t[i:i + 1].detach().requires_grad_(backward) for t in (q, k, v))
+        out = attention_math(qi, ki, vi, scale, -1, 0 if causal else -1)[0]
+        parts.append(torch.autograd.grad(out, (qi, ki, vi), torch.ones_like(out)) if backward else (out,))
+    return tuple(torch.cat(chunks) for chunks in zip(*parts))
 
 
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
@@ -102,7 +106,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
                     baseline=baseline, other_baselines=other_baselines, causal=causal,
                     bytes=(4 if not backward else 8) * b * h * s * d * dtype.itemsize,
                     flops=int(fwd_flops * (3.5 if backward else 1)),
-                    reference=None if backward else (lambda q, k, v, c=causal: _reference(q, k, v, c)),
+                    reference=lambda q, k, v, c=causal, bwd=backward: _reference(q, k, v, c, bwd),
                     size=s))
     return cases
 
