@@ -1,74 +1,174 @@
-"""Sharded checkpoints of a model trained with ZeroRedundancyOptimizer, written atomically.
+"""Sharded checkpoints of every data-parallel layout (DDP, ZeRO-1/2, ZeRO-3) that survive a kill at any instant.
 
-`save_sharded(path, model, optimizer, comm, step)`: every rank writes its optimizer shard
-(`shard-<rank>.pt`: the flat optimizer state tensors of its slice) into `<path>.tmp`; rank 0 also writes the
-full model state; after a barrier rank 0 writes `metadata.json` LAST and renames the directory to `path`
-(replacing an older checkpoint only then), so a kill during the save leaves the previous checkpoint intact.
-A directory without metadata.json is not a checkpoint.
+    path = save_checkpoint(root, step, model, optimizer, comm, extra={...})   # every rank calls it
+    path = latest_checkpoint(root)                          # None before the first save
+    meta = load_checkpoint(path, model, optimizer, comm)    # meta["step"], meta["extra"]
 
-`load_sharded(path, model, optimizer)`: reads the model state and re-shards the optimizer state for the
-current world size and ZeRO stage (stages 1 and 2 hold the same per-rank state): the saved flat shards are
-concatenated, trimmed to the parameter count, padded and sliced for this rank. Returns the saved step.
+`model`/`optimizer` are what the strategy built (DistributedDataParallel / FullyShardedDataParallel / a plain
+module; a torch optimizer or ZeroRedundancyOptimizer). What is written and how it is resharded on load (another
+world size, another layout) is checkpoint_state.py's; this module is the crash-safe protocol:
+
+    root/latest                  one line: the name of the newest complete checkpoint
+    root/step-00000004/          complete checkpoints: shard-<rank>.pt, rank0.pt, metadata.json
+    root/step-00000006.tmp/      a save in progress, or one a kill interrupted: never read, removed later
+
+1. every rank writes its files into <dir>.tmp; barrier; rank 0 fsyncs them and writes metadata.json LAST;
+2. rank 0 renames <dir>.tmp -> <dir> (atomic);
+3. rank 0 writes root/latest.tmp, fsyncs it and os.replace()s it onto root/latest (atomic);
+4. only then are the other directories removed, except the `keep` - 1 newest before the new one (leftover .tmp
+   directories and unpublished ones of a later step go too).
+A kill before 3 leaves `latest` naming the previous checkpoint, which nothing has touched since it was
+published; from 3 on it names the new one, complete. So at every instant `latest` names a complete checkpoint.
+Steps 1-2 (`write_directory_atomically`) and 1-4 (`commit_checkpoint`) are reusable for other layouts. The
+fault points ckpt-files-written, ckpt-before-metadata, ckpt-before-rename, ckpt-before-latest and
+ckpt-before-prune (faults.py) let tests kill a rank between the steps.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from gpuforge.parallel import checkpoint_state
+from gpuforge.parallel.faults import fail_point
 
-def save_sharded(path, model, optimizer, comm, step: int) -> None:
+FORMAT = "gpuforge-checkpoint/1"
+_STEP_DIR = re.compile(r"step-(\d+)$")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_directory_atomically(path, comm, write_files, metadata: dict) -> Path:
+    """Make `path` appear complete or not at all: every rank calls `write_files(tmp_dir)` for its own files; rank
+    0 then writes `metadata` as metadata.json last and renames the directory into place. `path` must not exist
+    (a directory is written once; `commit_checkpoint` versions them). Call on every rank."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
+    if path.exists():
+        raise FileExistsError(f"path: {path} exists; a checkpoint directory is written once")
     if comm.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     comm.barrier()
-    state = optimizer.optimizer.state_dict()
-    torch.save({"state": state["state"], "param_groups": state["param_groups"]}, tmp / f"shard-{comm.rank}.pt")
-    if comm.rank == 0:
-        torch.save(model.state_dict(), tmp / "model.pt")
+    write_files(tmp)
+    fail_point("ckpt-files-written", comm.rank)
     comm.barrier()
     if comm.rank == 0:
-        meta = {"step": step, "world_size": comm.world_size, "numel": optimizer.numel,
-                "shard_size": optimizer.shard_size, "stage": optimizer.stage}
-        (tmp / "metadata.json").write_text(json.dumps(meta))
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
+        for f in tmp.iterdir():
+            _fsync(f)
+        fail_point("ckpt-before-metadata", comm.rank)
+        _write_synced(tmp / "metadata.json", json.dumps(metadata, indent=1))
+        _fsync(tmp)
+        fail_point("ckpt-before-rename", comm.rank)
+        os.rename(tmp, path)
+        _fsync(path.parent)
     comm.barrier()
+    return path
 
 
-def load_sharded(path, model, optimizer) -> int:
+def _latest_name(root: Path) -> str | None:
+    pointer = root / "latest"
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def latest_checkpoint(root) -> Path | None:
+    """The checkpoint `root/latest` names, or None when there is none yet."""
+    root = Path(root)
+    name = _latest_name(root)
+    if name is None:
+        return None
+    path = root / name
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(f"root: {root / 'latest'} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def _prune(root: Path, latest: int, keep: int) -> None:
+    """Keep step-<latest> and the keep - 1 newest before it; remove older ones, unpublished later ones (a kill
+    between rename and publish, then a restart from an earlier step) and leftover .tmp directories."""
+    steps = sorted(int(m.group(1)) for d in root.iterdir() if (m := _STEP_DIR.match(d.name)) and d.is_dir())
+    kept = {latest, *[s for s in steps if s < latest][-(keep - 1):]} if keep > 1 else {latest}
+    for d in root.iterdir():
+        step = _STEP_DIR.match(d.name)
+        if d.is_dir() and (d.name.endswith(".tmp") or (step and int(step.group(1)) not in kept)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def commit_checkpoint(root, step: int, comm, write_files, metadata: dict, *, keep: int = 2) -> Path:
+    """Write root/step-<step> atomically (`write_directory_atomically`), point root/latest at it, then keep only
+    the newest `keep` checkpoints. Call on every rank; returns the new directory."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1 (the latest checkpoint is always kept), got {keep}")
+    root = Path(root)
+    name = f"step-{step:08d}"
+    if _latest_name(root) == name:
+        raise ValueError(f"step: {step} is already the latest checkpoint in {root}")
+    if comm.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / name, ignore_errors=True)  # complete but never published: a kill before step 3
+    comm.barrier()
+    path = write_directory_atomically(root / name, comm, write_files, metadata)
+    if comm.rank == 0:
+        fail_point("ckpt-before-latest", comm.rank)
+        _write_synced(root / "latest.tmp", name + "\n")
+        os.replace(root / "latest.tmp", root / "latest")
+        _fsync(root)
+        fail_point("ckpt-before-prune", comm.rank)
+        _prune(root, step, keep)
+    comm.barrier()
+    return path
+
+
+def save_checkpoint(root, step: int, model, optimizer, comm, *, extra: dict | None = None, keep: int = 2) -> Path:
+    """Save the training state after `step` steps as root/step-<step>; `extra` (JSON) comes back from load."""
+    layout, module, groups = checkpoint_state.layout_of(model, optimizer, comm.rank, comm.world_size)
+    shard = checkpoint_state.export_shard(groups)
+    rank0 = checkpoint_state.export_rank0(module, groups) if comm.rank == 0 else None
+
+    def write_files(tmp: Path) -> None:
+        torch.save(shard, tmp / f"shard-{comm.rank}.pt")
+        if rank0 is not None:
+            torch.save(rank0, tmp / "rank0.pt")
+
+    meta = {"format": FORMAT, "step": step, "world_size": comm.world_size, "layout": layout,
+            "groups": checkpoint_state.describe(groups), "extra": extra or {}}
+    return commit_checkpoint(root, step, comm, write_files, meta, keep=keep)
+
+
+def load_checkpoint(path, model, optimizer, comm=None) -> dict:
+    """Restore a checkpoint directory into what the strategy built, at any world size and layout; returns its
+    metadata. The RNG state is restored too when the world size is the one saved. No collective: `comm` (None:
+    one process) only says this rank's place."""
     path = Path(path)
     meta_file = path / "metadata.json"
-    if not meta_file.exists():
+    if not meta_file.is_file():
         raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no metadata.json)")
     meta = json.loads(meta_file.read_text())
-    if meta["numel"] != optimizer.numel:
-        raise ValueError(f"checkpoint has {meta['numel']} parameters, the optimizer {optimizer.numel}")
-    model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"path: {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
+    _, module, groups = checkpoint_state.layout_of(model, optimizer, rank, world)
     shards = [torch.load(path / f"shard-{r}.pt", weights_only=True) for r in range(meta["world_size"])]
-    lo = optimizer.rank * optimizer.shard_size
-    state = {}
-    for key, value in shards[0]["state"].get(0, {}).items():
-        if isinstance(value, torch.Tensor) and value.dim() == 1:
-            flat = torch.cat([s["state"][0][key] for s in shards])[:optimizer.numel]
-            full = torch.zeros(optimizer.padded, dtype=flat.dtype)
-            full[:optimizer.numel] = flat
-            state[key] = full[lo:lo + optimizer.shard_size].clone()
-        else:
-            state[key] = value
-    optimizer.optimizer.load_state_dict({"state": {0: state} if state else {},
-                                         "param_groups": shards[0]["param_groups"]})
-    with torch.no_grad():
-        flat = torch.cat([p.detach().reshape(-1) for p in optimizer.params])
-        optimizer.shard.zero_()
-        n = max(0, min(optimizer.shard_size, optimizer.numel - lo))
-        optimizer.shard[:n].copy_(flat[lo:lo + n])
-    return meta["step"]
+    values, state = checkpoint_state.assemble(meta["groups"], shards)
+    checkpoint_state.restore(module, groups, values, state, torch.load(path / "rank0.pt", weights_only=True))
+    if meta["world_size"] == world:
+        torch.set_rng_state(shards[rank]["rng"])
+    return meta

@@ -1,54 +1,117 @@
-"""Sharded ZeRO checkpoints: saved at world size 2 / stage 1, resumed at world size 3 / stage 2;
-the resumed run ends with the same parameters as an uninterrupted one (fp64, 1e-12)."""
+"""Sharded checkpoints of DDP, ZeRO-1, ZeRO-2 and ZeRO-3 (fp64, TinyMLP, the `gpuforge train` loop).
+
+- Resumed at the same world size and layout, the next losses and the final parameters are those of the
+  uninterrupted run exactly (bit for bit).
+- Saved at world size 2 and resumed at world size 3 in another layout (ddp -> zero1 -> zero2 -> zero3 -> ddp),
+  the final parameters match the uninterrupted run to 1e-12.
+"""
+
+import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-from gpuforge.parallel.checkpoint import load_sharded, save_sharded
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
-from tests.parallel.dist_harness import TiedMLP, make_batches, run_distributed, shard
+from gpuforge.parallel import train
+from gpuforge.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tests.parallel.dist_harness import run_distributed
 
 pytestmark = pytest.mark.distributed
-GLOBAL_ROWS, STEPS, SAVE_AT = 12, 4, 2
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+ARGS = SimpleNamespace(lr=0.01, clip=0.5, steps=4, batch=12, save_every=2)
+SAVED_STEP = 2
 
 
-def _run(comm, path, stage, first, last, resume):
+def _build(strategy, comm):
+    ref = train._reference_model("tiny_mlp")
     torch.manual_seed(0)
-    model = TiedMLP()
-    opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm, stage=stage, lr=0.05)
-    if resume:
-        assert load_sharded(path, model, opt) == first
-    per_rank = GLOBAL_ROWS // comm.world_size
-    batches = make_batches(STEPS, 1, GLOBAL_ROWS)
-    for x, y in batches[first:last]:
-        opt.zero_grad()
-        F.mse_loss(model(shard(x, comm.rank, comm.world_size)), shard(y, comm.rank, comm.world_size)).backward()
-        opt.step()
-    assert per_rank * comm.world_size == GLOBAL_ROWS
-    if not resume:
-        save_sharded(path, model, opt, comm, step=last)
-    return model.state_dict()
+    model = ref.build().to(torch.float64)
+    fwd, opt = train.STRATEGIES[strategy](model, comm, ARGS)
+    return ref, model, fwd, opt
 
 
-def test_resume_at_another_world_size_and_stage(tmp_path):
-    path = str(tmp_path / "ckpt")
-    run_distributed(_run, 2, path, 1, 0, SAVE_AT, False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-    resumed = run_distributed(_run, 3, path, 2, SAVE_AT, STEPS, True)
-    torch.manual_seed(0)
-    model = TiedMLP()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    for x, y in make_batches(STEPS, 1, GLOBAL_ROWS):
-        opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-    for state in resumed:
-        for name, value in model.state_dict().items():
-            assert (state[name] - value).abs().max().item() <= 1e-12, name
+def _params(model, fwd):
+    if hasattr(fwd, "gather_full_params"):
+        fwd.gather_full_params()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _uninterrupted(comm, root):
+    """Train every strategy 4 steps from scratch, checkpointing after steps 2 and 4."""
+    out = {}
+    for strategy in STRATEGIES:
+        ref, model, fwd, opt = _build(strategy, comm)
+
+        def save(step, losses, fwd=fwd, opt=opt, strategy=strategy):
+            save_checkpoint(f"{root}/{strategy}", step, fwd, opt, comm, extra={"losses": losses})
+        losses = train._train(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size, save=save)
+        out[strategy] = (losses, _params(model, fwd))
+    return out
+
+
+def _resumed(comm, root, layouts):
+    """Load each strategy's step-2 checkpoint into layouts[strategy] and train steps 3 and 4."""
+    out = {}
+    for saved, strategy in layouts.items():
+        ref, model, fwd, opt = _build(strategy, comm)
+        meta = load_checkpoint(f"{root}/{saved}/step-{SAVED_STEP:08d}", fwd, opt, comm)
+        assert meta["step"] == SAVED_STEP == len(meta["extra"]["losses"])
+        losses = train._train(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size,
+                              losses=meta["extra"]["losses"])
+        out[saved] = (losses, _params(model, fwd))
+    return out
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return root, run_distributed(_uninterrupted, 2, str(root))
+
+
+def test_layout_on_disk(saved):
+    root, _ = saved
+    ddp = root / "ddp"
+    assert sorted(p.name for p in ddp.iterdir()) == ["latest", "step-00000002", "step-00000004"]
+    assert latest_checkpoint(ddp) == ddp / "step-00000004"
+    assert sorted(p.name for p in (ddp / "step-00000002").iterdir()) == [
+        "metadata.json", "rank0.pt", "shard-0.pt", "shard-1.pt"]
+    meta = json.loads((root / "zero3" / "step-00000002" / "metadata.json").read_text())
+    assert (meta["step"], meta["world_size"], meta["layout"]) == (2, 2, "fsdp")
+    assert len(meta["groups"]) == 3  # one per FSDP unit: the three Linear layers
+
+
+def test_resume_gives_the_same_next_losses_exactly(saved):
+    root, uninterrupted = saved
+    resumed = run_distributed(_resumed, 2, str(root), {s: s for s in STRATEGIES})
+    for rank in range(2):
+        for strategy in STRATEGIES:
+            full_losses, full_params = uninterrupted[rank][strategy]
+            losses, params = resumed[rank][strategy]
+            assert losses[SAVED_STEP:] == full_losses[SAVED_STEP:], (strategy, rank)
+            if rank == 0:  # the losses before the checkpoint come back from it (rank 0's)
+                assert losses == full_losses, strategy
+            for name, value in full_params.items():
+                assert torch.equal(params[name], value), (strategy, rank, name)
+
+
+def test_resume_at_another_world_size_and_layout(saved):
+    root, uninterrupted = saved
+    layouts = dict(zip(STRATEGIES, STRATEGIES[1:] + STRATEGIES[:1], strict=True))
+    resumed = run_distributed(_resumed, 3, str(root), layouts)
+    for saved_as in STRATEGIES:
+        _, full_params = uninterrupted[0][saved_as]
+        for rank in range(3):
+            _, params = resumed[rank][saved_as]
+            for name, value in full_params.items():
+                assert (params[name] - value).abs().max().item() <= 1e-12, (saved_as, layouts[saved_as], name)
 
 
 def test_directory_without_metadata_is_not_a_checkpoint(tmp_path):
-    (tmp_path / "model.pt").write_bytes(b"")
+    (tmp_path / "shard-0.pt").write_bytes(b"")
+    model = torch.nn.Linear(2, 2)
     with pytest.raises(FileNotFoundError, match="no metadata.json"):
-        load_sharded(tmp_path, TiedMLP(), None)
+        load_checkpoint(tmp_path, model, torch.optim.AdamW(model.parameters()))
+
+
+def test_no_checkpoint_yet(tmp_path):
+    assert latest_checkpoint(tmp_path) is None
