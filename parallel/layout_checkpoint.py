@@ -1,17 +1,18 @@
 """Layout-free checkpoints of 3D training: saved under one (dp, tp, pp) layout, loaded under any other.
 
-The files hold the FULL model, as one process would (the canonical format):
-- `model.pt`: {name: tensor} under TinyLlama's own parameter names (`layers.3.attention.wq.weight`), TP shards
-  joined by concatenation (column-parallel weights along dim 0, row-parallel along dim 1, the vocabulary
-  along dim 0 with its padding rows dropped), PP stages joined, the tied embedding/head stored once;
-- `optimizer.pt`: AdamW's state in the same shape: {"step": int, "exp_avg": {name: tensor},
-  "exp_avg_sq": {name: tensor}, "hyper": lr, betas, eps, weight_decay, ...};
-- `metadata.json`, written last: format, training step, the layout it was saved under, the model config.
+The files hold the FULL model, as one process would (the canonical format), under TinyLlama's own parameter
+names (`layers.3.attention.wq.weight`): TP shards joined by concatenation (column-parallel weights along
+dim 0, row-parallel along dim 1, the vocabulary along dim 0 with its padding rows dropped), the tied
+embedding/head stored once, AdamW's moments (exp_avg, exp_avg_sq) in the same shapes and the same names,
+the master weights (ZeRO's float32 shard under mixed precision) as the parameters. `part-<k>.pt` holds the
+names of pipeline stage k of the saving run ({"params": {name: tensor}, "exp_avg": ..., "exp_avg_sq": ...,
+"step", "hyper"}); the parts are disjoint and their union is the full model, whatever the new layout.
+`metadata.json` (written last): format, training step, number of parts, the saving layout, the config.
 
-Saving (`save_layout_checkpoint`, every rank calls it): each rank all-gathers its ZeRO-1 shard of the AdamW
-state over the DP group and cuts it back into per-parameter tensors, each TP group all-gathers its shards,
-and one rank per stage writes that stage's part; rank 0 merges the parts, writes metadata.json and moves
-the directory into place (tmp dir, then rename: a kill during the save leaves the previous checkpoint).
+Saving (`save_layout_checkpoint`, every rank calls it): each rank all-gathers its ZeRO-1 shards of the
+master weights and AdamW state over the DP group and cuts them back into per-parameter tensors, each TP
+group all-gathers its TP shards, and one rank per stage writes that stage's part, through checkpoint.py's
+crash-safe protocol (`commit_checkpoint`: tmp dir, metadata last, rename, then the `latest` pointer).
 Loading (`load_layout_checkpoint` into a Trainer3D of any layout, `load_full_model` into one process's
 model and AdamW) slices every tensor for the new layout; padding rows get zeros, which AdamW keeps at zero.
 """
@@ -20,15 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
+from gpuforge.parallel.checkpoint import commit_checkpoint
 from gpuforge.parallel.group_comm import GroupComm
 from gpuforge.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from gpuforge.parallel.zero import flatten_padded
+from gpuforge.parallel.zero import flat_views, flatten_padded
 
 FORMAT = "gpuforge-full-model/1"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -85,19 +85,12 @@ def unshard(local: torch.Tensor, kind: str, tp: GroupComm, vocab_size: int) -> t
 # ----------------------------------------------------------------------------------------------- ZeRO state
 
 
-def zero_moments(zero, dp: GroupComm) -> dict[str, list[torch.Tensor]]:
-    """AdamW's moments of every parameter of a ZeRO-1/2 optimizer, shaped like it (all-gathered over DP)."""
+def zero_state(zero, dp: GroupComm) -> dict[str, list[torch.Tensor]]:
+    """The master weights ("params") and AdamW moments of every parameter of a ZeRO optimizer, each shaped
+    like its parameter (the flat shards all-gathered over DP, in the master dtype); no moments before a step."""
     state = zero.optimizer.state.get(zero.shard, {})
-    moments = {}
-    for key in MOMENTS:
-        if key not in state:
-            return {}
-        flat = dp.all_gather(state[key].detach().contiguous(), 0)
-        offsets = [0]
-        for p in zero.params:
-            offsets.append(offsets[-1] + p.numel())
-        moments[key] = [flat[lo:hi].view_as(p) for p, lo, hi in zip(zero.params, offsets, offsets[1:])]
-    return moments
+    flats = {"params": zero.shard, **{key: state[key] for key in MOMENTS if key in state}}
+    return {key: flat_views(zero.params, dp.all_gather(flat.detach().contiguous(), 0)) for key, flat in flats.items()}
 
 
 def _adam_step(state) -> int:
@@ -112,57 +105,36 @@ def _hyper(optimizer) -> dict:
 # ----------------------------------------------------------------------------------------------- save
 
 
-def save_layout_checkpoint(path, trainer, step: int) -> None:
-    """Write the full model and AdamW state of a Trainer3D to the directory `path` (every rank calls this)."""
+def save_layout_checkpoint(root, trainer, step: int, *, keep: int = 2) -> Path:
+    """Write the full model and AdamW state of a Trainer3D as root/step-<step> (every rank calls this);
+    `checkpoint.latest_checkpoint(root)` finds the newest. Returns the checkpoint directory."""
     mesh, stage, zero = trainer.mesh, trainer.stage, trainer.optimizer
-    comm, vocab = mesh.comm, stage.config.vocab_size
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    if comm.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    comm.barrier()
-    moments = zero_moments(zero, trainer.dp)
+    tensors = zero_state(zero, trainer.dp)
     index = {id(p): i for i, p in enumerate(zero.params)}
-    part = {"params": {}, **{key: {} for key in moments}}
+    part = {key: {} for key in tensors}
     for name, (full, kind) in stage_layouts(stage).items():
-        p = stage.get_parameter(name)
         if name == "head_weight" and not stage.is_first:
             continue  # the tied weight is stored once, from the first stage (the copies are equal)
-        part["params"][full] = unshard(p.detach(), kind, trainer.tp, vocab)
-        for key, tensors in moments.items():
-            part[key][full] = unshard(tensors[index[id(p)]], kind, trainer.tp, vocab)
-    if mesh.dp_index == 0 and mesh.tp_index == 0:
-        part["step"] = _adam_step(zero.optimizer.state.get(zero.shard, {}))
-        torch.save(part, tmp / f"part-{mesh.pp_index}.pt")
-    comm.barrier()
-    if comm.rank == 0:
-        _merge_parts(tmp, mesh, _hyper(zero.optimizer), stage.config, step)
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    comm.barrier()
+        i = index[id(stage.get_parameter(name))]
+        for key, values in tensors.items():
+            part[key][full] = unshard(values[i], kind, trainer.tp, stage.config.vocab_size)
+    part["step"] = _adam_step(zero.optimizer.state.get(zero.shard, {}))
+    part["hyper"] = _hyper(zero.optimizer)
 
+    def write_files(tmp: Path) -> None:
+        if mesh.dp_index == 0 and mesh.tp_index == 0:
+            torch.save(part, tmp / f"part-{mesh.pp_index}.pt")
 
-def _merge_parts(tmp: Path, mesh, hyper: dict, config, step: int) -> None:
-    parts = [torch.load(tmp / f"part-{s}.pt", weights_only=True) for s in range(mesh.pp)]
-    merged = {key: {k: v for part in parts for k, v in part[key].items()} for key in ("params", *MOMENTS)
-              if key in parts[0]}
-    torch.save(merged.pop("params"), tmp / "model.pt")
-    torch.save({"step": parts[0]["step"], "hyper": hyper, **merged}, tmp / "optimizer.pt")
-    for s in range(mesh.pp):
-        (tmp / f"part-{s}.pt").unlink()
-    meta = {"format": FORMAT, "step": step, "layout": {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp},
-            "config": dataclasses.asdict(config)}
-    (tmp / "metadata.json").write_text(json.dumps(meta))
+    meta = {"format": FORMAT, "step": step, "parts": mesh.pp, "layout": {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp},
+            "config": dataclasses.asdict(stage.config)}
+    return commit_checkpoint(root, step, mesh.comm, write_files, meta, keep=keep)
 
 
 # ----------------------------------------------------------------------------------------------- load
 
 
 def _read(path, config) -> tuple[dict, dict, dict]:
+    """(metadata, {name: full tensor}, {"step", "hyper", moment: {name: full tensor}}) of a checkpoint."""
     path = Path(path)
     meta_file = path / "metadata.json"
     if not meta_file.exists():
@@ -172,8 +144,10 @@ def _read(path, config) -> tuple[dict, dict, dict]:
         raise ValueError(f"path: {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     if meta["config"] != dataclasses.asdict(config):
         raise ValueError(f"checkpoint config {meta['config']} differs from the model's {dataclasses.asdict(config)}")
-    return meta, torch.load(path / "model.pt", weights_only=True), torch.load(path / "optimizer.pt",
-                                                                             weights_only=True)
+    parts = [torch.load(path / f"part-{s}.pt", weights_only=True) for s in range(meta["parts"])]
+    joined = {key: {k: v for part in parts for k, v in part[key].items()} for key in ("params", *MOMENTS)
+              if key in parts[0]}
+    return meta, joined.pop("params"), {"step": parts[0]["step"], "hyper": parts[0]["hyper"], **joined}
 
 
 def _adam_state_dict(saved: dict, moments: list[dict[str, torch.Tensor]]) -> dict:
@@ -192,15 +166,16 @@ def load_layout_checkpoint(path, trainer) -> int:
         stage.get_parameter(name).copy_(shard(params[full], kind, tp.size, tp.rank))
     names = {id(p): n for n, p in stage.named_parameters()}
     lo = zero.rank * zero.shard_size
-    moments = {}
-    for key in MOMENTS:
-        if key in opt:
-            full = [shard(opt[key][layouts[names[id(p)]][0]], layouts[names[id(p)]][1], tp.size, tp.rank)
-                    for p in zero.params]
-            moments[key] = flatten_padded(zero.params, full, zero.padded)[lo:lo + zero.shard_size].clone()
+
+    def my_shard(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's ZeRO shard (master dtype) of the full tensors, TP-sliced for its stage's parameters."""
+        local = [shard(tensors[layouts[names[id(p)]][0]], layouts[names[id(p)]][1], tp.size, tp.rank)
+                 for p in zero.params]
+        return flatten_padded(zero.params, local, zero.padded, zero.master_dtype)[lo:lo + zero.shard_size]
+
+    moments = {key: my_shard(opt[key]).clone() for key in MOMENTS if key in opt}
     zero.optimizer.load_state_dict(_adam_state_dict(opt, [moments]))
-    flat = flatten_padded(zero.params, [p.detach() for p in zero.params], zero.padded)
-    zero.shard.copy_(flat[lo:lo + zero.shard_size])
+    zero.shard.copy_(my_shard(params))
     return meta["step"]
 
 

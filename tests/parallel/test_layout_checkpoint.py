@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
+from gpuforge.parallel.checkpoint import latest_checkpoint
 from gpuforge.parallel.layout_checkpoint import load_full_model, load_layout_checkpoint, save_layout_checkpoint
 from gpuforge.parallel.mesh import DeviceMesh, Trainer3D, single_process_losses
 from tests.parallel.dist_harness import run_distributed
@@ -34,10 +35,11 @@ def _losses(comm, trainer, steps):
     return out
 
 
-def save_then_resume(comm, path):
+def save_then_resume(comm, root):
     saver = _trainer(comm, 1, 2, 2)
     _losses(comm, saver, range(BEFORE))
-    save_layout_checkpoint(path, saver, BEFORE)
+    path = save_layout_checkpoint(root, saver, BEFORE)
+    assert path == latest_checkpoint(root)
     resumed = {}
     for dp, tp, pp in RESUME_LAYOUTS:
         trainer = _trainer(comm, dp, tp, pp)
@@ -48,13 +50,13 @@ def save_then_resume(comm, path):
 
 @pytest.mark.distributed
 def test_checkpoint_from_tp2_pp2_resumes_under_other_layouts(tmp_path):
-    path = tmp_path / "ckpt"
-    results = run_distributed(save_then_resume, 4, str(path))
+    results = run_distributed(save_then_resume, 4, str(tmp_path))
+    path = latest_checkpoint(tmp_path)
     uninterrupted = single_process_losses(steps=BEFORE + AFTER, batch_size=B, seq_len=S, lr=LR, max_norm=MAX_NORM,
                                           config=tiny_config(), dtype=torch.float64)[BEFORE:]
     meta = json.loads((path / "metadata.json").read_text())
     assert meta["step"] == BEFORE and meta["layout"] == {"dp": 1, "tp": 2, "pp": 2}
-    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "model.pt", "optimizer.pt"]
+    assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "part-0.pt", "part-1.pt"]  # one per stage
     for layout, losses in results[0].items():
         diff = max(abs(a - b) / b for a, b in zip(losses, uninterrupted, strict=True))
         assert diff < 1e-12, (layout, losses, uninterrupted)

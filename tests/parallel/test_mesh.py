@@ -10,7 +10,7 @@ import torch
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
 from gpuforge.parallel.layout_checkpoint import full_name
 from gpuforge.parallel.ledger import optimizer_state_bytes
-from gpuforge.parallel.mesh import DeviceMesh, Trainer3D
+from gpuforge.parallel.mesh import DeviceMesh, Trainer3D, check_layout
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, shard_of, tiny_config
 
@@ -65,6 +65,22 @@ def test_mesh_rejects_bad_sizes():
         DeviceMesh(comm, dp=2, tp=2, pp=1)
     with pytest.raises(ValueError, match="tp must be a positive int"):
         DeviceMesh(comm, dp=8, tp=0, pp=1)
+
+
+def test_check_layout_names_what_cannot_run():
+    from gpuforge.models.vol2_llm import TinyLlamaConfig
+
+    config = TinyLlamaConfig(n_layers=2)
+    ok = dict(dp=1, tp=2, pp=2, batch_size=8, num_microbatches=2)
+    check_layout(4, config, **ok)
+    with pytest.raises(ValueError, match=r"more pipeline stages \(4\) than layers \(2\)"):
+        check_layout(4, config, **{**ok, "tp": 1, "pp": 4})
+    with pytest.raises(ValueError, match=r"n_heads \(8\) must be divisible by the TP degree \(3\)"):
+        check_layout(3, config, **{**ok, "tp": 3, "pp": 1})
+    with pytest.raises(ValueError, match=r"batch size 8 must be divisible by dp·microbatches = 2·8"):
+        check_layout(8, config, **{**ok, "dp": 2, "num_microbatches": 8})
+    with pytest.raises(ValueError, match=r"dp·tp·pp = 1·2·2 = 4 must equal the world size 8"):
+        check_layout(8, config, **ok)
 
 
 def _train(comm, dp, tp, pp):
