@@ -1,9 +1,12 @@
-"""gf.paged_attention: decode attention (one query token per sequence) against a paged KV cache.
+"""gf.paged_attention: decode attention (one or a few new query tokens per sequence) against a paged KV cache.
 
-q (B, Hq, D); k_cache, v_cache (num_blocks, block_size, Hkv, D) pages shared by all sequences; block_table
+q (B, Hq, D) for one new token, or (B, Hq, Sq, D) for Sq new tokens (speculative verification, chunked decode);
+k_cache, v_cache (num_blocks, block_size, Hkv, D) pages shared by all sequences; block_table
 (B, max_blocks) int32: sequence b's token t lives in page block_table[b, t // block_size], row t % block_size
 (vLLM's PagedAttention layout); seq_lens (B,) int32 tokens per sequence (0 gives a zero output). The query sees
-every cached token of its sequence (decode: the new token's K/V is already in the cache). Hq % Hkv == 0 (GQA).
+every cached token of its sequence (decode: the new tokens' K/V are already in the cache, as its last Sq
+tokens); with Sq > 1, new token i sees the first seq_lens[b] − (Sq − 1 − i) tokens (causal, bottom-right aligned
+as in gf.flash_attention). seq_lens[b] must lie in 0..max_blocks·block_size. Hq % Hkv == 0 (GQA).
 Inference only: no autograd. The Triton kernel splits the context (flash-decoding) and merges the splits.
 """
 
@@ -36,13 +39,15 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, b: int, length: in
 
 
 def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale):
-    """The torch backend: gather each sequence's pages, then plain softmax attention (float64-capable)."""
-    out = torch.zeros_like(q)
+    """The torch backend: gather each sequence's pages, then plain softmax attention (float64-capable);
+    q (B, Hq, D) or (B, Hq, Sq, D), causal among the Sq new tokens."""
+    q4 = q if q.dim() == 4 else q.unsqueeze(2)
+    out = torch.zeros_like(q4)
     for b, length in enumerate(seq_lens.tolist()):
         if length:
             k, v = gather_kv(k_cache, block_table, b, length), gather_kv(v_cache, block_table, b, length)
-            out[b] = attention_math(q[b, :, None][None], k[None], v[None], scale, -1, -1)[0][0, :, 0]
-    return out
+            out[b] = attention_math(q4[b][None], k[None], v[None], scale, -1, 0)[0][0]
+    return out if q.dim() == 4 else out.squeeze(2)
 
 
 @torch.library.custom_op("gpuforge::paged_attention", mutates_args=())
@@ -56,17 +61,29 @@ def _(q, k_cache, v_cache, block_table, seq_lens, scale, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def _check_seq_lens(seq_lens: torch.Tensor, capacity: int) -> None:
+    """0 <= seq_lens <= max_blocks·block_size (one host sync; skipped while torch.compile traces)."""
+    if torch.compiler.is_compiling() or seq_lens.numel() == 0:
+        return
+    lo, hi = torch.stack([seq_lens.min(), seq_lens.max()]).tolist()
+    if lo < 0 or hi > capacity:
+        raise ValueError(f"seq_lens: expected values in 0..{capacity} (block_table.shape[1] x block_size), "
+                         f"got min {lo}, max {hi}")
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, *, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """softmax(q·Kᵀ·scale)·V per sequence over its seq_lens[b] cached tokens; returns (B, Hq, D)."""
-    check_tensor(q, "q", ndim=3)
+    """softmax(q·Kᵀ·scale)·V per sequence over its seq_lens[b] cached tokens; returns q's shape."""
+    check_tensor(q, "q")
+    if q.dim() not in (3, 4):
+        raise ValueError(f"q: expected a (B, Hq, D) or (B, Hq, Sq, D) tensor, got shape {tuple(q.shape)}")
     check_tensor(k_cache, "k_cache", ndim=4)
     check_tensor(v_cache, "v_cache", ndim=4)
     check_tensor(block_table, "block_table", dtypes=(torch.int32,), ndim=2)
     check_tensor(seq_lens, "seq_lens", dtypes=(torch.int32,), ndim=1)
     check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_table=block_table, seq_lens=seq_lens)
     check_same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
-    batch, heads_q, head_dim = q.shape
+    batch, heads_q, head_dim = q.shape[0], q.shape[1], q.shape[-1]
     if v_cache.shape != k_cache.shape:
         raise ValueError(f"v_cache: expected shape {tuple(k_cache.shape)} (that of k_cache), "
                          f"got {tuple(v_cache.shape)}")
@@ -85,6 +102,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
+    _check_seq_lens(seq_lens, block_table.shape[1] * k_cache.shape[1])
     return _paged_attention_op(q, k_cache, v_cache, block_table, seq_lens, float(scale),
                                BACKENDS.select(backend, q.device))
 

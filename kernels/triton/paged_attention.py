@@ -1,10 +1,11 @@
 """Decode attention on a paged KV cache in Triton, split along the KV length (flash-decoding).
 
 Pass 1: one program per (sequence, KV head, split of the context): the query rows of every query head of the
-GQA group form one tile (so each K/V token is read once per group, not once per query head); tokens are
+GQA group, and of every one of the Sq new tokens, form one tile (so each K/V token is read once per group and
+step, not once per query head or token; new token i sees the first seq_len − (Sq − 1 − i) tokens); tokens are
 gathered through the block table (token t lives in page block_table[b, t // block_size], row t % block_size);
 online softmax over the split; the normalised partial output and its log2-sum-exp go to fp32 scratch.
-Pass 2: one program per (sequence, query head) merges the splits, weighting each by exp2(lse_split − max).
+Pass 2: one program per (sequence, query head, new token) merges the splits, weighting each by exp2(lse_split − max).
 """
 
 from __future__ import annotations
@@ -19,32 +20,35 @@ from gpuforge.kernels import _alloc
 
 @triton.jit
 def _paged_decode_split_kernel(
-    q_ptr,  # (B, Hq, D) queries, unit stride along D
+    q_ptr,  # (B, Hq, Sq, D) queries, unit stride along D
     k_cache_ptr, v_cache_ptr,  # (num_blocks, block_size, Hkv, D) pages, unit stride along D
     block_table_ptr,  # (B, max_blocks) int32 page numbers
     seq_lens_ptr,  # (B,) int32 tokens in the cache per sequence
-    part_out_ptr,  # (B, Hq, num_splits, D) fp32 normalised partial outputs (contiguous)
-    part_lse_ptr,  # (B, Hq, num_splits) fp32 log2-sum-exp of each split, -inf when it holds no token
-    stride_qb, stride_qh,
+    part_out_ptr,  # (B, Hq, Sq, num_splits, D) fp32 normalised partial outputs (contiguous)
+    part_lse_ptr,  # (B, Hq, Sq, num_splits) fp32 log2-sum-exp of each split, -inf when it holds no token
+    stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_tb,
-    num_heads, group, head_dim, block_size, num_splits, scale_log2,
+    num_heads, group, num_new, head_dim, block_size, num_splits, scale_log2,
     PARTITION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Softmax-weighted sum of V over tokens [split·PARTITION, (split+1)·PARTITION) ∩ [0, seq_len)."""
+    """Softmax-weighted sum of V over tokens [split·PARTITION, (split+1)·PARTITION) ∩ [0, seq_len − Sq + 1 + i)
+    for each row (query head of the group, new token i)."""
     b = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_g = tl.arange(0, BLOCK_G)  # row = query head of the group x new token
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    heads = hk * group + offs_g
-    g_ok = offs_g < group
+    heads = hk * group + offs_g // num_new
+    new = offs_g % num_new
+    g_ok = offs_g < group * num_new
     d_ok = offs_d < head_dim
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + new[:, None] * stride_qs + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     seq_len = tl.load(seq_lens_ptr + b)
+    row_len = seq_len - (num_new - 1 - new)  # causal among the new tokens (bottom-right aligned)
     lo = split * PARTITION
     hi = tl.minimum(lo + PARTITION, seq_len)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
@@ -60,7 +64,8 @@ def _paged_decode_split_kernel(
                     + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + page[:, None] * stride_vb + row[:, None] * stride_vt + hk * stride_vh
                     + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.where(tok_ok[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+        visible = tok_ok[None, :] & (tokens[None, :] < row_len[:, None])
+        s = tl.where(visible, tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -71,21 +76,21 @@ def _paged_decode_split_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-    row_ids = (b * num_heads + heads) * num_splits + split
+    row_ids = ((b * num_heads + heads) * num_new + new) * num_splits + split
     tl.store(part_out_ptr + row_ids[:, None] * head_dim + offs_d[None, :], out, mask=g_ok[:, None] & d_ok[None, :])
     tl.store(part_lse_ptr + row_ids, lse, mask=g_ok)
 
 
 @triton.jit
 def _paged_decode_reduce_kernel(
-    part_out_ptr,  # (B, Hq, num_splits, D) fp32 partial outputs
-    part_lse_ptr,  # (B, Hq, num_splits) fp32 log2-sum-exp per split
-    out_ptr,  # (B, Hq, D) output (contiguous)
+    part_out_ptr,  # (B, Hq, Sq, num_splits, D) fp32 partial outputs
+    part_lse_ptr,  # (B, Hq, Sq, num_splits) fp32 log2-sum-exp per split
+    out_ptr,  # (B, Hq, Sq, D) output (contiguous)
     num_splits, head_dim,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """out = Σ_s w_s·o_s / Σ_s w_s with w_s = exp2(lse_s − max lse): the exact softmax over all splits."""
-    row = tl.program_id(0).to(tl.int64)  # b * Hq + h
+    row = tl.program_id(0).to(tl.int64)  # (b * Hq + h) * Sq + i
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
@@ -116,7 +121,10 @@ def _operand(t: torch.Tensor) -> torch.Tensor:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    batch, heads_q, head_dim = q.shape
+    """q (B, Hq, Sq, D) -> (B, Hq, Sq, D); q (B, Hq, D) is one new token."""
+    if q.dim() == 3:
+        return paged_attention(q.unsqueeze(2), k_cache, v_cache, block_table, seq_lens, scale).squeeze(2)
+    batch, heads_q, num_new, head_dim = q.shape
     _, block_size, heads_kv, _ = k_cache.shape
     out = _alloc.empty_like(q)
     if out.numel() == 0:
@@ -124,17 +132,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     q, k_cache, v_cache = _operand(q), _operand(k_cache), _operand(v_cache)
     group = heads_q // heads_kv
     num_splits = max(1, triton.cdiv(block_table.shape[1] * block_size, PARTITION))
-    part_out = torch.empty((batch, heads_q, num_splits, head_dim), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((batch, heads_q, num_splits), dtype=torch.float32, device=q.device)
+    part_out = _alloc.empty((batch, heads_q, num_new, num_splits, head_dim), dtype=torch.float32, device=q.device)
+    part_lse = _alloc.empty((batch, heads_q, num_new, num_splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     _paged_decode_split_kernel[(batch, heads_kv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_out, part_lse,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
-        heads_q, group, head_dim, block_size, num_splits, scale * LOG2E,
-        PARTITION=PARTITION, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
+        heads_q, group, num_new, head_dim, block_size, num_splits, scale * LOG2E,
+        PARTITION=PARTITION, BLOCK_G=max(16, triton.next_power_of_2(group * num_new)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
         num_warps=NUM_WARPS)
-    _paged_decode_reduce_kernel[(batch * heads_q,)](
+    _paged_decode_reduce_kernel[(batch * heads_q * num_new,)](
         part_out, part_lse, out, num_splits, head_dim,
         BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=NUM_WARPS)
     return out

@@ -71,6 +71,26 @@ def test_strided_query_and_custom_scale():
     assert_close_rel(out, reference64(q_strided, k_cache, v_cache, table, lens, 0.05), TOL[torch.float32])
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_several_new_tokens_are_causal_among_themselves(dtype):
+    """Sq = 3 new tokens (their K/V the last 3 cached): token i sees seq_len − 2 + i tokens, as dense causal
+    attention with Sq != Sk does; a sequence shorter than Sq leaves its first rows with no token (zeros)."""
+    gen = torch.Generator().manual_seed(3)
+    _, k_cache, v_cache, table, lens = pa.random_paged_cache(3, 4, 2, 32, 8, [2, 37, 70], dtype, DEVICE, gen)
+    q = torch.randn(3, 4, 3, 32, generator=gen).to(device=DEVICE, dtype=dtype)
+    out = gf.paged_attention(q, k_cache, v_cache, table, lens, backend="triton")
+    assert out.shape == q.shape
+    expected = torch.zeros(q.shape, dtype=torch.float64)
+    for b, length in enumerate(lens.tolist()):
+        k, v = (pa.gather_kv(c.double(), table, b, length)[None] for c in (k_cache, v_cache))
+        expected[b] = attention_math(q[b][None].double(), k, v, 32 ** -0.5, -1, 0)[0][0]
+    assert expected[0, :, 0].abs().sum() == 0  # the 2-token sequence: its first new token sees nothing
+    assert_close_rel(out, expected, TOL[dtype], str(dtype))
+    one_at_a_time = gf.paged_attention(q[:, :, -1], k_cache, v_cache, table, lens, backend="triton")
+    assert_close_rel(one_at_a_time, out[:, :, -1], TOL[dtype], "the last new token == single-token decode")
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck_and_compile(backend):
     if backend == "triton" and not TRITON:
@@ -95,7 +115,9 @@ def _inputs(**changes):
 @pytest.mark.parametrize(
     "changes, error, match",
     [
-        ({"q": torch.ones(2, 4, 1, 8)}, ValueError, "q: expected a 3-D tensor"),
+        ({"q": torch.ones(2, 4, 1, 1, 8)}, ValueError, r"q: expected a \(B, Hq, D\) or \(B, Hq, Sq, D\)"),
+        ({"seq_lens": torch.tensor([3, 9], dtype=torch.int32)}, ValueError, r"seq_lens: expected values in 0..8"),
+        ({"seq_lens": torch.tensor([-1, 2], dtype=torch.int32)}, ValueError, r"seq_lens: expected values in 0..8"),
         ({"q": torch.ones(2, 4, 16)}, ValueError, "k_cache: expected head dim D=16"),
         ({"q": torch.ones(2, 3, 8)}, ValueError, "Hq=3 must be a multiple of .* Hkv=2"),
         ({"q": torch.ones(3, 4, 8)}, ValueError, "block_table, seq_lens: expected batch 3"),
