@@ -50,7 +50,7 @@ def _zero_parity(comm, stage, offload=None):
 
 @pytest.mark.parametrize("stage,world,kind,offload", [(1, 2, "torch", None), (1, 4, "torch", "cpu"),
                                                       (2, 2, "torch", "cpu"), (2, 4, "torch", None),
-                                                      (1, 2, "mpi", None), (2, 2, "mpi", None)])
+                                                      (2, 2, "mpi", None)])
 def test_zero_matches_single_process_fp64(stage, world, kind, offload):
     results = run_distributed(_zero_parity, world, stage, offload, comm=kind)
     ref = _reference(world)
