@@ -103,6 +103,8 @@ def _backward_outputs(x, weight, programs: int, deterministic: bool):
 
 # The CUDA backward keeps a block's fp32 partial dw row in shared memory: 160 KB fits A100 (163 KB) and H100.
 CUDA_MAX_N = 40960
+# The Triton kernels keep a whole row in registers (triton/rms_norm.py); wider rows go to torch under `auto`.
+TRITON_MAX_N = 65536
 
 
 def _check_cuda_width(n: int) -> None:
@@ -308,7 +310,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     `residual` (x's shape, dtype, device) it computes h = x + residual first and returns (rms_norm(h), h).
     Autograd for x, weight and residual; `deterministic=False` lets the weight gradient use atomics."""
     _check_inputs(x, weight, eps, residual)
-    chosen = BACKENDS.select(backend, x.device)
+    wide = backend == "auto" and x.shape[-1] > TRITON_MAX_N  # no fused kernel holds the row on chip
+    chosen = "torch" if wide else BACKENDS.select(backend, x.device)
     if residual is None:
         return _rms_norm_op(x, weight, float(eps), chosen, bool(deterministic))[0]
     y, h, _ = _add_rms_norm_op(x, residual, weight, float(eps), chosen, bool(deterministic))

@@ -17,6 +17,7 @@ import triton.language as tl
 
 from gpuforge.backends import triton_interpreter_on
 from gpuforge.kernels import _alloc
+from gpuforge.kernels.rms_norm import TRITON_MAX_N
 
 
 @triton.jit
@@ -113,7 +114,7 @@ def _sum_partials_kernel(
 
 
 # 64K fp32 values per row is where one register-resident row stops fitting (Liger's MAX_FUSED_SIZE).
-MAX_N = 65536
+MAX_N = TRITON_MAX_N
 SUM_BLOCK = 256
 # Under the interpreter a few programs still exercise the band split and the second pass.
 INTERPRETER_PROGRAMS = 4

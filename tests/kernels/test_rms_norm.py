@@ -6,7 +6,7 @@ import torch
 
 import gpuforge as gf
 from gpuforge import backends
-from gpuforge.kernels.rms_norm import BACKENDS, rms_norm_float64
+from gpuforge.kernels.rms_norm import BACKENDS, TRITON_MAX_N, rms_norm_float64
 from tests.helpers import REL_TOL, assert_close_rel, max_rel_error
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -272,6 +272,17 @@ def test_triton_rejects_rows_too_wide_for_registers():
 
     with pytest.raises(ValueError, match="last dim must be"):
         triton_rms_norm.rms_norm_forward(torch.ones(1, triton_rms_norm.MAX_N + 1), torch.ones(1), None, 1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_falls_back_to_torch_for_rows_no_kernel_holds():
+    """auto must not pick a fused backend that rejects the width (Triton > 64K, CUDA backward > 40K)."""
+    x = torch.randn(2, TRITON_MAX_N + 3, device="cuda", requires_grad=True)
+    w = torch.randn(x.shape[-1], device="cuda", requires_grad=True)
+    y = gf.rms_norm(x, w)
+    y.sum().backward()
+    assert_close_rel(y, rms_norm_float64(x, w), REL_TOL[torch.float32], "y")
+    assert x.grad is not None and w.grad is not None and torch.isfinite(x.grad).all()
 
 
 def test_benchmark_cases_compute_the_reference():
