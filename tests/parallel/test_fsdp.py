@@ -1,5 +1,6 @@
 """FullyShardedDataParallel (ZeRO-3) vs one process on the concatenated batch (fp64, 1e-12), its communication
-ledger against 3(N−1)/N·Ψ·B, the parameter memory between steps, and bad input."""
+ledger against 3(N−1)/N·Ψ·B, the parameter memory between steps, and bad input (tied parameters, devices,
+dtypes, configurations that differ between ranks)."""
 
 import re
 from fractions import Fraction
@@ -122,6 +123,24 @@ def test_bad_input_is_rejected():
     mixed[1].bias.data = mixed[1].bias.data.double()
     with pytest.raises(TypeError, match="one dtype"):
         FullyShardedDataParallel(mixed, comm=None)
+    split = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2, device="meta"))
+    with pytest.raises(ValueError, match="module: all parameters must be on one device"):
+        FullyShardedDataParallel(split, comm=None)
+
+
+def _mismatched_config(comm):
+    model = _build() if comm.rank == 0 else torch.nn.Sequential(Block(D, 7), Block(D, 6))
+    try:
+        FullyShardedDataParallel(model, comm)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def test_mismatched_configurations_raise_on_every_rank():
+    for message in run_distributed(_mismatched_config, 2, comm_timeout=20):
+        assert message is not None and "FullyShardedDataParallel: mismatched configurations between ranks" in message
+        assert "units, numel, shapes differ" in message
 
 
 def test_train_cli_zero3_matches_single_process():
