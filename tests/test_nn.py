@@ -30,6 +30,24 @@ def test_rms_norm_matches_torch(normalized_shape, eps, affine):
         assert_close_rel(ours.weight.grad, theirs.weight.grad, 1e-5, "dweight")
 
 
+def test_rms_norm_on_the_triton_kernels_matches_torch():
+    if not gf.backends.available()["triton"][0]:
+        pytest.skip("triton cannot run here")
+    torch.manual_seed(1)
+    ours, theirs = gf.nn.RMSNorm(40, eps=1e-5, backend="triton"), torch.nn.RMSNorm(40, eps=1e-5)
+    with torch.no_grad():
+        theirs.weight.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 7, 40)
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert_close_rel(y_ours, y_theirs, REL_TOL[torch.float32])
+    y_ours.backward(x)
+    y_theirs.backward(x)
+    assert_close_rel(x_ours.grad, x_theirs.grad, 1e-5, "dx")
+    assert_close_rel(ours.weight.grad, theirs.weight.grad, 1e-5, "dweight")
+
+
 def test_rms_norm_state_dict_round_trip_and_dtype():
     theirs = torch.nn.RMSNorm(16, dtype=torch.bfloat16)
     ours = gf.nn.RMSNorm(16, dtype=torch.bfloat16)

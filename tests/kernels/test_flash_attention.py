@@ -199,11 +199,32 @@ def test_opcheck(backend):
 def test_torch_compile_fullgraph(backend):
     if backend == "triton" and not TRITON:
         pytest.skip("triton cannot run here")
-    q, k, v = make((1, 2, 17, 16)), make((1, 1, 17, 16)), make((1, 1, 17, 16))
+    q, k, v = (make(shape).requires_grad_() for shape in ((1, 2, 17, 16), (1, 1, 17, 16), (1, 1, 17, 16)))
     compiled = torch.compile(lambda a, b, c: gf.flash_attention(a, b, c, causal=True, backend=backend) * 2,
                              fullgraph=True)
-    expected = fa.attention_math(q.double(), k.double(), v.double(), 0.25, -1, 0)[0]
-    assert_close_rel(compiled(q, k, v), 2 * expected, FP32_TOL)
+    dout = make((1, 2, 17, 16))
+    got = run_with_grads(compiled, q, k, v, dout)
+    expected = reference_with_grads(q, k, v, 2 * dout, causal=True)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, expected, strict=True):
+        assert_close_rel(g, 2 * e if name == "out" else e, FP32_TOL, f"compiled {name}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_varlen_with_backward(backend):
+    if backend == "triton" and not TRITON:
+        pytest.skip("triton cannot run here")
+    cu = torch.tensor([0, 5, 17], dtype=torch.int32, device=DEVICE)
+    q, k, v = (make((17, h, 16)).requires_grad_() for h in (2, 1, 1))
+    compiled = torch.compile(lambda a, b, c: gf.flash_attention_varlen(a, b, c, cu, cu, 12, 12, causal=True,
+                                                                       backend=backend), fullgraph=True)
+    out = compiled(q, k, v)
+    out.sum().backward()
+    for start, end in ((0, 5), (5, 17)):
+        dense = [t.detach()[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+        ref_out, ref_dq, ref_dk, ref_dv = reference_with_grads(*dense, torch.ones_like(dense[0]), causal=True)
+        for name, full, e in zip(("out", "dq", "dk", "dv"), (out, q.grad, k.grad, v.grad),
+                                 (ref_out, ref_dq, ref_dk, ref_dv), strict=True):
+            assert_close_rel(full.detach()[start:end].transpose(0, 1)[None], e, FP32_TOL, f"{name} {start}:{end}")
 
 
 @needs_triton
