@@ -6,6 +6,7 @@ from gpuforge.parallel.comm import CommDesyncError, CommError, CommTimeoutError,
 from gpuforge.parallel.ddp import DistributedDataParallel
 from gpuforge.parallel.fsdp import FullyShardedDataParallel
 from gpuforge.parallel.mesh import DeviceMesh, Trainer3D
+from gpuforge.parallel.mixed_precision import LossScaler, MixedPrecision, MixedPrecisionOptimizer
 from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split
 from gpuforge.parallel.pipeline_schedule import gpipe, interleaved_one_f_one_b, make_schedule, one_f_one_b
 from gpuforge.parallel.pipeline_sim import simulate
@@ -20,7 +21,8 @@ from gpuforge.parallel.tensor_parallel import (
 from gpuforge.parallel.zero import ZeroRedundancyOptimizer
 
 __all__ = ["ColumnParallelLinear", "CommDesyncError", "CommError", "CommTimeoutError", "Communicator", "DeviceMesh",
-           "DistributedDataParallel", "FullyShardedDataParallel", "PipelineExecutor", "RowParallelLinear", "Trainer3D",
+           "DistributedDataParallel", "FullyShardedDataParallel", "LossScaler", "MixedPrecision",
+           "MixedPrecisionOptimizer", "PipelineExecutor", "RowParallelLinear", "Trainer3D",
            "VocabParallelEmbedding",
            "ZeroRedundancyOptimizer", "gpipe", "init_comm", "interleaved_one_f_one_b", "make_schedule", "one_f_one_b",
            "pipeline_split", "sequence_parallelize", "simulate", "tensor_parallelize", "vocab_parallel_cross_entropy"]
