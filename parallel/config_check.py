@@ -22,19 +22,17 @@ def shapes_fingerprint(tensors) -> int:
 def _encode(value) -> int:
     if isinstance(value, torch.dtype):
         return _DTYPES.index(value) if value in _DTYPES else len(_DTYPES)
-    if value is None:
-        return -1
     return int(value)
 
 
 def _decode(template, code: int) -> str:
     if isinstance(template, torch.dtype):
         return str(_DTYPES[code]).replace("torch.", "") if 0 <= code < len(_DTYPES) else "?"
-    return "None" if code == -1 and template is None else str(code)
+    return str(code)
 
 
 def check_same_config(comm, group, owner: str, device, **fields) -> None:
-    """One all-gather of this rank's `fields` (ints, bools, None or torch dtypes) over `group`."""
+    """One all-gather of this rank's `fields` (ints, bools or torch dtypes) over `group`."""
     names, values = list(fields), list(fields.values())
     mine = torch.tensor([_encode(v) for v in values], dtype=torch.int64, device=device)
     n = comm.group_size(group)

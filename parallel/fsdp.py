@@ -33,7 +33,7 @@ import torch
 from gpuforge.parallel.config_check import check_same_config, shapes_fingerprint
 from gpuforge.parallel.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
 from gpuforge.parallel.mixed_precision import check_mixed_precision
-from gpuforge.parallel.zero import flatten_padded
+from gpuforge.parallel.zero import flat_views, flatten_padded
 
 
 class _Unit:
@@ -55,10 +55,8 @@ class _Unit:
             self.shard = torch.nn.Parameter(first[lo:lo + self.shard_size].clone())
             # a storage of our own (`first` may have been exported to MPI), in the parameters' compute dtype
             self.flat = first.to(param_dtype, copy=True)
-            offset = 0
-            for p in params:
-                p.data = self.flat[offset:offset + p.numel()].view_as(p)
-                offset += p.numel()
+            for p, view in zip(params, flat_views(params, self.flat), strict=True):
+                p.data = view
         self._full_bytes = self.flat.untyped_storage().nbytes()
         self._grads_pending, self._in_flight = 0, None
         self.free()
