@@ -4,9 +4,11 @@ parameters and gradients, float32 master weights and optimizer state, fp16 dynam
 - parity with a single-process reference doing the same arithmetic (each rank's bf16/fp16 backward, gradients
   averaged in float32, AdamW on float32 masters, cast back), on gloo at N = 2 and 4 and on MPI;
 - bf16 with float32 masters tracks a float32 run of the same model on the concatenated batch;
-- fp16: a step whose gradient overflows in one rank's shard only is skipped on every rank (the inf/nan flag is
-  agreed by one all-reduce), the scale backs off, then grows back.
+- fp16 (clipping after unscaling): a step whose gradient overflows in one rank's shard only is skipped on
+  every rank (the inf/nan flag is agreed by one all-reduce), the scale backs off, then grows back.
 """
+
+from fractions import Fraction
 
 import pytest
 import torch
@@ -20,6 +22,7 @@ from tests.parallel.dist_harness import make_batches, run_distributed, shard
 pytestmark = pytest.mark.distributed
 D, H, PER_RANK, LR = 6, 16, 4, 0.01
 SCALER = dict(init_scale=2.0 ** 8, growth_interval=2)  # small interval: the test sees the scale grow back
+CLIP = 0.05  # below the gradient norm: the fp16 runs clip every step
 
 
 class Block(torch.nn.Module):
@@ -81,9 +84,10 @@ def _run(comm, strategy, dtype, reduce_dtype, steps, overflow):
         flats = [(opt.params, opt.shard)]
     scaler = LossScaler(comm, **SCALER) if dtype == torch.float16 else None
     taken, scales = [], []
+    comm.ledger.clear()
     for step, (x, y) in enumerate(make_batches(steps, comm.world_size, PER_RANK, d=D, dtype=torch.float32)):
         x, y = _rank_batch(x, y, comm.rank, comm.world_size, dtype)
-        clock[0] = step
+        clock[0] = comm.ledger.step = step
         opt.zero_grad()
         loss = F.mse_loss(fwd(x), y)
         if scaler is None:
@@ -91,11 +95,14 @@ def _run(comm, strategy, dtype, reduce_dtype, steps, overflow):
             opt.step()
             continue
         scaler.scale(loss).backward()
+        if not scaler.unscale_(opt):  # torch.amp's order: unscale, clip the true gradient, step
+            (fwd if strategy == "fsdp" else opt).clip_grad_norm_(CLIP)
         taken.append(scaler.step(opt))
         scaler.update()
         scales.append(scaler.scale_value)
     masters = [([names[p] for p in ps], [p.numel() for p in ps], s.detach().clone()) for ps, s in flats]
-    return dict(masters=masters, taken=taken, scales=scales)
+    return dict(masters=masters, taken=taken, scales=scales, wire=comm.ledger.wire_bytes(step=1),
+                padded=sum(s.numel() for _, s in flats) * comm.world_size)
 
 
 def _runs(comm, strategies, dtype, reduce_dtype, steps, overflow=False):
@@ -134,6 +141,8 @@ def _reference(world, dtype, steps, overflow=False):
         finite = all(bool(torch.isfinite(m.grad).all()) for m in masters.values())
         taken.append(finite)
         if finite:
+            if dtype == torch.float16:
+                assert torch.nn.utils.clip_grad_norm_(masters.values(), CLIP) > CLIP
             opt.step()
             with torch.no_grad():
                 for n, p in model.named_parameters():
@@ -186,17 +195,21 @@ def _single_process(world, steps, dtype):
 
 
 def test_bf16_with_fp32_master_tracks_fp32_training():
-    steps = 6
-    results = run_distributed(_runs, 2, ("zero2", "fsdp"), torch.bfloat16, None, steps)
-    fp32 = _single_process(2, steps, torch.float32)
+    steps, world = 6, 2
+    results = run_distributed(_runs, world, ("zero2", "fsdp"), torch.bfloat16, None, steps)
+    fp32 = _single_process(world, steps, torch.float32)
     # the yardstick (flash-attention's rule): one process training in bf16 with fp32 masters on the same
     # batch. Its distance to fp32 is bf16 rounding (u = 2^-8) in every forward and backward, amplified where
     # Adam normalises a gradient near zero; sharding and averaging across ranks must not add more than that.
-    yardstick = _max_diff(_single_process(2, steps, torch.bfloat16), fp32)
+    yardstick = _max_diff(_single_process(world, steps, torch.bfloat16), fp32)
     assert 0 < yardstick < steps * LR  # bf16 changed the result, by less than the training moved it
-    for strategy in ("zero2", "fsdp"):
+    for strategy, passes in (("zero2", 2), ("fsdp", 3)):
         diff = _max_diff(_full_masters(results, strategy), fp32)
         assert 0 < diff <= 2 * yardstick, (strategy, diff, yardstick)
+        # bf16 on the wire: ZeRO-2 reduce-scatter + all-gather, ZeRO-3 two all-gathers + reduce-scatter, of
+        # Ψ_pad·2 bytes each, ring cost (N-1)/N
+        res = results[0][strategy]
+        assert res["wire"] == Fraction(passes * (world - 1), world) * res["padded"] * 2, strategy
 
 
 def test_bad_mixed_precision_use_is_rejected():
