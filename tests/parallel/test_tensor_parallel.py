@@ -109,9 +109,11 @@ def dit_parity(comm, steps):
     worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
     for step in range(steps):
         batch = make_dit_batch(step, B)
+        comm.ledger.clear()
         loss_ref, loss = dit_loss(ref, batch), dit_loss(tp, batch)
         loss_ref.backward()
         loss.backward()
+        worst["ledger"] = sorted((e.op, e.shape) for e in comm.ledger.entries)
         worst["loss"] = max(worst["loss"], abs(loss.item() - loss_ref.item()) / loss_ref.item())
         for name, p in tp.named_parameters():
             g = dit_shard_of(name, full[name].grad, comm.world_size, comm.rank)
@@ -159,6 +161,16 @@ def test_tp_matches_single_process_float64(t, case):
     for rank, results in enumerate(tp_results(t)):
         worst = results[case]
         assert worst["loss"] < 1e-12 and worst["grad"] < 1e-12 and worst["param"] < 1e-12, (rank, worst)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("t", [2, 4])
+def test_dit_all_reduces_per_block(t):
+    """Per block and step: g after self-attention, cross-attention and the MLP forward; f backward on each of
+    their inputs, plus one on the text context (b, 3, dim), whose gradient sums every rank's heads."""
+    depth, tokens, ctx, dim = 2, 16, 3, 32
+    expected = sorted([("all_reduce", (B, tokens, dim))] * (6 * depth) + [("all_reduce", (B, ctx, dim))] * depth)
+    assert tp_results(t)[0]["dit"]["ledger"] == expected
 
 
 @pytest.mark.distributed
