@@ -31,6 +31,12 @@
   }()
 #endif
 
+// Declares the kernel's dynamic shared memory (sized by the launch) as `type name[]`. A macro so that the
+// SIMT emulator of the tests (tests/csrc/simt/simt.h), which defines it first, can give each launch a buffer.
+#ifndef GF_DYNAMIC_SHARED
+#define GF_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
+
 namespace gpuforge {
 
 // Every kernel computes in fp32 and rounds once on store, as PyTorch does for fp16/bf16 elementwise ops.

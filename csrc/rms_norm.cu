@@ -114,7 +114,7 @@ __global__ void rms_norm_backward_kernel(const T* __restrict__ dy,        // (ro
                                          T* __restrict__ dx,              // (rows, n), contiguous
                                          float* __restrict__ dw_partial,  // (gridDim.x, n), or (1, n) zeroed if ATOMIC
                                          long long rows, long long n) {
-  extern __shared__ float dw_acc[];
+  GF_DYNAMIC_SHARED(float, dw_acc);
   __shared__ float scratch[33];
   const long long step = (long long)blockDim.x * VEC;
   const long long chunks = n / VEC;  // n is a multiple of VEC
