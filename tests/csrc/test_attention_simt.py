@@ -6,33 +6,18 @@ and gradients are compared with the float64 math reference: every dtype, GQA rat
 causal and windowed, odd lengths and head dims, rows that see no key, strided inputs, outputs poisoned."""
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from gpuforge.kernels import flash_attention as fa
+from tests.csrc.simt_build import DTYPE_CODES, ptr
 from tests.helpers import REL_TOL, assert_close_rel, poison_
-
-ROOT = Path(__file__).resolve().parents[2]
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @pytest.fixture(scope="module")
-def simt(tmp_path_factory):
-    if shutil.which("g++") is None:
-        pytest.skip("needs g++ to build the SIMT emulation of the CUDA kernels")
-    lib = tmp_path_factory.mktemp("simt") / "libattention_simt.so"
-    subprocess.run(["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-D__CUDACC_RTC__", "-Wall", "-Werror",
-                    "-Wno-unknown-pragmas", f"-I{ROOT / 'tests/csrc/simt'}", f"-I{ROOT / 'csrc'}",
-                    str(ROOT / "tests/csrc/simt/attention.cpp"), "-o", str(lib)], check=True)
-    return ctypes.CDLL(str(lib))
-
-
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+def simt(simt_lib):
+    return simt_lib("attention")
 
 
 def _params(q, k, v, left, right):
@@ -43,7 +28,7 @@ def _params(q, k, v, left, right):
 def simt_forward(lib, q, k, v, scale, left, right):
     out = poison_(torch.empty_like(q, memory_format=torch.contiguous_format))
     lse = poison_(torch.empty(q.shape[:3]))
-    status = lib.gf_simt_attention_forward(DTYPE_CODES[q.dtype], _ptr(q), _ptr(k), _ptr(v), _ptr(out), _ptr(lse),
+    status = lib.gf_simt_attention_forward(DTYPE_CODES[q.dtype], ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse),
                                            ctypes.c_longlong(q.shape[0]), _params(q, k, v, left, right),
                                            ctypes.c_float(scale))
     assert status == 0
@@ -54,7 +39,7 @@ def simt_backward(lib, q, k, v, out, dout, lse, dlse, scale, left, right):
     dq, dk, dv = (poison_(torch.empty_like(t, memory_format=torch.contiguous_format)) for t in (q, k, v))
     delta = poison_(torch.empty(q.shape[:3]))
     status = lib.gf_simt_attention_backward(
-        DTYPE_CODES[q.dtype], *(_ptr(t) for t in (q, k, v, out, dout, lse, dlse, dq, dk, dv, delta)),
+        DTYPE_CODES[q.dtype], *(ptr(t) for t in (q, k, v, out, dout, lse, dlse, dq, dk, dv, delta)),
         ctypes.c_longlong(q.shape[0]), _params(q, k, v, left, right), ctypes.c_float(scale))
     assert status == 0
     return dq, dk, dv

@@ -1,7 +1,7 @@
 // C entry points that run csrc/flash_attention.cu's baseline forward and csrc/flash_attention_bwd.cu's backward
 // kernels on the CPU through the SIMT emulator (simt.h), for tests/csrc/test_attention_simt.py. The grids and
 // the dispatch on head_dim mirror the launchers in those files (which g++ cannot compile: <<<...>>>).
-#include "simt.h"
+#include "driver.h"
 
 #include "flash_attention.cu"
 #include "flash_attention_bwd.cu"
@@ -15,23 +15,18 @@ AttentionParams params(const long long* p, float scale) {
           scale};
 }
 
-unsigned cdiv(long long n, int d) { return static_cast<unsigned>((n + d - 1) / d); }
+using simt_driver::cdiv;
+using simt_driver::Constant;
 
-// Calls fn(T{}, std::integral_constant<int, kPerLane>{}) for the dtype code (0 fp32, 1 fp16, 2 bf16) and D.
+// Calls fn(T{}, Constant<kPerLane>{}) for the dtype code and D.
 template <typename Fn>
 int dispatch(int dtype, long long head_dim, Fn fn) {
-  auto by_dim = [&](auto t) {
-    if (head_dim <= 32) return fn(t, std::integral_constant<int, 1>{});
-    if (head_dim <= 64) return fn(t, std::integral_constant<int, 2>{});
-    if (head_dim <= 128) return fn(t, std::integral_constant<int, 4>{});
-    return fn(t, std::integral_constant<int, 8>{});
-  };
-  switch (dtype) {
-    case 0: return by_dim(float{});
-    case 1: return by_dim(__half{});
-    case 2: return by_dim(__nv_bfloat16{});
-  }
-  return 1;
+  return simt_driver::with_dtype(dtype, [&](auto t) {
+    if (head_dim <= 32) return fn(t, Constant<1>{});
+    if (head_dim <= 64) return fn(t, Constant<2>{});
+    if (head_dim <= 128) return fn(t, Constant<4>{});
+    return fn(t, Constant<8>{});
+  });
 }
 
 constexpr int kThreads = 128;  // 4 warps, as kAttentionWarpsPerBlock and kAttnBwdWarpsPerBlock
@@ -46,7 +41,7 @@ extern "C" int gf_simt_attention_forward(int dtype, const void* q, const void* k
   return dispatch(dtype, prm.head_dim, [&](auto t, auto per_lane) {
     using T = decltype(t);
     const dim3 grid{cdiv(prm.seqlen_q, 4), static_cast<unsigned>(batch * prm.heads_q), 1};
-    simt::launch(grid, dim3{kThreads, 1, 1}, gpuforge::flash_attention_fwd_rowwise_kernel<T, per_lane.value>,
+    simt::launch(grid, dim3{kThreads, 1, 1}, 0, gpuforge::flash_attention_fwd_rowwise_kernel<T, per_lane.value>,
                  static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(out),
                  lse, prm);
     return 0;
@@ -67,12 +62,12 @@ extern "C" int gf_simt_attention_backward(int dtype, const void* q, const void* 
     const dim3 rows{cdiv(prm.seqlen_q, 4), static_cast<unsigned>(batch * prm.heads_q), 1};
     const dim3 keys{cdiv(prm.seqlen_k, 4), static_cast<unsigned>(batch * prm.heads_kv), 1};
     const dim3 block{kThreads, 1, 1};
-    simt::launch(rows, block, gpuforge::flash_attention_bwd_delta_kernel<T, kPerLane>, static_cast<const T*>(out),
-                 dot, dlse, delta, prm);
-    simt::launch(rows, block, gpuforge::flash_attention_bwd_dq_kernel<T, kPerLane>, qt, kt, vt, dot, lse, delta,
+    simt::launch(rows, block, 0, gpuforge::flash_attention_bwd_delta_kernel<T, kPerLane>,
+                 static_cast<const T*>(out), dot, dlse, delta, prm);
+    simt::launch(rows, block, 0, gpuforge::flash_attention_bwd_dq_kernel<T, kPerLane>, qt, kt, vt, dot, lse, delta,
                  static_cast<T*>(dq), prm);
-    simt::launch(keys, block, gpuforge::flash_attention_bwd_dkdv_kernel<T, kPerLane>, qt, kt, vt, dot, lse, delta,
-                 static_cast<T*>(dk), static_cast<T*>(dv), prm);
+    simt::launch(keys, block, 0, gpuforge::flash_attention_bwd_dkdv_kernel<T, kPerLane>, qt, kt, vt, dot, lse,
+                 delta, static_cast<T*>(dk), static_cast<T*>(dv), prm);
     return 0;
   });
 }

@@ -8,7 +8,8 @@
 // when every live thread of its warp or block has reached it; a thread that returns leaves its barriers, so
 // whole warps may exit early as they do on a GPU. Scheduling is deterministic. What it cannot run: inline PTX
 // (tensor cores, cp.async: kernels guarded by __CUDA_ARCH__ compile to empty bodies here) and code that relies
-// on warps running in lockstep without a shuffle or barrier between.
+// on warps running in lockstep without a shuffle or barrier between. The one PTX instruction it knows, lop3, is
+// rewritten into simt::lop3 by the test build (tests/csrc/simt_build.py) before g++ sees the source.
 #pragma once
 
 #include <ucontext.h>
@@ -23,6 +24,7 @@
 
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
+#include "vector_types.h"
 
 #define __global__
 #define __device__
@@ -31,6 +33,8 @@
 #define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) alignas(n)
+// extern __shared__ T name[] (csrc/common.cuh): the launch's dynamic shared memory, sized by simt::launch.
+#define GF_DYNAMIC_SHARED(type, name) type* const name = reinterpret_cast<type*>(simt::g_dynamic_shared.data())
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
@@ -62,6 +66,10 @@ struct Block {
 
 inline Block* g_block = nullptr;
 inline dim3 g_block_idx, g_block_dim, g_grid_dim;
+struct alignas(16) SharedWord {
+  unsigned char bytes[16];
+};
+inline std::vector<SharedWord> g_dynamic_shared;  // 16-byte aligned, as CUDA's dynamic shared memory
 
 inline Fiber& self() { return g_block->fibers[g_block->current]; }
 
@@ -111,11 +119,13 @@ inline void fiber_main() {
   yield();  // never resumed
 }
 
-// kernel<<<grid, block>>>(args...) with no dynamic shared memory; threads per block a multiple of 32.
+// kernel<<<grid, block, shared_bytes>>>(args...); threads per block a multiple of 32. Every block starts with
+// its dynamic shared memory filled with 0xff bytes (NaN as floats), so a read before a write shows.
 template <typename Kernel, typename... Args>
-void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
+void launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... args) {
   const int threads = static_cast<int>(block.x * block.y * block.z);
   if (threads % 32 != 0) throw std::invalid_argument("simt::launch: threads per block must be a multiple of 32");
+  g_dynamic_shared.resize((shared_bytes + sizeof(SharedWord) - 1) / sizeof(SharedWord));
   std::function<void()> body = [&] { kernel(args...); };
   g_body = &body;
   g_block_dim = block;
@@ -132,6 +142,8 @@ void launch(dim3 grid, dim3 block, Kernel kernel, Args... args) {
         for (auto& w : b.warps) w = Barrier{32, 0, 0};
         b.block = Barrier{threads, 0, 0};
         g_block_idx = {bx, by, bz};
+        if (!g_dynamic_shared.empty())
+          std::memset(g_dynamic_shared.data(), 0xff, g_dynamic_shared.size() * sizeof(SharedWord));
         for (int t = 0; t < threads; ++t) {
           Fiber& f = b.fibers[t];
           f.thread_idx = {t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
@@ -192,6 +204,22 @@ inline float __int_as_float(int x) {
 inline unsigned __cvta_generic_to_shared(const void*) {
   throw std::logic_error("simt: shared-memory address spaces (PTX) are not emulated");
 }
+template <typename T>
+T __ldcs(const T* p) { return *p; }  // a load with an evict-first cache hint: the hint has no host meaning
+
+namespace simt {
+// PTX lop3.b32 d, a, b, c, imm: bit i of d is bit (4 a_i + 2 b_i + c_i) of imm, the truth table that imm
+// encodes as f(0xF0, 0xCC, 0xAA).
+template <unsigned kImm>
+unsigned lop3(unsigned a, unsigned b, unsigned c) {
+  static_assert(kImm < 256, "lop3: the truth table is 8 bits");
+  unsigned d = 0;
+  for (unsigned minterm = 0; minterm < 8; ++minterm)
+    if ((kImm >> minterm) & 1u) d |= (minterm & 4 ? a : ~a) & (minterm & 2 ? b : ~b) & (minterm & 1 ? c : ~c);
+  return d;
+}
+}  // namespace simt
+
 template <typename A, typename B>
 auto min(A a, B b) { return b < a ? b : a; }
 template <typename A, typename B>
