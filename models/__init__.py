@@ -1,7 +1,8 @@
 """gpuforge.models: small plain-PyTorch reference models, one module per course volume (the oracles).
 
-Each module exposes REFERENCE_MODELS: name -> ReferenceModel(build, make_batch, loss_fn), the uniform
-interface the parallel tests train through. `kernelize(model, backend=...)` swaps in gpuforge ops."""
+Each module exposes REFERENCE_MODELS: name -> ReferenceModel(build, make_batch, loss_fn, coupled, inference_only),
+the uniform interface the parallel tests train through; `reference_models()` merges them over every volume.
+`kernelize(model, backend=...)` swaps in gpuforge ops."""
 
 from gpuforge.models import (
            vol0_math,
@@ -15,5 +16,19 @@ from gpuforge.models import (
 from gpuforge.models._layers import ReferenceModel
 from gpuforge.models.kernelize import kernelize
 
-__all__ = ["ReferenceModel", "kernelize", "vol0_math", "vol1_architectures", "vol2_llm", "vol3_generative",
-           "vol4_multimodal", "vol5_rl", "vol6_systems"]
+VOLUMES = (vol0_math, vol1_architectures, vol2_llm, vol3_generative, vol4_multimodal, vol5_rl, vol6_systems)
+
+
+def reference_models() -> dict[str, ReferenceModel]:
+    """Every registered reference model of every volume, by name (names are unique across volumes)."""
+    merged: dict[str, ReferenceModel] = {}
+    for volume in VOLUMES:
+        for name, ref in volume.REFERENCE_MODELS.items():
+            if name in merged:
+                raise ValueError(f"reference model {name!r} is registered twice (again in {volume.__name__})")
+            merged[name] = ref
+    return merged
+
+
+__all__ = ["VOLUMES", "ReferenceModel", "kernelize", "reference_models", "vol0_math", "vol1_architectures",
+           "vol2_llm", "vol3_generative", "vol4_multimodal", "vol5_rl", "vol6_systems"]

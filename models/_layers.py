@@ -8,24 +8,38 @@ All of them work in float64 (the oracles are run in float64 by the parallel test
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-class ReferenceModel(NamedTuple):
+@dataclass(frozen=True)
+class ReferenceModel:
     """The uniform interface the parallel tests train through.
 
     build(): a fresh model (deterministic given torch's seed); make_batch(seed, batch_size): a tuple of
-    tensors, deterministic given the seed; loss_fn(model, batch): a scalar loss (floating inputs are cast to
-    the model's dtype, so a float64 model trains in float64).
+    tensors, each with the samples along dim 0, deterministic given the seed; loss_fn(model, batch): a scalar
+    loss (floating inputs are cast to the model's dtype, so a float64 model trains in float64).
+
+    Unless `coupled`, the loss is a mean over samples: the loss of a batch equals the mean of the losses of
+    equal slices of it along dim 0, which is what data parallelism (each rank a slice, gradients averaged)
+    needs. `coupled`: the samples interact in the loss (TinyCLIP's negatives), so plain data parallelism
+    changes it; the embeddings must be gathered first. `inference_only`: the model is evaluated, not trained
+    (int4 weights are frozen buffers); loss_fn still scores it. An entry unpacks as the triple
+    (build, make_batch, loss_fn).
     """
 
-    build: object
-    make_batch: object
-    loss_fn: object
+    build: Callable[[], nn.Module]
+    make_batch: Callable[[int, int], tuple[torch.Tensor, ...]]
+    loss_fn: Callable[[nn.Module, tuple[torch.Tensor, ...]], torch.Tensor]
+    coupled: bool = False
+    inference_only: bool = False
+
+    def __iter__(self):
+        return iter((self.build, self.make_batch, self.loss_fn))
 
 
 def model_dtype(model: nn.Module) -> torch.dtype:

@@ -4,10 +4,12 @@ TinyConvNeXt: patchify stem (4×4 conv, stride 4), residual blocks y = x + F(x) 
 LayerNorm (or RMSNorm) → 1×1 conv as a Linear (inverted bottleneck, 4×) → GELU → 1×1 back; no BatchNorm, so
 data-parallel ranks never disagree on batch statistics (BatchNorm under DDP normalises each rank's shard by
 its own statistics unless synchronised). TinyGCN: H' = σ(D^-1/2 (A + I) D^-1/2 H W). TinyGAT: attention
-coefficients softmax_j(LeakyReLU(aᵀ[W hᵢ ‖ W hⱼ])) masked to the neighbours of i (self-loop included).
+coefficients softmax_j(LeakyReLU(aᵀ[W hᵢ ‖ W hⱼ])) masked to the neighbours of i (self-loop included). A
+graph batch is a set of independent graphs (a leading graph dim), so data parallelism splits whole graphs.
 
-gpuforge ops exercised: matmul (1×1 convs, GCN aggregation), layer/rms norm, softmax with masks. Parallel
-strategies: DDP, PP (the ConvNeXt stages are a sequence).
+gpuforge ops exercised: matmul (1×1 convs, the GCN/GAT feature transforms), rms_norm (the RMSNorm variant;
+LayerNorm stays torch), softmax with masks (GAT). Parallel strategies: DDP, PP (the ConvNeXt stages are a
+sequence).
 """
 
 from __future__ import annotations
@@ -80,30 +82,37 @@ def classification_loss(model: nn.Module, batch) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- graphs
 
-N_COMMUNITIES, GRAPH_FEATURES = 3, 8
+N_COMMUNITIES, GRAPH_FEATURES, GRAPH_NODES = 3, 8, 48
 
 
-def make_graph_batch(seed: int, batch_size: int):
-    """A stochastic block model with `batch_size` nodes in 3 communities (edge probability 0.3 inside, 0.02
-    across) -> (features (N, 8), adjacency (N, N) symmetric 0/1 without self-loops, labels (N,)). Features are
-    a weak community signal (±0.5 on 3 of the 8 dims) under unit noise, so a node alone is hard to classify
-    but averaging over neighbours is easy."""
+def make_graph_batch(seed: int, batch_size: int, n_nodes: int = GRAPH_NODES):
+    """`batch_size` independent graphs, each a stochastic block model of `n_nodes` nodes in 3 communities
+    (edge probability 0.45 inside, 0.02 across) -> (features (G, N, 8), adjacency (G, N, N) symmetric 0/1
+    without self-loops, labels (G, N)). Graphs are the samples: slicing the batch along dim 0 keeps whole
+    graphs, so data parallelism splits graphs, never a graph's edges. Features are a weak community signal
+    (+0.5 on 1 of the first 3 dims) under unit noise, so a node alone is hard to classify but averaging over
+    neighbours is easy."""
     generator = torch.Generator().manual_seed(seed)
-    labels = torch.randint(N_COMMUNITIES, (batch_size,), generator=generator)
-    same = labels[:, None] == labels[None, :]
-    prob = torch.where(same, 0.3, 0.02)
-    upper = (torch.rand(batch_size, batch_size, generator=generator) < prob).triu(1)
-    adjacency = (upper | upper.T).float()
-    features = torch.randn(batch_size, GRAPH_FEATURES, generator=generator)
-    features[:, :N_COMMUNITIES] += 0.5 * F.one_hot(labels, N_COMMUNITIES).float()
+    labels = torch.randint(N_COMMUNITIES, (batch_size, n_nodes), generator=generator)
+    same = labels[:, :, None] == labels[:, None, :]
+    prob = torch.where(same, 0.45, 0.02)
+    upper = (torch.rand(batch_size, n_nodes, n_nodes, generator=generator) < prob).triu(1)
+    adjacency = (upper | upper.transpose(1, 2)).float()
+    features = torch.randn(batch_size, n_nodes, GRAPH_FEATURES, generator=generator)
+    features[..., :N_COMMUNITIES] += 0.5 * F.one_hot(labels, N_COMMUNITIES).float()
     return features, adjacency, labels
 
 
+def with_self_loops(adjacency: torch.Tensor) -> torch.Tensor:
+    """A + I for adjacency (..., N, N)."""
+    return adjacency + torch.eye(adjacency.shape[-1], dtype=adjacency.dtype, device=adjacency.device)
+
+
 def normalized_adjacency(adjacency: torch.Tensor) -> torch.Tensor:
-    """D^-1/2 (A + I) D^-1/2 with D the degree matrix of A + I."""
-    a = adjacency + torch.eye(adjacency.shape[0], dtype=adjacency.dtype, device=adjacency.device)
+    """D^-1/2 (A + I) D^-1/2 with D the degree matrix of A + I, for adjacency (..., N, N)."""
+    a = with_self_loops(adjacency)
     d = a.sum(-1).rsqrt()
-    return d[:, None] * a * d[None, :]
+    return d[..., :, None] * a * d[..., None, :]
 
 
 class GCNLayer(nn.Module):
@@ -116,7 +125,8 @@ class GCNLayer(nn.Module):
 
 
 class TinyGCN(nn.Module):
-    """Two GCN layers: logits = Â · ReLU(Â X W₁) · W₂, Â = D^-1/2 (A + I) D^-1/2."""
+    """Two GCN layers: logits = Â · ReLU(Â X W₁) · W₂, Â = D^-1/2 (A + I) D^-1/2; features (..., N, F) and
+    adjacency (..., N, N) with any leading (graph) dims."""
 
     def __init__(self, in_dim: int = GRAPH_FEATURES, hidden: int = 16, n_classes: int = N_COMMUNITIES):
         super().__init__()
@@ -130,7 +140,8 @@ class TinyGCN(nn.Module):
 
 class GATLayer(nn.Module):
     """Multi-head graph attention: e_ij = LeakyReLU(a_srcᵀ W hᵢ + a_dstᵀ W hⱼ) (= aᵀ[W hᵢ ‖ W hⱼ]), α_ij =
-    softmax over j ∈ N(i) ∪ {i}, h'ᵢ = ‖_heads Σⱼ α_ij W hⱼ. Non-neighbours get exactly zero weight."""
+    softmax over j ∈ N(i) ∪ {i}, h'ᵢ = ‖_heads Σⱼ α_ij W hⱼ. Non-neighbours get exactly zero weight.
+    h (..., N, in) and adjacency (..., N, N), any leading (graph) dims."""
 
     def __init__(self, in_dim: int, out_dim: int, heads: int = 2):
         super().__init__()
@@ -141,18 +152,18 @@ class GATLayer(nn.Module):
         self.softmax = Softmax(dim=-1)
 
     def attention(self, h, adjacency):
-        """α: (heads, N, N), rows summing to 1 over each node's neighbourhood."""
-        wh = self.linear(h).view(-1, self.heads, self.out_dim)  # (N, heads, out)
-        src = (wh * self.att_src).sum(-1).T  # (heads, N)
-        dst = (wh * self.att_dst).sum(-1).T
-        scores = F.leaky_relu(src[:, :, None] + dst[:, None, :], 0.2)
-        neighbours = (adjacency + torch.eye(adjacency.shape[0], device=adjacency.device)) > 0
-        return self.softmax(scores, neighbours[None]), wh
+        """α: (..., heads, N, N), rows summing to 1 over each node's neighbourhood; and W h (..., N, heads, out)."""
+        wh = self.linear(h).unflatten(-1, (self.heads, self.out_dim))
+        src = (wh * self.att_src).sum(-1).transpose(-1, -2)  # (..., heads, N)
+        dst = (wh * self.att_dst).sum(-1).transpose(-1, -2)
+        scores = F.leaky_relu(src[..., :, None] + dst[..., None, :], 0.2)
+        neighbours = with_self_loops(adjacency) > 0
+        return self.softmax(scores, neighbours.unsqueeze(-3)), wh
 
     def forward(self, h, adjacency):
         alpha, wh = self.attention(h, adjacency)
-        out = alpha @ wh.transpose(0, 1)  # (heads, N, out)
-        return out.transpose(0, 1).reshape(h.shape[0], -1)
+        out = alpha @ wh.transpose(-2, -3)  # (..., heads, N, out)
+        return out.transpose(-2, -3).flatten(-2)
 
 
 class TinyGAT(nn.Module):
@@ -167,8 +178,10 @@ class TinyGAT(nn.Module):
 
 
 def node_classification_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Cross-entropy over every node of every graph (each graph has the same node count, so this is also the
+    mean over graphs of their mean node loss)."""
     features, adjacency, labels = to_model_dtype(model, *batch)
-    return F.cross_entropy(model(features, adjacency), labels)
+    return F.cross_entropy(model(features, adjacency).flatten(0, -2), labels.flatten())
 
 
 REFERENCE_MODELS = {

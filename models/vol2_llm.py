@@ -6,7 +6,8 @@ attention, a SwiGLU feed-forward and an output head tied to the token embedding.
 tensor-parallel degrees 2 and 4. It decodes with a KV cache (`forward(tokens, cache, start_pos)`), samples
 greedily or with temperature / top-k / top-p, runs beam search, and speculative decoding with the exact
 acceptance rule min(1, p/q) and residual resampling from max(0, p − q). TinyMoE swaps the feed-forward for
-a top-2 mixture of experts with the load-balancing loss α·N·Σ fᵢPᵢ; LoRALinear adds (α/r)·BA with B = 0.
+a top-2 mixture of experts with the load-balancing loss α·N·Σ fᵢPᵢ (per sequence); LoRALinear adds (α/r)·BA
+with B = 0.
 
 gpuforge ops exercised (through `kernelize`): rms_norm, flash_attention (causal, GQA, Sq ≠ Sk when
 decoding), softmax, matmul, int4_matmul (vol6). Parallel strategies: DDP, ZeRO, TP (column/row splits of
@@ -115,7 +116,13 @@ class MoEFeedForward(nn.Module):
     """Top-k mixture of SwiGLU experts. The router's softmax picks k experts per token, whose outputs are
     mixed with the renormalised router weights. After each forward, `aux_loss` holds the load-balancing loss
     α·N·Σᵢ fᵢPᵢ (fᵢ: fraction of token→expert assignments that went to expert i, Pᵢ: mean router probability
-    of expert i); it equals α when the load is uniform and grows as routing collapses."""
+    of expert i); it equals α when the load is uniform and grows as routing collapses.
+
+    fᵢ and Pᵢ are taken per sequence (dim −2 of x) and the loss averaged over sequences (the sequence-wise
+    balance loss of DeepSeek-V3): batch-wide fᵢPᵢ is a product of two batch means, which would couple the
+    samples, so a data-parallel slice of the batch would see a different loss. Every expert runs, on an
+    empty set of tokens if the router chose it for none, so every expert is in the autograd graph and gets a
+    (zero) gradient on every rank, as data parallelism needs."""
 
     def __init__(self, dim: int, hidden: int, n_experts: int, top_k: int = 2, aux_loss_coef: float = 0.01):
         super().__init__()
@@ -128,6 +135,7 @@ class MoEFeedForward(nn.Module):
         self.aux_loss = torch.zeros(())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., S, dim) -> (..., S, dim)."""
         flat = x.reshape(-1, x.shape[-1])
         probs = self.softmax(self.router(flat))
         weights, chosen = probs.topk(self.top_k, dim=-1)
@@ -135,11 +143,12 @@ class MoEFeedForward(nn.Module):
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (chosen == e).nonzero(as_tuple=True)
-            if token.numel():
-                out.index_add_(0, token, weights[token, slot, None] * expert(flat[token]))
-        n = len(self.experts)
-        fraction = torch.bincount(chosen.flatten(), minlength=n).to(probs.dtype) / chosen.numel()
-        self.aux_loss = self.aux_loss_coef * n * (fraction * probs.mean(0)).sum()
+            out.index_add_(0, token, weights[token, slot, None] * expert(flat[token]))
+        n, seq_len = len(self.experts), x.shape[-2]
+        assigned = F.one_hot(chosen, n).sum(-2).to(probs.dtype).view(-1, seq_len, n)  # (sequences, S, N)
+        fraction = assigned.mean(-2) / self.top_k
+        mean_prob = probs.view(-1, seq_len, n).mean(-2)
+        self.aux_loss = self.aux_loss_coef * n * (fraction * mean_prob).sum(-1).mean()
         return out.view_as(x)
 
 
@@ -205,10 +214,12 @@ class TinyLlama(nn.Module):
 
 
 class TinyMoE(TinyLlama):
-    """TinyLlama whose feed-forwards are top-2 mixtures of 4 SwiGLU experts (defaults)."""
+    """TinyLlama whose feed-forwards are top-2 mixtures of SwiGLU experts (defaults: dim 64, 4 query over 2
+    key/value heads, 4 experts of hidden size 128; half TinyLlama's width, so its tests stay fast)."""
 
     def __init__(self, config: TinyLlamaConfig | None = None):
-        config = config or TinyLlamaConfig(n_experts=4, moe_top_k=2)
+        config = config or TinyLlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, n_experts=4,
+                                           moe_top_k=2)
         if config.n_experts < 2:
             raise ValueError(f"TinyMoE needs n_experts >= 2, got {config.n_experts}")
         super().__init__(config)
@@ -231,7 +242,7 @@ def synthetic_text(generator: torch.Generator, n_chars: int) -> bytes:
     return bytes(out)
 
 
-def make_batch(seed: int, batch_size: int, seq_len: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(seed: int, batch_size: int, seq_len: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), both (batch_size, seq_len) int64 bytes; targets are inputs shifted by one."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
@@ -424,7 +435,13 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("wq",
     return model
 
 
+def lora_tiny_llama(r: int = 8, alpha: float = 16.0) -> TinyLlama:
+    """A default TinyLlama with LoRA adapters on wq and wv; only the adapters train."""
+    return apply_lora(TinyLlama(), r, alpha)
+
+
 REFERENCE_MODELS = {
     "tiny_llama": ReferenceModel(TinyLlama, make_batch, loss_fn),
     "tiny_moe": ReferenceModel(TinyMoE, make_batch, loss_fn),
+    "tiny_llama_lora": ReferenceModel(lora_tiny_llama, make_batch, loss_fn),
 }

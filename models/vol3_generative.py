@@ -6,9 +6,11 @@ TinyDiT: patchify an 8×8 latent into 2×2 patches, blocks of self-attention, cr
 (Sq = 16 ≠ Sk = 3) and an MLP, each modulated by adaLN-Zero (shift, scale, gate from the timestep embedding,
 all zero at init, so every block starts as the identity). ControlNetDiT: a trainable copy of the blocks fed
 with the control image through a zero-initialised projection, added back through zero-initialised layers: at
-initialisation its output equals the frozen base model's exactly.
+initialisation its output equals the frozen base model's exactly; it is registered over a briefly trained base
+(`pretrained_dit`) and learns from a control image carrying the layout.
 
-gpuforge ops exercised: flash_attention (non-causal, Sq ≠ Sk), layer norm, matmul. Parallel: TP, PP, ZeRO-3.
+gpuforge ops exercised: flash_attention (non-causal, Sq ≠ Sk), matmul (LayerNorm stays torch). Parallel: DDP,
+TP, PP, ZeRO-3.
 """
 
 from __future__ import annotations
@@ -220,7 +222,40 @@ class ControlNetDiT(nn.Module):
         return self.base.head(h, cond)
 
 
+def pretrained_dit(steps: int = 20, batch_size: int = 16, lr: float = 1e-2) -> TinyDiT:
+    """A TinyDiT after a few AdamW steps on its task: the stand-in for a pretrained base. (A fresh TinyDiT's
+    zero-initialised output layer would give every ControlNet parameter a zero gradient.)"""
+    base = TinyDiT()
+    optimizer = torch.optim.AdamW(base.parameters(), lr=lr)
+    for step in range(steps):
+        loss = dit_loss(base, make_dit_batch(step, batch_size))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    base.zero_grad()  # no stale gradients on what becomes the frozen base
+    return base
+
+
+def make_controlnet_batch(seed: int, batch_size: int):
+    """(x0, text, t, eps, control): make_dit_batch's image and noise, a caption of a random class (it says
+    nothing about the image), and the control image (B, 1, 8, 8) = sign(x0), the clean quadrant layout, as
+    a pose or edge map gives ControlNet the layout. Apart from x_t itself, only the control tells where the
+    bright quadrant is."""
+    x0, _, t, eps = make_dit_batch(seed, batch_size)
+    generator = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(N_CLASSES, (batch_size,), generator=generator)
+    text = torch.stack([labels, labels + 4, labels], dim=1)
+    return x0, text, t, eps, x0.sign()
+
+
+def controlnet_loss(model: ControlNetDiT, batch) -> torch.Tensor:
+    x0, text, t, eps, control = to_model_dtype(model, *batch)
+    return F.mse_loss(model(noisy(x0, t, eps), t, text, control), eps)
+
+
 REFERENCE_MODELS = {
     "ddpm_2d": ReferenceModel(Denoiser2D, make_ddpm_batch, ddpm_loss),
     "tiny_dit": ReferenceModel(TinyDiT, make_dit_batch, dit_loss),
+    "controlnet_dit": ReferenceModel(lambda: ControlNetDiT(pretrained_dit()), make_controlnet_batch,
+                                     controlnet_loss),
 }

@@ -177,6 +177,7 @@ def caption_loss(model: TinyLlava, batch) -> torch.Tensor:
 
 
 REFERENCE_MODELS = {
-    "tiny_clip": ReferenceModel(TinyCLIP, make_batch, contrastive_loss),
+    # every sample is a negative for every other: a rank's slice alone gives a different loss (coupled)
+    "tiny_clip": ReferenceModel(TinyCLIP, make_batch, contrastive_loss, coupled=True),
     "tiny_llava": ReferenceModel(TinyLlava, make_caption_batch, caption_loss),
 }

@@ -8,7 +8,8 @@ replay buffer of a fully explored world). PPO: generalised advantage estimation
 −E[min(ρ Â, clip(ρ, 1 − ε, 1 + ε) Â)] with ε = 0.2, ρ = π_new(a|s) / π_old(a|s).
 
 PPO training: parallel gridworld rollouts (an episode that reaches the goal restarts at the start), GAE per
-environment, then a few epochs of minibatch updates of clipped surrogate + value MSE − entropy bonus.
+environment, then a few epochs of minibatch updates of clipped surrogate + value MSE − entropy bonus. The
+registered `ppo_actor_critic` scores that loss on a fixed rollout batch of a seeded behaviour policy.
 TinyDecisionTransformer: offline RL as sequence modelling. Per timestep three tokens (return-to-go, state,
 action), each plus a timestep embedding; causal attention; the action is predicted from the state token.
 Offline data: gridworld episodes (reward 1 at the goal minus a step cost of 0.1, at most DT_STEPS moves) from
@@ -115,8 +116,6 @@ def ppo_clip_loss(logp_new, logp_old, advantages, clip: float = 0.2) -> torch.Te
     return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
 
 
-
-
 # ----------------------------------------------------------------------------------------------- PPO training
 
 def collect_rollouts(model: ActorCritic, n_envs: int, horizon: int, generator: torch.Generator):
@@ -140,23 +139,37 @@ def collect_rollouts(model: ActorCritic, n_envs: int, horizon: int, generator: t
     return {key: torch.stack(items) for key, items in out.items()}, bootstrap
 
 
+def ppo_loss(model: ActorCritic, states, actions, logp_old, advantages, returns, value_coef: float = 0.5,
+             entropy_coef: float = 0.01) -> torch.Tensor:
+    """Clipped surrogate + value_coef · value MSE − entropy_coef · policy entropy, each a mean over every
+    (state, action) given; the tensors may have any leading dims (states (..., GRID²), the others (...))."""
+    probs, value = model(states)
+    logp = probs.gather(-1, actions[..., None]).squeeze(-1).clamp_min(1e-12).log()
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+    return (ppo_clip_loss(logp, logp_old, advantages) + value_coef * F.mse_loss(value, returns)
+            - entropy_coef * entropy)
+
+
+def rollout_targets(rollout, bootstrap):
+    """GAE per environment -> (advantages normalised to zero mean and unit std over the rollout, returns),
+    both (T, n_envs)."""
+    values = torch.cat([rollout["values"], bootstrap[None]])
+    columns = [gae(rollout["rewards"][:, e], values[:, e], rollout["dones"][:, e]) for e in range(values.shape[1])]
+    advantages = torch.stack([c[0] for c in columns], 1)
+    returns = torch.stack([c[1] for c in columns], 1)
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8), returns
+
+
 def ppo_update(model: ActorCritic, optimizer, rollout, bootstrap, *, epochs: int = 4, minibatch: int = 64,
                generator: torch.Generator, value_coef: float = 0.5, entropy_coef: float = 0.01):
     """GAE per environment, then `epochs` passes of shuffled minibatches of clipped surrogate + value loss."""
-    values = torch.cat([rollout["values"], bootstrap[None]])
-    columns = [gae(rollout["rewards"][:, e], values[:, e], rollout["dones"][:, e]) for e in range(values.shape[1])]
-    advantages = torch.stack([c[0] for c in columns], 1).flatten()
-    returns = torch.stack([c[1] for c in columns], 1).flatten()
-    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    advantages, returns = (x.flatten() for x in rollout_targets(rollout, bootstrap))
     states, actions = rollout["states"].flatten(0, 1), rollout["actions"].flatten()
     logp_old = rollout["logp"].flatten()
     for _ in range(epochs):
         for idx in torch.randperm(len(actions), generator=generator).split(minibatch):
-            probs, value = model(states[idx])
-            logp = probs.gather(-1, actions[idx, None]).squeeze(-1).clamp_min(1e-12).log()
-            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
-            loss = (ppo_clip_loss(logp, logp_old[idx], advantages[idx])
-                    + value_coef * F.mse_loss(value, returns[idx]) - entropy_coef * entropy)
+            loss = ppo_loss(model, states[idx], actions[idx], logp_old[idx], advantages[idx], returns[idx],
+                            value_coef, entropy_coef)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -183,6 +196,28 @@ def policy_episode_lengths(model: ActorCritic, n_episodes: int, generator: torch
         pos, _, done = grid_step(pos, torch.multinomial(probs, 1, generator=generator).squeeze(-1))
         lengths = torch.where(done & (lengths > max_steps), step, lengths)
     return lengths
+
+
+PPO_HORIZON, BEHAVIOUR_SEED = 16, 1234
+
+
+def make_ppo_batch(seed: int, batch_size: int):
+    """A fixed rollout batch for one PPO update: `batch_size` environments run PPO_HORIZON steps each (see
+    collect_rollouts), sampled (from `seed`) by the behaviour ("old") policy, an ActorCritic initialised from
+    BEHAVIOUR_SEED, with its GAE advantages (normalised over the batch, as ppo_update does per rollout) and
+    returns -> (states (B, T, GRID²), actions (B, T), logp_old (B, T), advantages (B, T), returns (B, T)).
+    Environments are the samples; the loss averages over all B·T steps, so it is a mean over them."""
+    with torch.random.fork_rng():
+        torch.manual_seed(BEHAVIOUR_SEED)
+        behaviour = ActorCritic()
+    rollout, bootstrap = collect_rollouts(behaviour, batch_size, PPO_HORIZON, torch.Generator().manual_seed(seed))
+    advantages, returns = rollout_targets(rollout, bootstrap)
+    steps = (rollout["states"], rollout["actions"], rollout["logp"], advantages, returns)
+    return tuple(x.transpose(0, 1).contiguous() for x in steps)
+
+
+def ppo_rollout_loss(model: ActorCritic, batch) -> torch.Tensor:
+    return ppo_loss(model, *to_model_dtype(model, *batch))
 
 
 # ----------------------------------------------------------------------------------------------- Decision Transformer
@@ -266,10 +301,13 @@ def make_dt_batch(seed: int, batch_size: int):
 
 
 def dt_loss(model: TinyDecisionTransformer, batch) -> torch.Tensor:
-    """Cross-entropy of the predicted actions over the valid (non-padding) timesteps."""
+    """Cross-entropy of the predicted actions at the valid (non-padding) timesteps, summed and divided by the
+    fixed count B·T (DT_STEPS per episode), not by the number of valid steps: the loss is then a mean over
+    episodes, so a data-parallel slice holding shorter episodes is weighed as in the whole batch."""
     rtg, states, actions, timesteps, valid = to_model_dtype(model, *batch)
     logits = model(rtg, states, actions, timesteps)
-    return F.cross_entropy(logits[valid], actions[valid])
+    per_step = F.cross_entropy(logits.flatten(0, 1), actions.flatten(), reduction="none")
+    return torch.where(valid.flatten(), per_step, 0.0).sum() / valid.numel()
 
 
 @torch.no_grad()
@@ -306,5 +344,6 @@ def dt_rollout(model: TinyDecisionTransformer, target_return: float, n_episodes:
 
 REFERENCE_MODELS = {
     "dqn_gridworld": ReferenceModel(QNetwork, make_transition_batch, dqn_loss),
+    "ppo_actor_critic": ReferenceModel(ActorCritic, make_ppo_batch, ppo_rollout_loss),
     "tiny_decision_transformer": ReferenceModel(TinyDecisionTransformer, make_dt_batch, dt_loss),
 }

@@ -8,7 +8,8 @@ grows with the tokens actually held instead of the maximum length. The attention
 back through the table in plain torch: the oracle for a paged decode-attention kernel.
 
 `int4_tiny_llama` swaps every nn.Linear for gf.quant's Int4Linear (RTN, or GPTQ/AWQ calibrated on
-synthetic text); the tied output head stays in floating point.
+synthetic text); the tied output head stays in floating point. It is registered as `int4_tiny_llama`, an
+inference-only entry (scored by the LM loss, never trained).
 
 gpuforge ops exercised: paged_attention for decode steps (`decode_backend`), int4_matmul (quantized layers),
 flash_attention over the gathered cache (through `kernelize`). Parallel strategy: TP for serving (heads
@@ -19,8 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.models._layers import Attention
-from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, make_batch
+from gpuforge.models._layers import Attention, ReferenceModel
+from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, loss_fn, make_batch
 
 
 class PagedKVCache:
@@ -128,3 +129,14 @@ def int4_tiny_llama(model: TinyLlama, group_size: int = 128, method: str = "rtn"
 
     calibration = None if method == "rtn" else [make_batch(calibration_seed, 8, 64)[0]]
     return gf.quant.quantize_model(model, method, calibration=calibration, group_size=group_size)
+
+
+def default_int4_tiny_llama() -> TinyLlama:
+    """A default TinyLlama (its N(0, 0.02) initialisation) with every linear layer RTN-quantized, groups of 64."""
+    return int4_tiny_llama(TinyLlama(), group_size=64)
+
+
+REFERENCE_MODELS = {
+    # int4 weights are frozen buffers: evaluated (float32, the LM loss), not trained
+    "int4_tiny_llama": ReferenceModel(default_int4_tiny_llama, make_batch, loss_fn, inference_only=True),
+}

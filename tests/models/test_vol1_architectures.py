@@ -18,23 +18,35 @@ def test_convnext_learns_the_four_patterns(norm):
     assert accuracy > 0.8, accuracy  # chance is 0.25
 
 
-@pytest.mark.parametrize("name, threshold", [("tiny_gcn", 0.8), ("tiny_gat", 0.6)])
-def test_graph_models_beat_a_node_alone(name, threshold):
+@pytest.mark.parametrize("name", ["tiny_gcn", "tiny_gat"])
+def test_graph_models_beat_a_node_alone(name):
     build, make_batch, loss_fn = m1.REFERENCE_MODELS[name]
     torch.manual_seed(0)
     model = build()
-    train(model, make_batch, loss_fn, 60, 1e-2, 90)
-    features, adjacency, labels = make_batch(10_000, 150)
+    train(model, make_batch, loss_fn, 60, 1e-2, 2)  # 2 graphs of 48 nodes per step
+    features, adjacency, labels = make_batch(10_000, 4)
     with torch.no_grad():
         accuracy = (model(features, adjacency).argmax(-1) == labels).float().mean().item()
     # a node's own features (signal 0.5 under unit noise) give 0.48 accuracy at best (Bayes rule, measured by
-    # Monte Carlo); above that the model aggregates its neighbours
-    assert accuracy > threshold, accuracy
+    # Monte Carlo); above that the model aggregates its neighbours (measured: GCN 0.86, GAT 0.91)
+    assert accuracy > 0.8, accuracy
+
+
+@pytest.mark.parametrize("name", ["tiny_gcn", "tiny_gat"])
+def test_graphs_of_a_batch_are_independent(name):
+    """A batch of graphs gives each graph what it gets alone: slicing the batch (data parallelism) is exact."""
+    build, make_batch, _ = m1.REFERENCE_MODELS[name]
+    torch.manual_seed(0)
+    model = build().double()
+    features, adjacency, _ = make_batch(3, 3, n_nodes=10)
+    features, adjacency = features.double(), adjacency.double()
+    together = model(features, adjacency)
+    for g in range(3):
+        torch.testing.assert_close(together[g], model(features[g], adjacency[g]), rtol=1e-12, atol=1e-14)
 
 
 def test_normalized_adjacency_matches_definition():
-    _, adjacency, _ = m1.make_graph_batch(0, 12)
-    adjacency = adjacency.double()
+    adjacency = m1.make_graph_batch(0, 1, n_nodes=12)[1][0].double()
     a = adjacency + torch.eye(12, dtype=torch.float64)
     d_inv_sqrt = torch.diag(a.sum(1) ** -0.5)
     expected = d_inv_sqrt @ a @ d_inv_sqrt
@@ -47,7 +59,7 @@ def test_normalized_adjacency_matches_definition():
 def test_gat_attends_only_to_neighbours():
     torch.manual_seed(0)
     layer = m1.GATLayer(m1.GRAPH_FEATURES, 4, heads=3)
-    features, adjacency, _ = m1.make_graph_batch(1, 20)
+    features, adjacency, _ = (t[0] for t in m1.make_graph_batch(1, 1, n_nodes=20))
     alpha, _ = layer.attention(features, adjacency)
     neighbours = (adjacency + torch.eye(20)) > 0
     assert torch.all(alpha[:, ~neighbours] == 0)
@@ -58,12 +70,3 @@ def test_gat_attends_only_to_neighbours():
     moved[far] += 10.0
     torch.testing.assert_close(layer(moved, adjacency)[i], layer(features, adjacency)[i], rtol=0, atol=0)
     assert not torch.allclose(layer(moved, adjacency)[far], layer(features, adjacency)[far])
-
-
-@pytest.mark.parametrize("name", sorted(m1.REFERENCE_MODELS))
-def test_reference_interface_float64(name):
-    build, make_batch, loss_fn = m1.REFERENCE_MODELS[name]
-    torch.manual_seed(0)
-    model = build().double()
-    loss = loss_fn(model, make_batch(0, 8))
-    assert loss.dtype == torch.float64 and torch.isfinite(loss)

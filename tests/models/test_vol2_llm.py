@@ -1,6 +1,5 @@
 """TinyLlama, TinyMoE and LoRA: training, KV-cache decoding, sampling, beam search, speculative decoding."""
 
-import pytest
 import torch
 
 from gpuforge.models import vol2_llm as llm
@@ -60,8 +59,25 @@ def test_tiny_moe_loss_falls_and_aux_loss_is_alpha_n_sum_f_p():
     expected = torch.stack([sum(w[t, j] * moe.experts[int(idx[t, j])](flat[t]) for j in range(2))
                             for t in range(flat.shape[0])])
     torch.testing.assert_close(out.reshape(-1, SMALL["dim"]), expected, rtol=1e-5, atol=1e-6)
-    f = torch.stack([(idx == e).float().sum() / idx.numel() for e in range(4)])
-    torch.testing.assert_close(moe.aux_loss, 0.01 * 4 * (f * probs.mean(0)).sum())
+    # the sequence-wise balance loss: f and P per sequence (5 tokens each), α·N·Σ fᵢPᵢ averaged over the 2
+    idx, probs = idx.view(2, 5, 2), probs.view(2, 5, 4)
+    per_sequence = [sum((idx[b] == e).float().sum() / idx[b].numel() * probs[b, :, e].mean() for e in range(4))
+                    for b in range(2)]
+    torch.testing.assert_close(moe.aux_loss, 0.01 * 4 * sum(per_sequence) / 2)
+
+
+def test_moe_expert_the_router_skips_still_gets_a_zero_gradient():
+    """Data parallelism needs every parameter to receive a gradient on every rank, routed to or not."""
+    torch.manual_seed(0)
+    moe = llm.MoEFeedForward(8, 16, n_experts=4, top_k=2)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[:2] = 10.0  # positive inputs: experts 0 and 1 win every token
+    moe(torch.rand(1, 6, 8)).sum().backward()
+    for e in (2, 3):
+        grads = [p.grad for p in moe.experts[e].parameters()]
+        assert all(g is not None and torch.equal(g, torch.zeros_like(g)) for g in grads)
+    assert all(p.grad.abs().sum() > 0 for p in moe.experts[0].parameters())
 
 
 def test_kv_cache_decode_equals_full_forward():
@@ -178,7 +194,10 @@ def test_lora_zero_at_init_merge_unmerge_exact():
     assert torch.equal(model(tokens), before)  # B = 0
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    _train(model, 3, 1e-2, batch_size=2, seq_len=16)
+    losses = _train(model, 30, 3e-2, seq_len=32)
+    # the frozen random-init tied embedding caps the logit gaps (|e|·|h| ≈ 1.3), so ln 256 − loss stays small;
+    # measured 5.51 -> 5.21 in float64: the adapters alone learn
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.2, losses
     assert lora.lora_B.abs().max() > 0 and torch.equal(lora.base.weight, w0)
     adapted = model(tokens)
     for m in model.modules():
@@ -192,13 +211,3 @@ def test_lora_zero_at_init_merge_unmerge_exact():
             m.unmerge()
     torch.testing.assert_close(lora.base.weight, w0, rtol=0, atol=1e-14)
     torch.testing.assert_close(model(tokens), adapted, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("name", sorted(llm.REFERENCE_MODELS))
-def test_reference_interface_float64(name):
-    build, make_batch, loss_fn = llm.REFERENCE_MODELS[name]
-    torch.manual_seed(0)
-    model = build().double()
-    loss = loss_fn(model, make_batch(0, 2))
-    assert loss.dtype == torch.float64 and torch.isfinite(loss)
-    loss.backward()

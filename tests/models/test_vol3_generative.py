@@ -43,23 +43,24 @@ def test_dit_blocks_start_as_identity_and_loss_falls():
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], (losses[0], losses[-5:])
 
 
-def test_controlnet_equals_base_at_init_then_learns():
+def test_controlnet_equals_base_at_init_then_learns_from_its_control():
     torch.manual_seed(0)
-    base = m3.TinyDiT()
-    train(base, m3.make_dit_batch, m3.dit_loss, 5, 3e-3, 16)  # a non-trivial base (its init output is 0)
+    base = m3.pretrained_dit()  # a non-trivial base (a fresh TinyDiT's output is 0)
     control_net = m3.ControlNetDiT(base)
-    x0, text, t, eps = m3.make_dit_batch(7, 8)
-    x_t, control = m3.noisy(x0, t, eps), x0.sign()
+    x0, text, t, eps, control = m3.make_controlnet_batch(10**6, 256)
+    x_t = m3.noisy(x0, t, eps)
     with torch.no_grad():
         base_out = base(x_t, t, text)
         assert base_out.abs().max() > 0
         assert torch.equal(control_net(x_t, t, text, control), base_out)
+        base_loss = m3.controlnet_loss(control_net, (x0, text, t, eps, control)).item()
     assert all(not p.requires_grad for p in base.parameters())
-    opt = torch.optim.AdamW([p for p in control_net.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(3):
-        loss = torch.nn.functional.mse_loss(control_net(x_t, t, text, control), eps)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    frozen = {k: v.clone() for k, v in base.state_dict().items()}
+    train(control_net, m3.make_controlnet_batch, m3.controlnet_loss, 60, 1e-2, 16)
     with torch.no_grad():
-        assert not torch.equal(control_net(x_t, t, text, control), base(x_t, t, text))
+        loss = m3.controlnet_loss(control_net, (x0, text, t, eps, control)).item()
+        wrong_control = m3.controlnet_loss(control_net, (x0, text, t, eps, control.roll(1, 0))).item()
+    assert all(torch.equal(v, frozen[k]) for k, v in base.state_dict().items())
+    # held-out loss: measured 0.246 for the base, 0.124 after 60 steps; someone else's layout: 0.54
+    assert loss < 0.6 * base_loss, (base_loss, loss)
+    assert wrong_control > 2 * loss, (loss, wrong_control)  # it reads the control, not just more capacity

@@ -1,18 +1,33 @@
 """TinyCLIP (symmetric InfoNCE, sharded = full batch once gathered) and the LLaVA-style projector."""
 
+import math
+
 import torch
 
 from gpuforge.models import vol4_multimodal as m4
 from tests.models.training import train
 
 
-def test_clip_loss_falls_and_temperature_learns():
+def test_clip_loss_falls_below_what_a_fixed_temperature_allows():
+    """Start at s = exp(logit_scale) = 1. With s fixed at 1, no embeddings can bring the loss of 16 pairs
+    below ln(1 + 15·e^(−1 − 1/15)) = 1.82 (unit vectors: diagonal cosine ≤ 1, the best off-diagonal is a
+    simplex's −1/15); going below it takes a learned temperature. logit_scale gets its own learning rate, as
+    one scalar moved by AdamW at 3e-3 a step would need hundreds of steps. Measured: loss 2.79 -> 0.83,
+    logit_scale 0 -> 2.23 (a fixed s = 1 run ends at 2.13)."""
     torch.manual_seed(0)
     model = m4.TinyCLIP()
-    losses = train(model, m4.make_batch, m4.contrastive_loss, 60, 3e-3, 16)
+    with torch.no_grad():
+        model.logit_scale.zero_()
+
+    def optimizer(_, lr):
+        others = [p for name, p in model.named_parameters() if name != "logit_scale"]
+        return torch.optim.AdamW([{"params": others}, {"params": [model.logit_scale], "lr": 5e-2}], lr=lr)
+
+    losses = train(model, m4.make_batch, m4.contrastive_loss, 60, 3e-3, 16, optimizer=optimizer)
+    floor_at_fixed_scale = math.log(1 + 15 * math.exp(-1 - 1 / 15))
     assert losses[0] > 2.5  # chance is ln 16 = 2.77 for 16 pairs
-    assert sum(losses[-5:]) / 5 < 2.0, losses[-5:]
-    assert model.logit_scale.item() != torch.tensor(1 / 0.07).log().item()
+    assert sum(losses[-5:]) / 5 < 0.75 * floor_at_fixed_scale, losses[-5:]
+    assert model.logit_scale.item() > 1.5  # s > 4.5: sharper than at the start
 
 
 def test_sharded_clip_loss_equals_full_batch_once_gathered():

@@ -72,7 +72,7 @@ def test_int4_tiny_llama_serves_close_to_float_and_caches_agree():
     with torch.no_grad():
         full = model(inputs)
         errors = {}
-        for method, group in [("rtn", 32), ("rtn", 128), ("gptq", 128)]:
+        for method, group in [("rtn", 32), ("rtn", 128), ("gptq", 128), ("awq", 128)]:
             quantized = sysm.int4_tiny_llama(copy.deepcopy(model), group, method)
             out = quantized(inputs)
             errors[method, group] = float((out - full).abs().max() / full.abs().max())
@@ -80,6 +80,8 @@ def test_int4_tiny_llama_serves_close_to_float_and_caches_agree():
         assert max(errors.values()) < 0.05, errors
         assert errors["rtn", 32] < errors["rtn", 128]  # smaller groups, finer scales
         assert errors["gptq", 128] < errors["rtn", 128]  # GPTQ compensates rounding error with the Hessian
+        # AWQ gets only the shared bounds: it pays off on outlier activation channels, which this small model
+        # lacks (measured max logit error 4.3e-3 for AWQ vs 3.3e-3 for RTN at group 128)
         cache = sysm.new_paged_cache(quantized, 4, num_blocks=4 * 4, block_size=16)
         paged = sysm.incremental_logits(quantized, inputs, 20, cache)
         reference = quantized(inputs)
