@@ -1,5 +1,7 @@
 // C entry point that runs csrc/vector_add.cu's kernels on the CPU through the SIMT emulator (simt.h), for
 // tests/csrc/test_vector_add_simt.py. The grid and the choice of kernel mirror launch_vector_add.
+#include <algorithm>
+
 #include "driver.h"
 
 #include "vector_add.cu"
