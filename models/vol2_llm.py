@@ -58,6 +58,12 @@ class TinyLlamaConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
+    @classmethod
+    def small(cls, **overrides) -> TinyLlamaConfig:
+        """Half the default width (dim 64, 4 query over 2 key/value heads, hidden 128): the size of the models
+        built on TinyLlama (TinyMoE, LoRA, TinyLlava), so their tests stay fast."""
+        return cls(**{"dim": 64, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128, **overrides})
+
 
 # ----------------------------------------------------------------------------------------------- KV cache
 
@@ -214,12 +220,11 @@ class TinyLlama(nn.Module):
 
 
 class TinyMoE(TinyLlama):
-    """TinyLlama whose feed-forwards are top-2 mixtures of SwiGLU experts (defaults: dim 64, 4 query over 2
-    key/value heads, 4 experts of hidden size 128; half TinyLlama's width, so its tests stay fast)."""
+    """TinyLlama whose feed-forwards are top-2 mixtures of SwiGLU experts (defaults: TinyLlamaConfig.small
+    with 4 experts of hidden size 128)."""
 
     def __init__(self, config: TinyLlamaConfig | None = None):
-        config = config or TinyLlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, n_experts=4,
-                                           moe_top_k=2)
+        config = config or TinyLlamaConfig.small(n_experts=4, moe_top_k=2)
         if config.n_experts < 2:
             raise ValueError(f"TinyMoE needs n_experts >= 2, got {config.n_experts}")
         super().__init__(config)
@@ -436,8 +441,8 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, targets=("wq",
 
 
 def lora_tiny_llama(r: int = 8, alpha: float = 16.0) -> TinyLlama:
-    """A default TinyLlama with LoRA adapters on wq and wv; only the adapters train."""
-    return apply_lora(TinyLlama(), r, alpha)
+    """A small TinyLlama (TinyLlamaConfig.small) with LoRA adapters on wq and wv; only the adapters train."""
+    return apply_lora(TinyLlama(TinyLlamaConfig.small()), r, alpha)
 
 
 REFERENCE_MODELS = {

@@ -139,7 +139,7 @@ class TinyLlava(nn.Module):
     def __init__(self, vision: TinyViT | None = None, llm: TinyLlama | None = None):
         super().__init__()
         self.vision = vision or TinyViT()
-        self.llm = llm or TinyLlama(TinyLlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128))
+        self.llm = llm or TinyLlama(TinyLlamaConfig.small())
         vision_dim, llm_dim = self.vision.pos.shape[-1], self.llm.config.dim
         self.projector = nn.Sequential(nn.Linear(vision_dim, llm_dim), nn.GELU(), nn.Linear(llm_dim, llm_dim))
 

@@ -38,7 +38,7 @@ def test_tiny_llama_kernelized_cached_decode_equals_plain_forward():
     """Prefill then single-token decode steps (Sq = 1 over a growing Sk) through the gpuforge ops; the
     registry test below checks the full-sequence forward and the gradients."""
     torch.manual_seed(0)
-    model = llm.TinyLlama(llm.TinyLlamaConfig(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=32))
+    model = llm.TinyLlama(llm.TinyLlamaConfig.small(max_seq_len=32))
     tokens = llm.make_batch(0, 2, 12)[0]
     kernel_model = gf.models.kernelize(copy.deepcopy(model), backend=BACKEND)
     kinds = {type(m) for m in kernel_model.modules()}
