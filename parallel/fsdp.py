@@ -13,7 +13,9 @@ storage is resized to 0, so the original parameters hold no memory. Per unit and
   gradient (post-accumulate-grad hooks), reduce-scatter (average) the flat gradient into the shard's `.grad`,
   drop the full gradients and free the parameters.
 Ledger per step: all_gather 2·Ψ_pad·B and reduce_scatter Ψ_pad·B, i.e. ring traffic 3(N−1)/N·Ψ_pad·B
-(+ one scalar all-reduce for `clip_grad_norm_`). Parameters of the root that are in no unit form a root unit.
+(+ one scalar all-reduce for `clip_grad_norm_`). Parameters of the root that are in no unit form a root unit,
+which stays gathered from its forward until its gradients are reduced (as torch FSDP's root), so a loss may
+read its parameters after forward.
 Frozen parameters are not sharded (kept whole, broadcast from the first rank). A parameter shared between
 modules (tied weights) is rejected. Prefetch: when a unit starts (forward or backward), the all-gather of
 the unit that followed it in the previous pass is launched asynchronously (same bytes, earlier).
@@ -40,7 +42,7 @@ class _Unit:
     """One wrapped module: its own trainable parameters as views of a flat buffer, and this rank's shard."""
 
     def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], comm, group, scheduler,
-                 mixed_precision):
+                 mixed_precision, *, is_root: bool):
         self.module, self.params, self.comm, self.group, self.scheduler = module, params, comm, group, scheduler
         param_dtype = params[0].dtype if mixed_precision is None else mixed_precision.param_dtype
         self.reduce_dtype = param_dtype if mixed_precision is None else mixed_precision.reduce
@@ -58,12 +60,13 @@ class _Unit:
             for p, view in zip(params, flat_views(params, self.flat), strict=True):
                 p.data = view
         self._full_bytes = self.flat.untyped_storage().nbytes()
-        self._grads_pending, self._in_flight = 0, None
+        self._grads_pending, self._in_flight = len(params), None
         self.free()
         for p in params:
             p.register_post_accumulate_grad_hook(self._on_grad)
         module.register_forward_pre_hook(lambda *_: scheduler.use(self, "forward"))
-        module.register_forward_hook(lambda *_: self.free())
+        if not is_root:  # the root's parameters stay whole after forward: a loss may read them (CLIP's temperature)
+            module.register_forward_hook(lambda *_: self.free())
         module.register_full_backward_pre_hook(self._on_backward)
 
     @property
@@ -94,13 +97,15 @@ class _Unit:
 
     def _on_backward(self, module, grad_output):
         self.scheduler.use(self, "backward")
-        self._grads_pending = len(self.params)
 
     @torch.no_grad()
     def _on_grad(self, _param) -> None:
+        """Counted per parameter rather than from the backward pre-hook: a parameter used outside the unit's
+        forward (a loss reading the root's temperature) may get its gradient before that hook runs."""
         self._grads_pending -= 1
         if self._grads_pending:
             return
+        self._grads_pending = len(self.params)
         flat_grad = flatten_padded(self.params, [p.grad for p in self.params], self.padded, self.reduce_dtype)
         shard_grad = torch.empty(self.shard_size, dtype=self.reduce_dtype, device=flat_grad.device)
         self.comm.reduce_scatter(shard_grad, flat_grad, op="avg", group=self.group)
@@ -183,7 +188,7 @@ class FullyShardedDataParallel(torch.nn.Module):
                     if mp is not None and p.is_floating_point():
                         p.data = p.data.to(mp.param_dtype)
                     comm.broadcast(p.data, src=group.ranks[0] if group is not None else 0, group=group)
-        self.units = [_Unit(m, ps, comm, group, self, mp) for m, ps in owners.items()]
+        self.units = [_Unit(m, ps, comm, group, self, mp, is_root=m is module) for m, ps in owners.items()]
         self.shards = torch.nn.ParameterList([u.shard for u in self.units])
         # the order units were used in, per phase: the last complete pass and the one being recorded
         self._order = {"forward": [], "backward": []}
