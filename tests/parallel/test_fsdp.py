@@ -39,6 +39,12 @@ class Net(torch.nn.Module):
         return self.head(self.frozen(self.blocks(x))) * self.scale
 
 
+def _loss(model, x, y):
+    """The root's `scale` is read again after forward (as TinyCLIP's loss reads its temperature): the root unit
+    must still be whole then, and its gradient counted whichever order it arrives in."""
+    return F.mse_loss(model(x), y) + 1e-2 * model.scale.square().sum()
+
+
 def _build():
     torch.manual_seed(0)
     return Net()
@@ -49,7 +55,7 @@ def _reference(world):
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
     for x, y in make_batches(STEPS, world, PER_RANK):
         opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
+        _loss(model, x, y).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
     return model.state_dict()
@@ -65,7 +71,7 @@ def _fsdp_parity(comm, auto_wrap):
         comm.ledger.step = step
         opt.zero_grad()
         before = fsdp.prefetches
-        F.mse_loss(fsdp(shard(x, comm.rank, comm.world_size)), shard(y, comm.rank, comm.world_size)).backward()
+        _loss(fsdp, shard(x, comm.rank, comm.world_size), shard(y, comm.rank, comm.world_size)).backward()
         fsdp.clip_grad_norm_(CLIP)
         opt.step()
         between.append(fsdp.memory(opt))
