@@ -3,7 +3,8 @@
     python -m gpuforge train --model tinyllama --strategy zero2 --nproc 2 --steps 5     # hands over to torchrun
     torchrun --nproc_per_node 2 -m gpuforge train --model tinyllama --strategy zero2 --steps 5
     mpiexec -n 2 python -m gpuforge train --model tinyllama --strategy ddp --comm mpi --nproc 2
-    torchrun --nproc_per_node 2 --max-restarts 3 -m gpuforge train --ckpt-dir ckpt --save-every 2 --steps 20
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 2 --max-restarts 3 -m gpuforge train \
+        --ckpt-dir ckpt --save-every 2 --steps 20
 
 Each rank trains on its slice of every global batch; at the end rank 0 trains the same model in one process
 on the whole batches and prints the largest parameter difference. No process manager of our own: the
@@ -17,7 +18,9 @@ Fault tolerance: with `--ckpt-dir DIR` the run saves a checkpoint (checkpoint.py
 after the last one, and starts from the latest checkpoint in DIR when there is one, at any world size or
 strategy. A rank that dies makes torchrun (`--max-restarts`) restart the group, which resumes from there and
 ends with the parameters of a run without failure. GPUFORGE_FAIL_AT=step-N@R (faults.py) kills rank R at the
-start of step N, to try it.
+start of step N, to try it. Give torchrun TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default (torch 2.13) the
+restarted workers share the first group's TCPStore and read its stale gloo/NCCL addresses, so the new group's
+init fails or hangs (pytorch/pytorch#135712; seen here in 1 of 4 restarts); rank 0 warns when it is missing.
 
 STRATEGIES maps a name to `build(model, comm, args) -> (forward_module, optimizer)`; the optimizer needs
 `zero_grad()`, `step()` and may offer `clip_grad_norm_(max_norm)`. Other strategies register themselves
@@ -155,6 +158,15 @@ def _checkpointing(args, fwd, opt, comm):
     return losses, save
 
 
+def _warn_if_restarts_share_the_store(rank: int) -> None:
+    """torchrun restarts with the agent's shared TCPStore reuse stale keys (see the module docstring)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if rank == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        print("gpuforge train: warning: torchrun --max-restarts with a shared rendezvous store: a restarted group "
+              "can hang or fail at init (pytorch/pytorch#135712); launch torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
+
+
 def _launch_under_torchrun(argv, nproc: int):
     """Replace this process by torchrun running the same command on `nproc` local processes."""
     rest, args = [], iter(argv)
@@ -179,6 +191,7 @@ def main(argv=None) -> int:
     if args.nproc is not None and args.comm == "torch" and "RANK" not in os.environ:
         _launch_under_torchrun(argv, args.nproc)
     comm = init_comm(args.comm)
+    _warn_if_restarts_share_the_store(comm.rank)
     if args.strategy in MODEL_PARALLEL:
         from gpuforge.parallel.mesh import train_cli
 
