@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from gpuforge.parallel import train
+
 pytestmark = pytest.mark.distributed
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -26,7 +28,8 @@ def _run(launcher, *args):
     (MPIEXEC, "zero1", "mpi"),
 ])
 def test_train_matches_single_process(launcher, strategy, comm):
-    # (torchrun's own parser would take an abbreviated --nproc; the world size is checked under mpiexec)
+    # torchrun's own parser rejects --nproc (an ambiguous abbreviation of its --nproc-per-node) anywhere on the
+    # line; `python -m gpuforge train --nproc N` hands over to torchrun (test_fault_tolerance), mpiexec checks it
     nproc = ["--nproc", "2"] if comm == "mpi" else []
     proc = _run(launcher, "--model", "tinyllama", "--strategy", strategy, "--comm", comm, "--steps", "2", *nproc)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -54,3 +57,23 @@ def test_a_loss_that_needs_gathered_embeddings_fails_parity_loudly():
     proc = _run(TORCHRUN, "--model", "tiny_clip", "--strategy", "ddp", "--steps", "2")
     assert proc.returncode != 0
     assert "PARITY FAILED" in proc.stdout
+
+
+@pytest.mark.parametrize("strategy", ["tp", "pp"])
+def test_model_parallel_strategies_match_single_process(strategy):
+    proc = _run(TORCHRUN, "--strategy", strategy, "--steps", "2")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    degrees = {"tp": "dp=1 tp=2 pp=1", "pp": "dp=1 tp=1 pp=2"}[strategy]
+    assert f"strategy={strategy} {degrees} " in proc.stdout
+    diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", proc.stdout).group(1))
+    assert diff <= 1e-12
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--strategy", "tp", "--ckpt-dir", "x"], "--ckpt-dir is for the data-parallel strategies, not 'tp'"),
+    (["--save-every", "0"], "--save-every must be >= 1, got 0"),
+    (["--strategy", "zero4"], "--strategy must be one of"),
+])
+def test_bad_options_are_errors_before_any_process_starts(argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        train.main(argv)
