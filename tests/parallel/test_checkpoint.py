@@ -1,4 +1,5 @@
-"""Sharded checkpoints of DDP, ZeRO-1, ZeRO-2 and ZeRO-3 (fp64, TinyMLP, the `gpuforge train` loop).
+"""Sharded checkpoints of DDP, ZeRO-1, ZeRO-2 and ZeRO-3 (fp64, TinyMLP, the `gpuforge train` loop), on gloo
+and on MPI.
 
 - Resumed at the same world size and layout, the next losses and the final parameters are those of the
   uninterrupted run exactly (bit for bit).
@@ -62,14 +63,14 @@ def _resumed(comm, root, layouts):
     return out
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return root, run_distributed(_uninterrupted, 2, str(root))
+@pytest.fixture(scope="module", params=["torch", "mpi"])
+def saved(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    return root, request.param, run_distributed(_uninterrupted, 2, str(root), comm=request.param)
 
 
 def test_layout_on_disk(saved):
-    root, _ = saved
+    root, _, _ = saved
     ddp = root / "ddp"
     assert sorted(p.name for p in ddp.iterdir()) == ["latest", "step-00000002", "step-00000004"]
     assert latest_checkpoint(ddp) == ddp / "step-00000004"
@@ -81,8 +82,8 @@ def test_layout_on_disk(saved):
 
 
 def test_resume_gives_the_same_next_losses_exactly(saved):
-    root, uninterrupted = saved
-    resumed = run_distributed(_resumed, 2, str(root), {s: s for s in STRATEGIES})
+    root, comm, uninterrupted = saved
+    resumed = run_distributed(_resumed, 2, str(root), {s: s for s in STRATEGIES}, comm=comm)
     for rank in range(2):
         for strategy in STRATEGIES:
             full_losses, full_params = uninterrupted[rank][strategy]
@@ -95,9 +96,9 @@ def test_resume_gives_the_same_next_losses_exactly(saved):
 
 
 def test_resume_at_another_world_size_and_layout(saved):
-    root, uninterrupted = saved
+    root, comm, uninterrupted = saved
     layouts = dict(zip(STRATEGIES, STRATEGIES[1:] + STRATEGIES[:1], strict=True))
-    resumed = run_distributed(_resumed, 3, str(root), layouts)
+    resumed = run_distributed(_resumed, 3, str(root), layouts, comm=comm)
     for saved_as in STRATEGIES:
         _, full_params = uninterrupted[0][saved_as]
         for rank in range(3):
