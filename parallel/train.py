@@ -104,11 +104,12 @@ def _registered_models() -> dict:
             for name, ref in importlib.import_module(f"gpuforge.models.{volume}").REFERENCE_MODELS.items()}
 
 
-def _reference_model(name):
+def reference_model(name):
+    """The registered reference model (models/: REFERENCE_MODELS) by name or alias (tinyllama)."""
     return _registered_models()[MODEL_ALIASES.get(name, name)]
 
 
-def _train(ref, model, fwd, opt, comm, args, rank, world, losses=(), save=None):
+def train_steps(ref, model, fwd, opt, comm, args, rank, world, losses=(), save=None):
     """Steps len(losses) .. args.steps - 1 (so a resumed run continues); returns every step's loss.
     save(steps_done, losses) after each --save-every-th step and after the last."""
     losses = list(losses)
@@ -206,12 +207,12 @@ def main(argv=None) -> int:
         if args.batch % world:
             raise SystemExit(f"gpuforge train: --batch {args.batch} is not divisible by the world size {world}")
         dtype = getattr(torch, args.dtype)
-        ref = _reference_model(args.model)
+        ref = reference_model(args.model)
         torch.manual_seed(0)
         model = ref.build().to(dtype)
         fwd, opt = STRATEGIES[args.strategy](model, comm, args)
         done, save = _checkpointing(args, fwd, opt, comm)
-        losses = _train(ref, model, fwd, opt, comm, args, comm.rank, world, done, save)
+        losses = train_steps(ref, model, fwd, opt, comm, args, comm.rank, world, done, save)
         if hasattr(fwd, "gather_full_params"):  # sharded parameters: rebuild them for the comparison
             fwd.gather_full_params()
         ok = True
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
             torch.manual_seed(0)
             single = ref.build().to(dtype)
             single_opt = torch.optim.AdamW(single.parameters(), lr=args.lr)
-            single_losses = _train(ref, single, single, single_opt, None, args, 0, 1)
+            single_losses = train_steps(ref, single, single, single_opt, None, args, 0, 1)
             diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), single.parameters(),
                                                                   strict=True))
             sent = comm.ledger.total_bytes()

@@ -23,8 +23,9 @@ ARGS = SimpleNamespace(lr=0.01, clip=0.5, steps=4, batch=12, save_every=2)
 SAVED_STEP = 2
 
 
-def _build(strategy, comm):
-    ref = train._reference_model("tiny_mlp")
+def build_strategy(strategy, comm):
+    """(reference model, model, forward module, optimizer) of TinyMLP in float64 as `gpuforge train` builds them."""
+    ref = train.reference_model("tiny_mlp")
     torch.manual_seed(0)
     model = ref.build().to(torch.float64)
     fwd, opt = train.STRATEGIES[strategy](model, comm, ARGS)
@@ -41,11 +42,11 @@ def _uninterrupted(comm, root):
     """Train every strategy 4 steps from scratch, checkpointing after steps 2 and 4."""
     out = {}
     for strategy in STRATEGIES:
-        ref, model, fwd, opt = _build(strategy, comm)
+        ref, model, fwd, opt = build_strategy(strategy, comm)
 
         def save(step, losses, fwd=fwd, opt=opt, strategy=strategy):
             save_checkpoint(f"{root}/{strategy}", step, fwd, opt, comm, extra={"losses": losses})
-        losses = train._train(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size, save=save)
+        losses = train.train_steps(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size, save=save)
         out[strategy] = (losses, _params(model, fwd))
     return out
 
@@ -54,10 +55,10 @@ def _resumed(comm, root, layouts):
     """Load each strategy's step-2 checkpoint into layouts[strategy] and train steps 3 and 4."""
     out = {}
     for saved, strategy in layouts.items():
-        ref, model, fwd, opt = _build(strategy, comm)
+        ref, model, fwd, opt = build_strategy(strategy, comm)
         meta = load_checkpoint(f"{root}/{saved}/step-{SAVED_STEP:08d}", fwd, opt, comm)
         assert meta["step"] == SAVED_STEP == len(meta["extra"]["losses"])
-        losses = train._train(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size,
+        losses = train.train_steps(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size,
                               losses=meta["extra"]["losses"])
         out[saved] = (losses, _params(model, fwd))
     return out

@@ -21,7 +21,7 @@ from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from gpuforge.parallel import train
 from gpuforge.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tests.parallel.dist_harness import ROOT, run_distributed
-from tests.parallel.test_checkpoint import ARGS, _build
+from tests.parallel.test_checkpoint import ARGS, build_strategy
 
 pytestmark = pytest.mark.distributed
 
@@ -37,13 +37,13 @@ def _steps(n):
 def _save_then_die_saving(comm, root, point, rank, marker):
     """ZeRO-2: one step, checkpoint 1 (rank 0 records its files' digests), one step, checkpoint 2 with a
     kill at `point` on `rank`."""
-    ref, model, fwd, opt = _build("zero2", comm)
-    losses = train._train(ref, model, fwd, opt, comm, _steps(1), comm.rank, comm.world_size)
+    ref, model, fwd, opt = build_strategy("zero2", comm)
+    losses = train.train_steps(ref, model, fwd, opt, comm, _steps(1), comm.rank, comm.world_size)
     good = save_checkpoint(root, 1, fwd, opt, comm, extra={"losses": losses})
     if comm.rank == 0:
         (Path(root).parent / "good.json").write_text(json.dumps(_digest(good)))
     os.environ.update(GPUFORGE_FAIL_AT=f"{point}@{rank}", GPUFORGE_FAIL_ONCE=marker)
-    losses = train._train(ref, model, fwd, opt, comm, _steps(2), comm.rank, comm.world_size, losses=losses)
+    losses = train.train_steps(ref, model, fwd, opt, comm, _steps(2), comm.rank, comm.world_size, losses=losses)
     save_checkpoint(root, 2, fwd, opt, comm, extra={"losses": losses})
 
 
@@ -63,7 +63,7 @@ def test_kill_during_save_keeps_a_complete_latest_checkpoint(tmp_path, point, ra
     assert latest == root / f"step-{survivor:08d}"
     if survivor == 1:
         assert _digest(latest) == json.loads((tmp_path / "good.json").read_text())
-    model = train._reference_model("tiny_mlp").build().to(torch.float64)
+    model = train.reference_model("tiny_mlp").build().to(torch.float64)
     meta = load_checkpoint(latest, model, torch.optim.AdamW(model.parameters()))  # into one plain process
     assert meta["step"] == survivor == len(meta["extra"]["losses"])
 
@@ -79,7 +79,7 @@ def _gpuforge_train(prefix, ckpt_dir, *extra, env=None):
 
 
 def _final_state(ckpt_dir):
-    model = train._reference_model("tiny_mlp").build().to(torch.float64)
+    model = train.reference_model("tiny_mlp").build().to(torch.float64)
     meta = load_checkpoint(latest_checkpoint(ckpt_dir), model, torch.optim.AdamW(model.parameters()))
     return meta, dict(model.named_parameters())
 
