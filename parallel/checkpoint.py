@@ -166,9 +166,12 @@ def load_checkpoint(path, model, optimizer, comm=None) -> dict:
         raise ValueError(f"path: {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
     _, module, groups = checkpoint_state.layout_of(model, optimizer, rank, world)
-    shards = [torch.load(path / f"shard-{r}.pt", weights_only=True) for r in range(meta["world_size"])]
+    # on the host: pieces saved from different GPUs are joined there, then copied to this rank's device
+    shards = [torch.load(path / f"shard-{r}.pt", map_location="cpu", weights_only=True)
+              for r in range(meta["world_size"])]
     values, state = checkpoint_state.assemble(meta["groups"], shards)
-    checkpoint_state.restore(module, groups, values, state, torch.load(path / "rank0.pt", weights_only=True))
+    rank0 = torch.load(path / "rank0.pt", map_location="cpu", weights_only=True)
+    checkpoint_state.restore(module, groups, values, state, rank0)
     if meta["world_size"] == world:
         torch.set_rng_state(shards[rank]["rng"])
     return meta
