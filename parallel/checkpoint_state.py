@@ -92,8 +92,12 @@ def layout_of(model, optimizer, rank: int, world: int) -> tuple[str, torch.nn.Mo
         groups = [FlatGroup([n for n, _ in named], [tuple(p.shape) for _, p in named], optimizer, rank * size, size,
                             params=[p for _, p in named])]
         expected = {id(p) for _, p in named}
+        if not stepped <= {id(p) for p in module.parameters()}:
+            raise ValueError("optimizer: steps tensors that are not parameters of the model; a checkpoint could "
+                             "not restore them")
+        stepped &= expected  # frozen parameters may sit in the optimizer: they never get state
     if stepped != expected:
-        raise ValueError("optimizer: must step exactly the trainable parameters (FullyShardedDataParallel: its "
+        raise ValueError("optimizer: must step every trainable parameter (FullyShardedDataParallel: exactly its "
                          "shard_parameters()); a checkpoint could not restore the others")
     return ("fsdp" if isinstance(model, FullyShardedDataParallel) else "replicated"), module, groups
 

@@ -15,7 +15,9 @@ import torch
 
 from gpuforge.parallel import train
 from gpuforge.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.parallel.dist_harness import run_distributed
+from gpuforge.parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from tests.parallel.dist_harness import TiedMLP, make_batches, run_distributed, shard
 
 pytestmark = pytest.mark.distributed
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
@@ -106,6 +108,43 @@ def test_resume_at_another_world_size_and_layout(saved):
             _, params = resumed[rank][saved_as]
             for name, value in full_params.items():
                 assert (params[name] - value).abs().max().item() <= 1e-12, (saved_as, layouts[saved_as], name)
+
+
+def _step(model, opt, x, y, comm):
+    opt.zero_grad()
+    mine = (shard(x, comm.rank, comm.world_size), shard(y, comm.rank, comm.world_size))
+    torch.nn.functional.mse_loss(model(mine[0]), mine[1]).backward()
+    opt.step()
+
+
+def _tied_frozen_and_a_buffer(comm, root):
+    """DDP with AdamW over ALL parameters (frozen ones included) of a model with a tied weight, a frozen layer and
+    a buffer: two steps, save; a differently initialised ZeRO-2 copy loads it; both take step 3."""
+    batches = make_batches(3, comm.world_size, 2)
+    torch.manual_seed(0)
+    model = TiedMLP()
+    model.register_buffer("calls", torch.tensor(7.0, dtype=torch.float64))
+    ddp = DistributedDataParallel(model, comm)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    for x, y in batches[:2]:
+        _step(ddp, opt, x, y, comm)
+    save_checkpoint(root, 2, ddp, opt, comm)
+    torch.manual_seed(1)
+    other = TiedMLP()
+    other.register_buffer("calls", torch.tensor(0.0, dtype=torch.float64))
+    zero = ZeroRedundancyOptimizer(other.parameters(), torch.optim.AdamW, comm, stage=2, lr=0.05)
+    load_checkpoint(latest_checkpoint(root), other, zero, comm)
+    for m, o in ((ddp, opt), (other, zero)):
+        _step(m, o, *batches[2], comm)
+    return model.state_dict(), other.state_dict()
+
+
+def test_tied_and_frozen_parameters_and_buffers_survive_a_change_of_layout(tmp_path):
+    for ddp_state, zero_state in run_distributed(_tied_frozen_and_a_buffer, 2, str(tmp_path)):
+        assert ddp_state.keys() == zero_state.keys()
+        assert zero_state["calls"].item() == 7.0
+        for name, value in ddp_state.items():
+            assert (zero_state[name] - value).abs().max().item() <= 1e-12, name
 
 
 def test_directory_without_metadata_is_not_a_checkpoint(tmp_path):
