@@ -41,6 +41,14 @@ def gathered_contrastive_loss(model, batch, comm, group=None):
 GATHERED_FORMS = {contrastive_loss: gathered_contrastive_loss}
 
 
+def data_parallel_loss_fn(loss_fn, comm=None, group=None):
+    """loss_fn itself, or its gathered form (GATHERED_FORMS) when it couples samples and there is a comm."""
+    gathered = GATHERED_FORMS.get(loss_fn)
+    if gathered is None or comm is None:
+        return loss_fn
+    return lambda model, batch: gathered(model, batch, comm, group)
+
+
 class DataParallelLoss(nn.Module):
     """forward(*batch) = loss_fn(model, batch) on this rank's shard, or its gathered form when the loss
     couples samples (GATHERED_FORMS). `comm=None` is one process on the whole batch (the reference)."""
@@ -50,9 +58,7 @@ class DataParallelLoss(nn.Module):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
         self.model, self.loss_fn, self.comm, self.group = model, loss_fn, comm, group
+        self._rank_loss = data_parallel_loss_fn(loss_fn, comm, group)
 
     def forward(self, *batch):
-        gathered = GATHERED_FORMS.get(self.loss_fn)
-        if gathered is None or self.comm is None:
-            return self.loss_fn(self.model, batch)
-        return gathered(self.model, batch, self.comm, self.group)
+        return self._rank_loss(self.model, batch)

@@ -7,12 +7,13 @@
         --ckpt-dir ckpt --save-every 2 --steps 20
 
 Each rank trains on its slice of every global batch; at the end rank 0 trains the same model in one process
-on the whole batches and prints the largest parameter difference. No process manager of our own: the
-environment comes from torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) or from mpiexec. `--nproc N`
-outside a launcher (no RANK in the environment, --comm torch) replaces this process by
-`torchrun --standalone --nproc_per_node N` running the same command; under mpiexec it is checked against the
-world size. (Under torchrun give the count to torchrun: its own parser rejects `--nproc` anywhere on the line as
-an ambiguous abbreviation of its --nproc-per-node.)
+on the whole batches and prints the largest parameter difference. A loss that couples the samples of a batch
+(TinyCLIP's contrastive loss) runs in its gathered form (gathered_loss.py), so it matches one process too.
+No process manager of our own: the environment comes from torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) or
+from mpiexec. `--nproc N` outside a launcher (no RANK in the environment, --comm torch) replaces this process by
+`torchrun --standalone --nproc_per_node N` running the same command; under mpiexec it is checked against the world
+size. (Under torchrun give the count to torchrun: its own parser rejects `--nproc` anywhere on the line as an
+ambiguous abbreviation of its --nproc-per-node.)
 
 Fault tolerance: with `--ckpt-dir DIR` the run saves a checkpoint (checkpoint.py) every `--save-every` steps and
 after the last one, and starts from the latest checkpoint in DIR when there is one, at any world size or
@@ -41,6 +42,7 @@ from gpuforge.parallel.comm import init_comm
 from gpuforge.parallel.ddp import DistributedDataParallel
 from gpuforge.parallel.faults import fail_point
 from gpuforge.parallel.fsdp import FullyShardedDataParallel
+from gpuforge.parallel.gathered_loss import GATHERED_FORMS, data_parallel_loss_fn
 from gpuforge.parallel.zero import ZeroRedundancyOptimizer
 
 MODEL_ALIASES = {"tinyllama": "tiny_llama", "tiny_llama": "tiny_llama", "tinymoe": "tiny_moe"}
@@ -71,7 +73,7 @@ STRATEGIES.update(dict.fromkeys(MODEL_PARALLEL, "gpuforge.parallel.mesh:train_cl
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="gpuforge train", description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--model", default="tinyllama", choices=sorted(set(MODEL_ALIASES) | set(_registered_models())))
+    p.add_argument("--model", default="tinyllama", choices=sorted(set(MODEL_ALIASES) | set(_trainable_models())))
     p.add_argument("--strategy", default="ddp", help=f"one of {sorted(STRATEGIES)}")
     p.add_argument("--comm", default="torch", choices=["torch", "mpi"])
     p.add_argument("--nproc", type=int, default=None,
@@ -93,26 +95,25 @@ def parse_args(argv):
     return p.parse_known_args(argv)[0]
 
 
-VOLUMES = ("vol0_math", "vol1_architectures", "vol2_llm", "vol3_generative", "vol4_multimodal", "vol5_rl")
+def _trainable_models() -> dict:
+    """The reference models of every volume (gf.models.reference_models) that train: not the inference-only
+    ones, and not a coupled loss without a gathered data-parallel form."""
+    from gpuforge.models import reference_models
 
-
-def _registered_models() -> dict:
-    """Every reference model of every volume, by name (models/: REFERENCE_MODELS)."""
-    import importlib
-
-    return {name: ref for volume in VOLUMES
-            for name, ref in importlib.import_module(f"gpuforge.models.{volume}").REFERENCE_MODELS.items()}
+    return {name: ref for name, ref in reference_models().items()
+            if not ref.inference_only and (not ref.coupled or ref.loss_fn in GATHERED_FORMS)}
 
 
 def reference_model(name):
-    """The registered reference model (models/: REFERENCE_MODELS) by name or alias (tinyllama)."""
-    return _registered_models()[MODEL_ALIASES.get(name, name)]
+    """The trainable reference model by name or alias (tinyllama)."""
+    return _trainable_models()[MODEL_ALIASES.get(name, name)]
 
 
 def train_steps(ref, model, fwd, opt, comm, args, rank, world, losses=(), save=None):
     """Steps len(losses) .. args.steps - 1 (so a resumed run continues); returns every step's loss.
     save(steps_done, losses) after each --save-every-th step and after the last."""
     losses = list(losses)
+    loss_fn = data_parallel_loss_fn(ref.loss_fn, comm)
     for step in range(len(losses), args.steps):
         if comm is not None:
             comm.ledger.step = step
@@ -120,7 +121,7 @@ def train_steps(ref, model, fwd, opt, comm, args, rank, world, losses=(), save=N
         batch = ref.make_batch(step, args.batch)
         mine = tuple(t.chunk(world)[rank] for t in batch)
         opt.zero_grad()
-        loss = ref.loss_fn(fwd, mine)
+        loss = loss_fn(fwd, mine)
         loss.backward()
         if hasattr(opt, "clip_grad_norm_"):
             opt.clip_grad_norm_(args.clip)
