@@ -50,17 +50,25 @@ def training_strategies() -> list[str]:
     return list(STRATEGIES)
 
 
+# Beyond TinyLlama under every strategy: an image model, and TinyCLIP's coupled loss in its gathered form.
+OTHER_MODEL_RUNS = (("zero2", "tiny_convnext"), ("ddp", "tiny_clip"))
+
+
 def run_training(nproc: int, steps: int) -> bool:
-    """One torchrun launch per strategy; each run compares itself with single-process training on rank 0."""
+    """One torchrun launch per strategy (and per other model run); each run compares itself with
+    single-process training on rank 0."""
     ok = True
-    for strategy in training_strategies():
+    runs = [(strategy, "tinyllama") for strategy in training_strategies()]
+    runs += OTHER_MODEL_RUNS if runs else []
+    for strategy, model in runs:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "gpuforge", "train", "--strategy", strategy, "--steps", str(steps)]
+                   "-m", "gpuforge", "train", "--strategy", strategy, "--model", model, "--steps", str(steps)]
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         verdict = "ok  " if result.returncode == 0 else "FAIL"
         summary = result.stdout.strip().splitlines()
-        print(f"{verdict} {strategy:<8} {time.perf_counter() - start:5.1f}s  {summary[-1] if summary else ''}")
+        label = f"{strategy} {model}"
+        print(f"{verdict} {label:<22} {time.perf_counter() - start:5.1f}s  {summary[-1] if summary else ''}")
         if result.returncode != 0:
             print("\n".join((result.stdout + result.stderr).strip().splitlines()[-20:]))
             ok = False
