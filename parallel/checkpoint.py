@@ -153,17 +153,23 @@ def save_checkpoint(root, step: int, model, optimizer, comm, *, extra: dict | No
     return commit_checkpoint(root, step, comm, write_files, meta, keep=keep)
 
 
+def read_metadata(path: Path, expected_format: str) -> dict:
+    """A complete checkpoint's metadata.json (written last, so its presence means complete), format checked."""
+    meta_file = path / "metadata.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no metadata.json)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != expected_format:
+        raise ValueError(f"path: {path} has format {meta.get('format')!r}, expected {expected_format!r}")
+    return meta
+
+
 def load_checkpoint(path, model, optimizer, comm=None) -> dict:
     """Restore a checkpoint directory into what the strategy built, at any world size and layout; returns its
     metadata. The RNG state is restored too when the world size is the one saved. No collective: `comm` (None:
     one process) only says this rank's place."""
     path = Path(path)
-    meta_file = path / "metadata.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no metadata.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"path: {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_metadata(path, FORMAT)
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
     _, module, groups = checkpoint_state.layout_of(model, optimizer, rank, world)
     # on the host: pieces saved from different GPUs are joined there, then copied to this rank's device

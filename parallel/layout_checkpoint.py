@@ -20,12 +20,11 @@ model and AdamW) slices every tensor for the new layout; padding rows get zeros,
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
-from gpuforge.parallel.checkpoint import commit_checkpoint
+from gpuforge.parallel.checkpoint import commit_checkpoint, read_metadata
 from gpuforge.parallel.group_comm import GroupComm
 from gpuforge.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from gpuforge.parallel.zero import flat_views, flatten_padded
@@ -136,12 +135,7 @@ def save_layout_checkpoint(root, trainer, step: int, *, keep: int = 2) -> Path:
 def _read(path, config) -> tuple[dict, dict, dict]:
     """(metadata, {name: full tensor}, {"step", "hyper", moment: {name: full tensor}}) of a checkpoint."""
     path = Path(path)
-    meta_file = path / "metadata.json"
-    if not meta_file.exists():
-        raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no metadata.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"path: {path} has format {meta.get('format')!r}, expected {FORMAT!r}")
+    meta = read_metadata(path, FORMAT)
     if meta["config"] != dataclasses.asdict(config):
         raise ValueError(f"checkpoint config {meta['config']} differs from the model's {dataclasses.asdict(config)}")
     parts = [torch.load(path / f"part-{s}.pt", weights_only=True) for s in range(meta["parts"])]
