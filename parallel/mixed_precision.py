@@ -55,6 +55,15 @@ def check_mixed_precision(mixed_precision) -> MixedPrecision | None:
     return mixed_precision
 
 
+def clear_grads(params, set_to_none: bool) -> None:
+    """optimizer.zero_grad's loop over the model's parameters: drop each `.grad`, or zero it in place."""
+    for p in params:
+        if set_to_none:
+            p.grad = None
+        elif p.grad is not None:
+            p.grad.zero_()
+
+
 class MixedPrecisionOptimizer:
     """Any torch optimizer over float32 master copies of low-precision parameters (unsharded: DDP's partner;
     the shape of DeepSpeed's FP16_Optimizer). `step()` casts the gradients up, updates the masters and casts
@@ -72,11 +81,7 @@ class MixedPrecisionOptimizer:
         return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+        clear_grads(self.params, set_to_none)
         for m in self.master_params:
             m.grad = None
 

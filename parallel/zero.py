@@ -32,7 +32,7 @@ import torch
 
 from gpuforge.parallel.config_check import check_same_config, shapes_fingerprint
 from gpuforge.parallel.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
-from gpuforge.parallel.mixed_precision import check_mixed_precision
+from gpuforge.parallel.mixed_precision import check_mixed_precision, clear_grads
 
 
 def flatten_padded(params, tensors, padded: int, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -120,11 +120,7 @@ class ZeroRedundancyOptimizer:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the gradients. Stage 1 keeps its gradient buffer (zeroed; the `.grad` are views into it)."""
-        for p in self.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+        clear_grads(self.params, set_to_none)
         if self._grad_buffer is not None:
             self._grad_buffer.zero_()
             for p, view in zip(self.params, self._grad_views, strict=True):
