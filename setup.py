@@ -23,6 +23,8 @@ PACKAGE_DIRS = {
     "gpuforge.kernels": "kernels",
     "gpuforge.kernels.triton": "kernels/triton",
     "gpuforge.kernels.numba": "kernels/numba",
+    "gpuforge.kernels.cuda": "kernels/cuda",
+    "gpuforge.kernels.cupy": "kernels/cupy",
     "gpuforge.csrc": "csrc",
     "gpuforge.parallel": "parallel",
     "gpuforge.quant": "quant",

@@ -1,7 +1,10 @@
 """gpuforge: hand-written GPU kernels (Triton, CUDA C++, CuPy, Numba) and distributed training, each
-checked against a PyTorch reference. Importing it initialises neither CUDA, NVML nor Triton's driver."""
+checked against a PyTorch reference. Importing it initialises neither CUDA, NVML nor Triton's driver, and
+imports neither Triton nor Numba (each backend's kernels are imported at their first call)."""
 
-from gpuforge import backends, models, nn, parallel, quant
+from gpuforge import models, nn, parallel, quant
+from gpuforge.kernelize import kernelize
+from gpuforge.kernels import backends
 from gpuforge.kernels.flash_attention import flash_attention, flash_attention_varlen
 from gpuforge.kernels.int4_matmul import int4_matmul
 from gpuforge.kernels.matmul import matmul
@@ -12,5 +15,5 @@ from gpuforge.kernels.vector_add import vector_add
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "int4_matmul", "quant", "models", "matmul", "vector_add", "rms_norm", "nn",
-           "flash_attention", "flash_attention_varlen", "paged_attention", "softmax", "parallel"]
+__all__ = ["backends", "flash_attention", "flash_attention_varlen", "int4_matmul", "kernelize", "matmul",
+           "models", "nn", "paged_attention", "parallel", "quant", "rms_norm", "softmax", "vector_add"]

@@ -6,18 +6,16 @@ import argparse
 
 import torch
 
-from gpuforge import backends
 from gpuforge.kernels._selfcheck import CheckResult, op_modules, run_case
 
 
 def run_all(device: torch.device, ops: list[str] | None = None, log=print) -> list[CheckResult]:
-    status = backends.available()
     results = []
     for module in op_modules():
         table = module.BACKENDS
         if ops and table.op not in ops:
             continue
-        runnable = [b for b in table.impls if status[b][0] and backends.runs_on(b, device)]
+        runnable = table.runnable(device)
         for case in module.selfcheck_cases(device):
             reference = case.reference()
             for backend in runnable:

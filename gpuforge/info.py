@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from gpuforge import backends
+from gpuforge.kernels import backends
 
 
 def lines() -> list[str]:

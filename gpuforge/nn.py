@@ -1,5 +1,10 @@
 """Drop-in torch.nn modules running gpuforge ops: the same constructor arguments and state-dict names as the
-torch module each one replaces, so `load_state_dict` works across the two."""
+torch module each one replaces, so `load_state_dict` works across the two. `gf.kernelize` builds on them.
+
+    RMSNorm  ↔ torch.nn.RMSNorm        Linear  ↔ torch.nn.Linear        Softmax ↔ torch.nn.Softmax (+ mask)
+    ScaledDotProductAttention ↔ F.scaled_dot_product_attention (GQA, bottom-right causal, boolean mask)
+    Attention: QKV projections + RoPE + GQA on gf.flash_attention (the reference models' GQAttention layout)
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,11 @@ import math
 
 import torch
 
-from gpuforge.kernels.flash_attention import flash_attention
+from gpuforge.kernels.flash_attention import flash_attention, visibility_mask
+from gpuforge.kernels.matmul import matmul
 from gpuforge.kernels.rms_norm import rms_norm
+from gpuforge.kernels.rope import rope_angles, rotate_interleaved
+from gpuforge.kernels.softmax import softmax
 
 
 class RMSNorm(torch.nn.Module):
@@ -55,6 +63,64 @@ class RMSNorm(torch.nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear (same constructor, initialisation and state dict) whose forward is gf.matmul:
+    y = x Wᵀ + b. `backend` (keyword only) picks the gf backend."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto") -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        y = matmul(flat, self.weight.T, backend=self.backend)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+class Softmax(torch.nn.Module):
+    """torch.nn.Softmax computed by gf.softmax. forward(x, mask=None): with a boolean `mask` (True = keep,
+    broadcastable to x) masked entries get probability 0 and a fully masked row gives zeros (without a mask, a
+    row of −inf gives NaN, as torch)."""
+
+    def __init__(self, dim: int = -1, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.dim, self.backend = dim, backend
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return softmax(x, self.dim, backend=self.backend)
+        y = softmax(x.masked_fill(~mask, float("-inf")), self.dim, backend=self.backend)
+        return torch.nan_to_num(y, nan=0.0)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}"
+
+
+class ScaledDotProductAttention(torch.nn.Module):
+    """softmax(q kᵀ · scale + mask) v: q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0. Without `mask`
+    it is one gf.flash_attention call; with a boolean `mask` (True = may attend, broadcastable to
+    (B, Hq, Sq, Sk)) the scores are formed explicitly and normalised by gf.softmax (fully masked rows give
+    zeros). `causal` aligns the last query with the last key (bottom-right), as gf.flash_attention."""
+
+    def __init__(self, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.backend = backend
+        self.softmax = Softmax(-1, backend=backend)
+
+    def forward(self, q, k, v, *, causal: bool = False, mask: torch.Tensor | None = None,
+                scale: float | None = None) -> torch.Tensor:
+        if mask is None:
+            return flash_attention(q, k, v, causal=causal, scale=scale, backend=self.backend)
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        keep = mask & visibility_mask(q.shape[2], k.shape[2], -1, 0, q.device) if causal else mask
+        return self.softmax((q @ k.transpose(-1, -2)) * scale, keep) @ v
+
+
 class Attention(torch.nn.Module):
     """Grouped-query self-attention with RoPE, computed by gf.flash_attention (no S×S matrix in memory).
 
@@ -81,20 +147,16 @@ class Attention(torch.nn.Module):
         self.wk = torch.nn.Linear(dim, n_kv_heads * head_dim, bias=bias, **factory)
         self.wv = torch.nn.Linear(dim, n_kv_heads * head_dim, bias=bias, **factory)
         self.wo = torch.nn.Linear(n_heads * head_dim, dim, bias=bias, **factory)
-        inv_freq = rope_theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        self.register_buffer("rope_cos", angles.cos().to(device), persistent=False)
-        self.register_buffer("rope_sin", angles.sin().to(device), persistent=False)
+        cos, sin = rope_angles(head_dim, max_seq_len, rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
 
     def rotate(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """RoPE on x (B, H, S, D) at absolute positions start_pos .. start_pos + S − 1."""
         s = x.shape[2]
         if start_pos + s > self.rope_cos.shape[0]:
             raise ValueError(f"x: positions up to {start_pos + s} exceed max_seq_len {self.rope_cos.shape[0]}")
-        cos = self.rope_cos[start_pos:start_pos + s].to(x.dtype)
-        sin = self.rope_sin[start_pos:start_pos + s].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+        return rotate_interleaved(x, self.rope_cos[start_pos:start_pos + s], self.rope_sin[start_pos:start_pos + s])
 
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         b, s, _ = x.shape

@@ -25,39 +25,17 @@ import math
 
 import torch
 
-from gpuforge.kernels import _alloc, cuda_ext
-from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._selfcheck import CheckCase
+from gpuforge.kernels._tensors import compute_dtype
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_tensor
+from gpuforge.kernels.attention_problem import Problem
+from gpuforge.kernels.cuda import flash_attention as cuda_flash_attention
+from gpuforge.kernels.dispatch import Implementation, OpBackends
 
-# Each forward impl takes (q, k, v, problem) -> (out, lse); each backward impl
-# (dout, dlse, q, k, v, out, lse, problem, deterministic) -> (dq, dk, dv). `problem` is a triton Problem.
-BACKENDS = OpBackends(
-    op="flash_attention",
-    impls={
-        "torch": "gpuforge.kernels.flash_attention:attention_reference",
-        "triton": "gpuforge.kernels.triton.flash_attention:forward",
-        "cuda": "gpuforge.kernels.flash_attention:attention_cuda",
-    },
-    auto_order=("triton",),
-)
-BACKWARD_IMPLS = OpBackends(
-    op="flash_attention_backward",
-    impls={
-        "torch": "gpuforge.kernels.flash_attention:attention_reference_backward",
-        "triton": "gpuforge.kernels.triton.flash_attention:backward",
-        "cuda": "gpuforge.kernels.flash_attention:attention_cuda_backward",
-    },
-    auto_order=("triton",),
-)
+# Every backend: forward(q, k, v, problem) -> (out, lse) and
+# backward(dout, dlse, q, k, v, out, lse, problem, deterministic) -> (dq, dk, dv); `problem` describes the call
+# (kernels/attention_problem.py).
 MAX_HEAD_DIM = 256
-
-
-def _problem(**fields):
-    # the dataclass lives with the kernels, imported lazily so that TRITON_INTERPRET is read on first use
-    from gpuforge.kernels.triton.flash_attention import Problem
-
-    return Problem(**fields)
 
 
 # ---------------------------------------------------------------------------------------------- reference
@@ -75,10 +53,6 @@ def visibility_mask(sq: int, sk: int, window_left: int, window_right: int, devic
     return visible
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _probabilities(q, k, scale, window_left, window_right, lse=None):
     """Softmax probabilities (and LSE) on (B, H, S, D) tensors in the compute dtype; K already per query head.
     With `lse` given, recompute P = exp(S − lse) as the backward kernels do."""
@@ -94,15 +68,15 @@ def _probabilities(q, k, scale, window_left, window_right, lse=None):
 def attention_math(q, k, v, scale, window_left, window_right):
     """softmax(q·kᵀ·scale + mask)·v on (B, H, S, D) tensors with the full score matrix, GQA by repeating K/V;
     returns (out, lse). Differentiable by autograd, float64-capable: the oracle of every test."""
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q.dtype)
     group = q.shape[1] // k.shape[1]
     qc, kc, vc = q.to(ct), k.to(ct).repeat_interleave(group, 1), v.to(ct).repeat_interleave(group, 1)
     p, lse = _probabilities(qc, kc, scale, window_left, window_right)
-    return torch.matmul(p, vc).to(q.dtype), lse.to(torch.float64 if ct == torch.float64 else torch.float32)
+    return torch.matmul(p, vc).to(q.dtype), lse
 
 
 def attention_math_backward(dout, dlse, q, k, v, out, lse, scale, window_left, window_right):
-    ct = _compute_dtype(q)
+    ct = compute_dtype(q.dtype)
     batch, heads_kv, sk, d = k.shape
     group = q.shape[1] // heads_kv
     qc, do, oc = q.to(ct), dout.to(ct), out.to(ct)
@@ -129,21 +103,21 @@ def _as_dense(t: torch.Tensor, rows: slice) -> torch.Tensor:
 
 def attention_reference(q, k, v, p):
     """The torch backend: plain math with the full score matrix (the oracle; float64-capable)."""
-    if not p.varlen:
+    if not p.is_varlen:
         return attention_math(q, k, v, p.scale, p.window_left, p.window_right)
     out = torch.zeros_like(q)
-    lse = torch.full((p.heads_q, q.shape[0]), float("-inf"), dtype=_compute_dtype(q), device=q.device)
+    lse = torch.full((p.heads_q, q.shape[0]), float("-inf"), dtype=compute_dtype(q.dtype), device=q.device)
     for qs, ks in _sequences(p):
         o, l_ = attention_math(_as_dense(q, qs), _as_dense(k, ks), _as_dense(v, ks), p.scale,
                                  p.window_left, p.window_right)
         out[qs] = o[0].transpose(0, 1)
         lse[:, qs] = l_[0]
-    return out, lse.float() if q.dtype != torch.float64 else lse
+    return out, lse
 
 
 def attention_reference_backward(dout, dlse, q, k, v, out, lse, p, deterministic):
     args = (p.scale, p.window_left, p.window_right)
-    if not p.varlen:
+    if not p.is_varlen:
         return attention_math_backward(dout, dlse, q, k, v, out, lse, *args)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for qs, ks in _sequences(p):
@@ -155,63 +129,30 @@ def attention_reference_backward(dout, dlse, q, k, v, out, lse, p, deterministic
     return dq, dk, dv
 
 
-def attention_cuda(q, k, v, p):
-    """csrc/flash_attention.cu forward (dense layout only): tensor cores where they apply, else the baseline."""
-    if p.varlen:
-        raise ValueError("backend='cuda': flash_attention_varlen has no CUDA C++ kernel; use backend='triton'")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = _alloc.empty_like(q)
-    lse = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    cuda_ext.extension().flash_attention_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), p.batch, p.heads_q, p.heads_kv,
-        p.seqlen_q, p.seqlen_k, p.head_dim, p.window_left, p.window_right, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], p.scale, cuda_ext.dtype_code(q), cuda_ext.stream_handle(q))
-    return out, lse
+def _triton():
+    from gpuforge.kernels.triton import flash_attention
+
+    return flash_attention
 
 
-def attention_cuda_backward(dout, dlse, q, k, v, out, lse, p, deterministic):
-    """csrc/flash_attention_bwd.cu (dense layout only); bit-reproducible whatever `deterministic` says."""
-    if p.varlen:
-        raise ValueError("backend='cuda': flash_attention_varlen has no CUDA C++ kernel; use backend='triton'")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, dout, lse, dlse = (t.contiguous() for t in (out, dout, lse, dlse.float()))
-    dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
-    delta = _alloc.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    cuda_ext.extension().flash_attention_backward(
-        *(t.data_ptr() for t in (q, k, v, out, dout, lse, dlse, dq, dk, dv, delta)), p.batch, p.heads_q,
-        p.heads_kv, p.seqlen_q, p.seqlen_k, p.head_dim, p.window_left, p.window_right, *q.stride()[:3],
-        *k.stride()[:3], *v.stride()[:3], p.scale, cuda_ext.dtype_code(q), cuda_ext.stream_handle(q))
-    return dq, dk, dv
+REFERENCE = Implementation(forward=attention_reference, backward=attention_reference_backward)
+BACKENDS = OpBackends(op="flash_attention",
+                      loaders={"torch": lambda: REFERENCE, "triton": _triton, "cuda": lambda: cuda_flash_attention},
+                      auto_order=("triton",))
 
 
 # ----------------------------------------------------------------------------------------- custom ops
 
 
-def _lse_dtype(q: torch.Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _dense_problem(q, k, scale, window_left, window_right):
-    return _problem(batch=q.shape[0], heads_q=q.shape[1], heads_kv=k.shape[1], seqlen_q=q.shape[2],
-                    seqlen_k=k.shape[2], head_dim=q.shape[3], scale=scale, window_left=window_left,
-                    window_right=window_right)
-
-
-def _varlen_problem(q, k, cu_q, cu_k, max_q, max_k, scale, window_left, window_right):
-    return _problem(batch=cu_q.shape[0] - 1, heads_q=q.shape[1], heads_kv=k.shape[1], seqlen_q=max_q,
-                    seqlen_k=max_k, head_dim=q.shape[2], scale=scale, window_left=window_left,
-                    window_right=window_right, cu_q=cu_q, cu_k=cu_k)
-
-
 @torch.library.custom_op("gpuforge::flash_attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window_left: int,
                   window_right: int, deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return BACKENDS.impl(backend)(q, k, v, _dense_problem(q, k, scale, window_left, window_right))
+    return BACKENDS.impl(backend).forward(q, k, v, Problem.dense(q, k, scale, window_left, window_right))
 
 
 @_attention_op.register_fake
 def _(q, k, v, scale, window_left, window_right, deterministic, backend):
-    lse = q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+    lse = q.new_empty(q.shape[:3], dtype=compute_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
@@ -220,8 +161,8 @@ def _attention_backward_op(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tens
                            v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, scale: float, window_left: int,
                            window_right: int, deterministic: bool, backend: str
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _dense_problem(q, k, scale, window_left, window_right)
-    return BACKWARD_IMPLS.impl(backend)(dout, dlse, q, k, v, out, lse, p, deterministic)
+    p = Problem.dense(q, k, scale, window_left, window_right)
+    return BACKENDS.impl(backend).backward(dout, dlse, q, k, v, out, lse, p, deterministic)
 
 
 @_attention_backward_op.register_fake
@@ -252,15 +193,15 @@ _attention_op.register_autograd(_backward_dense, setup_context=_setup_dense)
 def _varlen_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float, window_left: int,
                window_right: int, deterministic: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    p = _varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                        window_right)
-    return BACKENDS.impl(backend)(q, k, v, p)
+    p = Problem.varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                       window_right)
+    return BACKENDS.impl(backend).forward(q, k, v, p)
 
 
 @_varlen_op.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left, window_right,
       deterministic, backend):
-    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=compute_dtype(q.dtype))
     return torch.empty_like(q, memory_format=torch.contiguous_format), lse
 
 
@@ -270,9 +211,9 @@ def _varlen_backward_op(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor,
                         cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                         window_left: int, window_right: int, deterministic: bool, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = _varlen_problem(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
-                        window_right)
-    return BACKWARD_IMPLS.impl(backend)(dout, dlse, q, k, v, out, lse, p, deterministic)
+    p = Problem.varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, window_left,
+                       window_right)
+    return BACKENDS.impl(backend).backward(dout, dlse, q, k, v, out, lse, p, deterministic)
 
 
 @_varlen_backward_op.register_fake
@@ -356,7 +297,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     _check_flag(deterministic, "deterministic")
     left, right = _window(window, causal)
     out, _ = _attention_op(q, k, v, _scale(scale, q.shape[-1]), left, right, deterministic,
-                           BACKENDS.select(backend, q.device))
+                           BACKENDS.select(backend, q.device, dtype=q.dtype))
     return out
 
 
@@ -385,7 +326,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     _check_flag(deterministic, "deterministic")
     left, right = _window(window, causal)
     out, _ = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                        _scale(scale, q.shape[-1]), left, right, deterministic, BACKENDS.select(backend, q.device))
+                        _scale(scale, q.shape[-1]), left, right, deterministic,
+                        BACKENDS.select(backend, q.device, dtype=q.dtype))
     return out
 
 

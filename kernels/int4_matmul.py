@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.kernels import _alloc, cuda_ext, cupy_module
-from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._selfcheck import CheckCase
 from gpuforge.kernels._validate import check_tensor
-from gpuforge.quant.format import Int4Weight, dequantize_int4
+from gpuforge.kernels.cuda import int4_matmul as cuda_int4_matmul
+from gpuforge.kernels.cupy import int4_matmul as cupy_int4_matmul
+from gpuforge.kernels.dispatch import Implementation, Limits, OpBackends
+from gpuforge.kernels.int4_format import SYMMETRIC_ZERO, Int4Weight, dequantize_int4, pack_int4
 
-BACKENDS = OpBackends(
-    op="int4_matmul",
-    impls={
-        "torch": "gpuforge.kernels.int4_matmul:int4_matmul_reference",
-        "triton": "gpuforge.kernels.triton.int4_matmul:int4_matmul",
-        "cuda": "gpuforge.kernels.int4_matmul:int4_matmul_cuda",
-        "cupy": "gpuforge.kernels.int4_matmul:int4_matmul_cupy",
-    },
-    auto_order=("cuda", "triton", "cupy"),
-    unsupported_dtypes={"cuda": (torch.float32,), "cupy": (torch.float32,)},
-)
+# Every backend: forward(x (M, K) contiguous, qweight, scales, zeros, group_size) -> contiguous (M, N).
 
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -41,55 +32,21 @@ def int4_matmul_reference(x, qweight, scales, zeros, group_size: int) -> torch.T
     return x @ _dequantize(qweight, scales, zeros, group_size, x.dtype).T
 
 
-# The decode kernel of csrc/int4_matmul.cu takes up to this many rows; more rows go to the tiled kernel.
-CUDA_DECODE_MAX_M = 16
+def _triton():
+    from gpuforge.kernels.triton import int4_matmul
+
+    return int4_matmul
 
 
-def _split_k(m: int, n: int, k: int, group_size: int) -> int:
-    """K slices for the decode kernel: enough blocks (8 output channels each) to fill ~132 SMs a few times
-    over, each slice a whole number of 32-element chunks and at least 256 long."""
-    blocks = -(-n // 8)
-    split = 1
-    while blocks * split < 4 * 132 and k % (split * 2 * 32) == 0 and k // (split * 2) >= 256:
-        split *= 2
-    return split
-
-
-def int4_matmul_cuda(x, qweight, scales, zeros, group_size: int) -> torch.Tensor:
-    """csrc/int4_matmul.cu: the decode kernel (M ≤ 16, split-K) or the tiled kernel (any M)."""
-    m, k = x.shape
-    n = qweight.shape[0]
-    out = _alloc.empty((m, n), dtype=x.dtype, device=x.device)
-    decode = (m <= CUDA_DECODE_MAX_M and k % 32 == 0 and group_size % 32 == 0
-              and x.data_ptr() % 16 == 0 and qweight.data_ptr() % 16 == 0)
-    split = _split_k(m, n, k, group_size) if decode else 0
-    workspace = torch.empty((split, m, n) if split > 1 else (0,), dtype=torch.float32, device=x.device)
-    cuda_ext.extension().int4_matmul(
-        x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), out.data_ptr(),
-        workspace.data_ptr(), m, n, k, group_size, split, cuda_ext.dtype_code(x), cuda_ext.dtype_code(scales),
-        cuda_ext.stream_handle(x))
-    return out
-
-
-# Tile of csrc/int4_matmul.cu's tiled kernel (kTileM, kTileN, kThreads).
-CUPY_TILE_M, CUPY_TILE_N, CUPY_THREADS = 64, 64, 256
-
-
-def int4_matmul_cupy(x, qweight, scales, zeros, group_size: int) -> torch.Tensor:
-    """The tiled kernel of csrc/int4_matmul.cu through NVRTC (any M)."""
-    import numpy as np
-
-    m, k = x.shape
-    n = qweight.shape[0]
-    out = _alloc.empty((m, n), dtype=x.dtype, device=x.device)
-    types = cupy_module.CPP_TYPES
-    name = f"gpuforge::int4_matmul_tiled_kernel<{types[x.dtype]}, {types[scales.dtype]}>"
-    kern = cupy_module.kernel("int4_matmul.cu", (name,), name)
-    grid = (-(-n // CUPY_TILE_N), -(-m // CUPY_TILE_M))
-    args = (*(cupy_module.as_cupy(t) for t in (x, qweight, scales, zeros, out)),
-            *(np.int64(v) for v in (m, n, k, group_size)))
-    cupy_module.launch(kern, grid, (CUPY_THREADS,), args, x.device)
-    return out
+REFERENCE = Implementation(forward=int4_matmul_reference)
+_HALF_ONLY = Limits(dtypes=(torch.float32,))
+BACKENDS = OpBackends(
+    op="int4_matmul",
+    loaders={"torch": lambda: REFERENCE, "triton": _triton, "cuda": lambda: cuda_int4_matmul,
+             "cupy": lambda: cupy_int4_matmul},
+    auto_order=("cuda", "triton", "cupy"),
+    limits={"cuda": _HALF_ONLY, "cupy": _HALF_ONLY},
+)
 
 
 @torch.library.custom_op("gpuforge::int4_matmul", mutates_args=())
@@ -99,8 +56,8 @@ def _int4_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor
     n = qweight.shape[0]
     if rows.shape[0] == 0 or n == 0:
         return x.new_zeros((*x.shape[:-1], n))
-    kernel = BACKENDS.impl(backend)
-    out = kernel(rows, qweight.contiguous(), scales.contiguous(), zeros.contiguous(), group_size)
+    out = BACKENDS.impl(backend).forward(rows, qweight.contiguous(), scales.contiguous(), zeros.contiguous(),
+                                         group_size)
     return out.view(*x.shape[:-1], n)
 
 
@@ -141,11 +98,7 @@ def int4_matmul(x: torch.Tensor, qweight: Int4Weight, *, backend: str = "auto") 
     """x (..., K) @ Wᵀ -> (..., N) in x's dtype, W (N, K) the int4 weight `qweight`. x: float16/bfloat16
     (float32 on the torch and triton backends), any strides. Differentiable with respect to x."""
     _check(x, qweight)
-    chosen = BACKENDS.select(backend, x.device)
-    if not BACKENDS.supports(chosen, x.dtype):
-        if backend != "auto":
-            raise TypeError(f"x: backend {chosen!r} takes float16/bfloat16 activations, got {x.dtype}")
-        chosen = "triton"
+    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype)
     if qweight.in_scales is not None:
         x = (x.float() / qweight.in_scales).to(x.dtype)
     return _int4_matmul_op(x, qweight.qweight, qweight.scales, qweight.zeros, qweight.group_size, chosen)
@@ -162,14 +115,26 @@ def _forward_and_grad(x, grad, fn):
     return out.detach(), dx
 
 
-def selfcheck_cases(device: torch.device) -> list[CheckCase]:
-    from gpuforge.quant import quantize_int4
+def random_int4_weight(n: int, k: int, group_size: int, *, symmetric: bool, generator: torch.Generator,
+                       scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
+    """An Int4Weight with uniformly random codes, positive scales and (asymmetric) random zero points: the
+    kernels' inputs without a quantizer, for self-checks and tests."""
+    group = k if group_size == -1 else group_size
+    codes = torch.randint(0, 16, (n, k), generator=generator)
+    scales = (0.02 + 0.05 * torch.rand(n, k // group, generator=generator)).to(scale_dtype)
+    if symmetric:
+        zeros = torch.full((n, k // group), SYMMETRIC_ZERO, dtype=torch.uint8)
+    else:
+        zeros = torch.randint(0, 16, (n, k // group), generator=generator).to(torch.uint8)
+    return Int4Weight(pack_int4(codes), scales, zeros, group, symmetric)
 
+
+def selfcheck_cases(device: torch.device) -> list[CheckCase]:
     cases = []
     for dtype, tol in SELFCHECK_TOL.items():
         for m, n, k, group in ((1, 67, 128, 32), (5, 33, 192, 64), (17, 96, 256, 128), (3, 40, 96, -1)):
             generator = torch.Generator().manual_seed(m * 1000 + n)
-            w = quantize_int4(torch.randn(n, k, generator=generator), group, symmetric=m % 2 == 0).to(device)
+            w = random_int4_weight(n, k, group, symmetric=m % 2 == 0, generator=generator).to(device)
             x = torch.randn(m, k, generator=generator).to(device=device, dtype=dtype)
             grad = torch.randn(m, n, generator=generator).to(device=device, dtype=dtype)
             w64 = dequantize_int4(w, torch.float64)

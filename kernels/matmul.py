@@ -5,7 +5,7 @@ with arbitrary strides (batch stride 0 for a broadcast operand) into a contiguou
 fp32 accumulation. This module turns user shapes into those views (folding the batch into M when B is a
 plain matrix, so it stays one GEMM), validates, registers the torch.library op and its autograd
 (dA = dC·Bᵀ, dB = Aᵀ·dC through the same kernels, summed over broadcast batch dims), and holds the torch
-reference and the CUDA C++ / cupy host glue.
+reference and the backend table.
 
 Precision: fp32 inputs on a GPU use tf32 tensor cores in the Triton kernel (10-bit mantissa products, fp32
 accumulation; relative error ~1e-3, like torch with allow_tf32=True). The CUDA C++ and numba kernels compute
@@ -18,95 +18,40 @@ from collections.abc import Callable
 
 import torch
 
-from gpuforge.kernels import _alloc, cuda_ext, cupy_module
-from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._selfcheck import CheckCase
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_tensor
+from gpuforge.kernels.cuda import matmul as cuda_matmul
+from gpuforge.kernels.cupy import matmul as cupy_matmul
+from gpuforge.kernels.dispatch import Implementation, Limits, OpBackends
 
-# Each impl takes a (batch, M, K) and b (batch, K, N), any strides, and returns a contiguous (batch, M, N).
-BACKENDS = OpBackends(
-    op="matmul",
-    impls={
-        "torch": "gpuforge.kernels.matmul:matmul_reference",
-        "triton": "gpuforge.kernels.triton.matmul:matmul",
-        "cuda": "gpuforge.kernels.matmul:matmul_cuda",
-        "cupy": "gpuforge.kernels.matmul:matmul_cupy",
-        "numba": "gpuforge.kernels.numba.matmul:matmul",
-    },
-    auto_order=("triton", "cuda", "cupy", "numba"),
-    unsupported_dtypes={"numba": (torch.bfloat16,)},
-)
+# Every backend: forward(a (batch, M, K), b (batch, K, N)), any strides -> contiguous (batch, M, N). The
+# backward runs the same forward on transposed operands.
 
 
 def matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a, b)
 
 
-def _strides_args(a: torch.Tensor, b: torch.Tensor) -> tuple[int, ...]:
-    return (*a.stride(), *b.stride())
+def _triton():
+    from gpuforge.kernels.triton import matmul
+
+    return matmul
 
 
-def _rows_aligned(t: torch.Tensor) -> bool:
-    return t.stride(2) == 1 and t.stride(1) % 8 == 0 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+def _numba():
+    from gpuforge.kernels.numba import matmul
+
+    return matmul
 
 
-def _for_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16/bf16 operands with K and N multiples of 8 are copied row-major when they are not already (the
-    backward's Bᵀ and Aᵀ, transposed views): an O(MK + KN) copy that moves the O(MNK) product onto tensor
-    cores. Anything else keeps its strides and takes the tiled kernel."""
-    if a.dtype == torch.float32 or a.shape[2] % 8 or b.shape[2] % 8:
-        return a, b
-    return (a if _rows_aligned(a) else a.contiguous()), (b if _rows_aligned(b) else b.contiguous())
-
-
-def matmul_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """csrc/matmul.cu: tensor cores for fp16/bf16 with 16-byte-aligned rows, the tiled kernel otherwise."""
-    a, b = _for_tensor_cores(a, b)
-    batch, m, k = a.shape
-    n = b.shape[2]
-    out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
-    cuda_ext.extension().matmul(a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, batch,
-                                *_strides_args(a, b), cuda_ext.dtype_code(a), cuda_ext.stream_handle(a))
-    return out
-
-
-# Block tiles and threads of csrc/matmul.cu's kernels (kTiledBlockM/N, kTiledThreads; kMma…).
-TILED_TILE, TILED_THREADS = 64, 256
-MMA_TILE, MMA_THREADS = 128, 256
-
-
-def _mma_path_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The AOT launcher's test (csrc/matmul.cu, mma_path_applies): fp16/bf16 on sm_80+, rows contiguous and
-    16-byte aligned."""
-    return (a.dtype != torch.float32 and a.shape[2] % 8 == 0 and b.shape[2] % 8 == 0
-            and _rows_aligned(a) and _rows_aligned(b) and torch.cuda.get_device_capability(a.device)[0] >= 8)
-
-
-def matmul_cupy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """csrc/matmul.cu through NVRTC, with the AOT launcher's choice of kernel."""
-    import numpy as np
-
-    a, b = _for_tensor_cores(a, b)
-    batch, m, k = a.shape
-    n = b.shape[2]
-    out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
-    ctype = cupy_module.CPP_TYPES[a.dtype]
-    tiled, mma = f"gpuforge::matmul_tiled_kernel<{ctype}>", f"gpuforge::matmul_mma_kernel<{ctype}>"
-    names = (tiled,) if a.dtype == torch.float32 else (tiled, mma)  # one NVRTC module per dtype
-    if _mma_path_applies(a, b):
-        kern = cupy_module.kernel("matmul.cu", names, mma)
-        grid = (-(-m // MMA_TILE) * -(-n // MMA_TILE), batch)
-        sizes = (m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-        threads = MMA_THREADS
-    else:
-        kern = cupy_module.kernel("matmul.cu", names, tiled)
-        grid = (-(-m // TILED_TILE) * -(-n // TILED_TILE), batch)
-        sizes = (m, n, k, *_strides_args(a, b))
-        threads = TILED_THREADS
-    args = (cupy_module.as_cupy(a), cupy_module.as_cupy(b), cupy_module.as_cupy(out),
-            *(np.int64(v) for v in sizes))
-    cupy_module.launch(kern, grid, (threads,), args, a.device)
-    return out
+REFERENCE = Implementation(forward=matmul_reference)
+BACKENDS = OpBackends(
+    op="matmul",
+    loaders={"torch": lambda: REFERENCE, "triton": _triton, "cuda": lambda: cuda_matmul,
+             "cupy": lambda: cupy_matmul, "numba": _numba},
+    auto_order=("triton", "cuda", "cupy", "numba"),
+    limits={"numba": Limits(dtypes=(torch.bfloat16,))},
+)
 
 
 def _batched(kernel: Callable, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,7 +70,7 @@ def _batched(kernel: Callable, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 
 @torch.library.custom_op("gpuforge::matmul", mutates_args=())
 def _matmul_op(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
-    return _batched(BACKENDS.impl(backend), a, b)
+    return _batched(BACKENDS.impl(backend).forward, a, b)
 
 
 @_matmul_op.register_fake
@@ -175,7 +120,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.
     check_same_device(a=a, b=b)
     check_same_dtype(a=a, b=b)
     _check_shapes(a, b)
-    return _matmul_op(a, b, BACKENDS.select(backend, a.device))
+    return _matmul_op(a, b, BACKENDS.select(backend, a.device, dtype=a.dtype))
 
 
 # Max relative error vs float64 per dtype for K ≤ ~100 (fp32: tf32 on GPU for Triton).

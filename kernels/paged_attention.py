@@ -16,19 +16,12 @@ import math
 
 import torch
 
-from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._selfcheck import CheckCase
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_tensor
+from gpuforge.kernels.dispatch import Implementation, OpBackends
 from gpuforge.kernels.flash_attention import MAX_HEAD_DIM, attention_math
 
-BACKENDS = OpBackends(
-    op="paged_attention",
-    impls={
-        "torch": "gpuforge.kernels.paged_attention:paged_attention_reference",
-        "triton": "gpuforge.kernels.triton.paged_attention:paged_attention",
-    },
-    auto_order=("triton",),
-)
+# Every backend: forward(q, k_cache, v_cache, block_table, seq_lens, scale) -> q's shape, contiguous.
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, b: int, length: int) -> torch.Tensor:
@@ -50,10 +43,21 @@ def paged_attention_reference(q, k_cache, v_cache, block_table, seq_lens, scale)
     return out if q.dim() == 4 else out.squeeze(2)
 
 
+def _triton():
+    from gpuforge.kernels.triton import paged_attention
+
+    return paged_attention
+
+
+REFERENCE = Implementation(forward=paged_attention_reference)
+BACKENDS = OpBackends(op="paged_attention", loaders={"torch": lambda: REFERENCE, "triton": _triton},
+                      auto_order=("triton",))
+
+
 @torch.library.custom_op("gpuforge::paged_attention", mutates_args=())
 def _paged_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                         seq_lens: torch.Tensor, scale: float, backend: str) -> torch.Tensor:
-    return BACKENDS.impl(backend)(q, k_cache, v_cache, block_table, seq_lens, scale)
+    return BACKENDS.impl(backend).forward(q, k_cache, v_cache, block_table, seq_lens, scale)
 
 
 @_paged_attention_op.register_fake
@@ -104,7 +108,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
     _check_seq_lens(seq_lens, block_table.shape[1] * k_cache.shape[1])
     return _paged_attention_op(q, k_cache, v_cache, block_table, seq_lens, float(scale),
-                               BACKENDS.select(backend, q.device))
+                               BACKENDS.select(backend, q.device, dtype=q.dtype))
 
 
 def random_paged_cache(batch: int, heads_q: int, heads_kv: int, head_dim: int, block_size: int,

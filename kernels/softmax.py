@@ -12,126 +12,48 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.kernels import _alloc, cuda_ext, cupy_module
-from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._selfcheck import CheckCase
+from gpuforge.kernels._tensors import as_rows, compute_dtype
 from gpuforge.kernels._validate import check_tensor
+from gpuforge.kernels.cuda import softmax as cuda_softmax
+from gpuforge.kernels.cupy import softmax as cupy_softmax
+from gpuforge.kernels.dispatch import Implementation, Limits, OpBackends
 
-_IMPLS = {
-    "torch": "gpuforge.kernels.softmax:torch_{}",
-    "triton": "gpuforge.kernels.triton.softmax:{}",
-    "cuda": "gpuforge.kernels.softmax:{}_cuda",
-    "cupy": "gpuforge.kernels.softmax:{}_cupy",
-    "numba": "gpuforge.kernels.numba.softmax:{}",
-}
-_AUTO_ORDER = ("triton", "cuda", "cupy", "numba")
-_NO_BF16 = {"numba": (torch.bfloat16,)}
-
-# Forward implementations: fn(x) -> y over x's last dim, y contiguous with x's shape.
-BACKENDS = OpBackends("softmax", {b: s.format("softmax_forward") for b, s in _IMPLS.items()}, _AUTO_ORDER,
-                      _NO_BF16)
-# Backward implementations: fn(dy, y) -> dx over the last dim, dx contiguous.
-BACKWARD = OpBackends("softmax_backward", {b: s.format("softmax_backward") for b, s in _IMPLS.items()},
-                      _AUTO_ORDER, _NO_BF16)
+# Every backend: forward(x) -> y and backward(dy, y) -> dx on (rows, n) matrices with a contiguous last dim
+# (y contiguous); outputs contiguous.
 
 
 def softmax_reference(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The oracle: torch.softmax computed in fp32 (float64 stays float64), returned in x's dtype."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.softmax(x.to(compute), dim).to(x.dtype)
+    return torch.softmax(x.to(compute_dtype(x.dtype)), dim).to(x.dtype)
 
 
 def softmax_backward_reference(dy: torch.Tensor, y: torch.Tensor, dim: int = -1) -> torch.Tensor:
-    compute = torch.float64 if y.dtype == torch.float64 else torch.float32
-    dy32, y32 = dy.to(compute), y.to(compute)
+    dy32, y32 = dy.to(compute_dtype(y.dtype)), y.to(compute_dtype(y.dtype))
     return (y32 * (dy32 - (dy32 * y32).sum(dim, keepdim=True))).to(y.dtype)
 
 
-def torch_softmax_forward(x: torch.Tensor) -> torch.Tensor:
-    return softmax_reference(x).contiguous()
+def _triton():
+    from gpuforge.kernels.triton import softmax
+
+    return softmax
 
 
-def torch_softmax_backward(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return softmax_backward_reference(dy, y).contiguous()
+def _numba():
+    from gpuforge.kernels.numba import softmax
+
+    return softmax
 
 
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(…, n) as a (rows, n) matrix with a contiguous last dim: a view when the layout allows, else a copy."""
-    t = t.reshape(-1, t.shape[-1])
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def softmax_forward_cuda(x: torch.Tensor) -> torch.Tensor:
-    y = _alloc.empty_like(x)
-    x2 = as_rows(x)
-    cuda_ext.extension().softmax_forward(x2.data_ptr(), x2.stride(0), y.data_ptr(), x2.shape[0], x2.shape[1],
-                                         cuda_ext.dtype_code(x), cuda_ext.stream_handle(x))
-    return y
-
-
-def softmax_backward_cuda(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    y = y.contiguous()
-    dx = _alloc.empty_like(y)
-    dy2 = as_rows(dy)
-    cuda_ext.extension().softmax_backward(dy2.data_ptr(), dy2.stride(0), y.data_ptr(), dx.data_ptr(),
-                                          dy2.shape[0], dy2.shape[1], cuda_ext.dtype_code(y),
-                                          cuda_ext.stream_handle(y))
-    return dx
-
-
-# The cupy backend mirrors launch_softmax_* in csrc/softmax.cu: same kernels, same choice by row length.
-CUPY_WARPS_PER_BLOCK = 4  # kWarpsPerBlock: rows per block of the warp kernel
-CUPY_BLOCK_THREADS = 512  # kRowBlockThreads
-CUPY_MAX_CHUNKS = {"warp": 8, "fwd": 8, "bwd": 4}  # kMaxWarpChunks, kMaxBlockChunksFwd, kMaxBlockChunksBwd
-
-
-def cupy_plan(kind: str, dtype: torch.dtype, n: int, vectorized: bool) -> tuple[str, int, int]:
-    """(kernel name, threads per block, rows per block) for rows of n elements, as the C++ launcher chooses:
-    one row per warp while n fits 8 chunks per lane, else one row per block, cached in registers while n fits
-    the block's chunks, streamed (chunks = 0) beyond."""
-    ctype = cupy_module.CPP_TYPES[dtype]
-    vec = 16 // _ELEMENT_SIZE[dtype] if vectorized else 1
-    chunk_counts = (1, 2, 4, 8)
-    if n <= 32 * CUPY_MAX_CHUNKS["warp"] * vec:
-        chunks = next(c for c in chunk_counts if n <= 32 * c * vec)
-        return (f"gpuforge::softmax_{kind}_warp_kernel<{ctype}, {chunks}, {vec}>", 32 * CUPY_WARPS_PER_BLOCK,
-                CUPY_WARPS_PER_BLOCK)
-    fitting = [c for c in chunk_counts if c <= CUPY_MAX_CHUNKS[kind] and n <= CUPY_BLOCK_THREADS * c * vec]
-    chunks = fitting[0] if fitting else 0
-    return f"gpuforge::softmax_{kind}_block_kernel<{ctype}, {chunks}, {vec}>", CUPY_BLOCK_THREADS, 1
-
-
-_ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
-
-
-def _cupy_launch(kind: str, tensors: tuple[torch.Tensor, ...], row_stride: int) -> None:
-    """Launch the forward ("fwd": x, y) or backward ("bwd": dy, y, dx) kernel; the first tensor is a (rows, n)
-    matrix with row stride `row_stride`, the others contiguous."""
-    import numpy as np
-
-    rows, n = tensors[0].shape
-    vec = 16 // _ELEMENT_SIZE[tensors[0].dtype]
-    vectorized = all(t.data_ptr() % 16 == 0 for t in tensors) and row_stride % vec == 0 and n % vec == 0
-    name, threads, rows_per_block = cupy_plan(kind, tensors[0].dtype, n, vectorized)
-    kern = cupy_module.kernel("softmax.cu", (name,), name)
-    first, *rest = (cupy_module.as_cupy(t) for t in tensors)
-    args = (first, np.int64(row_stride), *rest, np.int64(rows), np.int64(n))
-    cupy_module.launch(kern, (-(-rows // rows_per_block),), (threads,), args, tensors[0].device)
-
-
-def softmax_forward_cupy(x: torch.Tensor) -> torch.Tensor:
-    y = _alloc.empty_like(x)
-    x2 = as_rows(x)
-    _cupy_launch("fwd", (x2, y), x2.stride(0))
-    return y
-
-
-def softmax_backward_cupy(dy: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    y = y.contiguous()
-    dx = _alloc.empty_like(y)
-    dy2 = as_rows(dy)
-    _cupy_launch("bwd", (dy2, y, dx), dy2.stride(0))
-    return dx
+REFERENCE = Implementation(forward=lambda x: softmax_reference(x).contiguous(),
+                           backward=lambda dy, y: softmax_backward_reference(dy, y).contiguous())
+BACKENDS = OpBackends(
+    op="softmax",
+    loaders={"torch": lambda: REFERENCE, "triton": _triton, "cuda": lambda: cuda_softmax,
+             "cupy": lambda: cupy_softmax, "numba": _numba},
+    auto_order=("triton", "cuda", "cupy", "numba"),
+    limits={"numba": Limits(dtypes=(torch.bfloat16,))},
+)
 
 
 @torch.library.custom_op("gpuforge::softmax", mutates_args=())
@@ -139,7 +61,7 @@ def _softmax_op(x: torch.Tensor, backend: str) -> torch.Tensor:
     """Softmax over the last dim; a contiguous result of x's shape. Kernels never see empty tensors."""
     if x.numel() == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return BACKENDS.impl(backend)(x)
+    return BACKENDS.impl(backend).forward(as_rows(x)).view(x.shape)
 
 
 @_softmax_op.register_fake
@@ -151,7 +73,7 @@ def _(x, backend):
 def _softmax_backward_op(grad: torch.Tensor, y: torch.Tensor, backend: str) -> torch.Tensor:
     if y.numel() == 0:
         return torch.empty_like(y, memory_format=torch.contiguous_format)
-    return BACKWARD.impl(backend)(grad, y)
+    return BACKENDS.impl(backend).backward(as_rows(grad), as_rows(y.contiguous())).view(y.shape)
 
 
 @_softmax_backward_op.register_fake
@@ -189,7 +111,7 @@ def softmax(x: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.T
     row with every entry −inf gives NaN, as torch.softmax does. Differentiable (fused backward kernel)."""
     check_tensor(x, "x")
     _check_dim(dim, x)
-    chosen = BACKENDS.select(backend, x.device)
+    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype)
     if x.dim() == 0:
         return _softmax_op(x.reshape(1), chosen).reshape(())
     return _softmax_op(x.movedim(dim, -1), chosen).movedim(-1, dim)

@@ -1,70 +1,49 @@
 """gf.vector_add: elementwise a + b on every backend (the project's smallest complete op, and its template).
 
 One op, one module: the functional API with input checks, the torch.library custom op (with a fake for
-torch.compile and autograd), the torch reference, and the CUDA C++ / cupy host glue."""
+torch.compile and autograd), the torch reference, and the backend table. Every backend is an object with
+`forward(a, b) -> a + b` on contiguous tensors (kernels/<backend>/vector_add.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from gpuforge.kernels import _alloc, cuda_ext, cupy_module
-from gpuforge.kernels._dispatch import OpBackends
 from gpuforge.kernels._selfcheck import CheckCase
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_same_shape, check_tensor
-
-BACKENDS = OpBackends(
-    op="vector_add",
-    impls={
-        "torch": "gpuforge.kernels.vector_add:vector_add_reference",
-        "triton": "gpuforge.kernels.triton.vector_add:vector_add",
-        "cuda": "gpuforge.kernels.vector_add:vector_add_cuda",
-        "cupy": "gpuforge.kernels.vector_add:vector_add_cupy",
-        "numba": "gpuforge.kernels.numba.vector_add:vector_add",
-    },
-    auto_order=("cuda", "triton", "cupy", "numba"),
-    unsupported_dtypes={"numba": (torch.bfloat16,)},
-)
+from gpuforge.kernels.cuda import vector_add as cuda_vector_add
+from gpuforge.kernels.cupy import vector_add as cupy_vector_add
+from gpuforge.kernels.dispatch import Implementation, Limits, OpBackends
 
 
 def vector_add_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a + b
 
 
-def vector_add_cuda(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    a, b = a.contiguous(), b.contiguous()
-    out = _alloc.empty_like(a)
-    cuda_ext.extension().vector_add(a.data_ptr(), b.data_ptr(), out.data_ptr(), a.numel(),
-                                    cuda_ext.dtype_code(a), cuda_ext.stream_handle(a))
-    return out
+def _triton():
+    from gpuforge.kernels.triton import vector_add
+
+    return vector_add
 
 
-CUPY_THREADS = 256
+def _numba():
+    from gpuforge.kernels.numba import vector_add
+
+    return vector_add
 
 
-def vector_add_cupy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The kernels of csrc/vector_add.cu through NVRTC, with the AOT launcher's choice of kernel and grid."""
-    import numpy as np
-
-    a, b = a.contiguous(), b.contiguous()
-    out = _alloc.empty_like(a)
-    n = a.numel()
-    if n == 0:
-        return out
-    ctype = cupy_module.CPP_TYPES[a.dtype]
-    names = (f"gpuforge::vector_add_vec16_kernel<{ctype}>", f"gpuforge::vector_add_scalar_kernel<{ctype}>")
-    vectorized = all(t.data_ptr() % 16 == 0 for t in (a, b, out))
-    per_thread = 16 // a.element_size() if vectorized else 1
-    work = -(-n // per_thread)
-    blocks = min(-(-work // CUPY_THREADS), 1 << 30)
-    kern = cupy_module.kernel("vector_add.cu", names, names[0] if vectorized else names[1])
-    args = tuple(cupy_module.as_cupy(t) for t in (a, b, out)) + (np.int64(n),)
-    cupy_module.launch(kern, (blocks,), (CUPY_THREADS,), args, a.device)
-    return out
+REFERENCE = Implementation(forward=vector_add_reference)
+BACKENDS = OpBackends(
+    op="vector_add",
+    loaders={"torch": lambda: REFERENCE, "triton": _triton, "cuda": lambda: cuda_vector_add,
+             "cupy": lambda: cupy_vector_add, "numba": _numba},
+    auto_order=("cuda", "triton", "cupy", "numba"),
+    limits={"numba": Limits(dtypes=(torch.bfloat16,))},
+)
 
 
 @torch.library.custom_op("gpuforge::vector_add", mutates_args=())
 def _vector_add_op(a: torch.Tensor, b: torch.Tensor, backend: str) -> torch.Tensor:
-    return BACKENDS.impl(backend)(a, b)
+    return BACKENDS.impl(backend).forward(a, b)
 
 
 @_vector_add_op.register_fake
@@ -86,7 +65,7 @@ def vector_add(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> to
     check_same_device(a=a, b=b)
     check_same_dtype(a=a, b=b)
     check_same_shape(a=a, b=b)
-    return _vector_add_op(a, b, BACKENDS.select(backend, a.device))
+    return _vector_add_op(a, b, BACKENDS.select(backend, a.device, dtype=a.dtype))
 
 
 def selfcheck_cases(device: torch.device) -> list[CheckCase]:

@@ -2,7 +2,8 @@
 
 Each module exposes REFERENCE_MODELS: name -> ReferenceModel(build, make_batch, loss_fn, coupled, inference_only),
 the uniform interface the parallel tests train through; `reference_models()` merges them over every volume.
-`kernelize(model, backend=...)` swaps in gpuforge ops."""
+The models import only gpuforge.kernels and gpuforge.quant; `gf.kernelize(model, backend=...)` swaps in
+gpuforge ops."""
 
 from gpuforge.models import (
            vol0_math,
@@ -14,7 +15,6 @@ from gpuforge.models import (
            vol6_systems,
 )
 from gpuforge.models._layers import ReferenceModel
-from gpuforge.models.kernelize import kernelize
 
 VOLUMES = (vol0_math, vol1_architectures, vol2_llm, vol3_generative, vol4_multimodal, vol5_rl, vol6_systems)
 
@@ -30,5 +30,5 @@ def reference_models() -> dict[str, ReferenceModel]:
     return merged
 
 
-__all__ = ["VOLUMES", "ReferenceModel", "kernelize", "reference_models", "vol0_math", "vol1_architectures",
+__all__ = ["VOLUMES", "ReferenceModel", "reference_models", "vol0_math", "vol1_architectures",
            "vol2_llm", "vol3_generative", "vol4_multimodal", "vol5_rl", "vol6_systems"]

@@ -1,7 +1,7 @@
 """Building blocks shared by the reference models, each a small module so `kernelize` can swap it.
 
 Every model routes its normalisation, attention and softmax through these classes (and its dense layers
-through `nn.Linear`), so `gpuforge.models.kernelize` finds them by type and replaces them with gpuforge ops.
+through `nn.Linear`), so `gf.kernelize` finds them by type and replaces them with gpuforge ops.
 All of them work in float64 (the oracles are run in float64 by the parallel tests).
 """
 
@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from gpuforge.kernels.rope import rope_angles, rotate_interleaved
 
 
 @dataclass(frozen=True)
@@ -121,28 +123,23 @@ def causal_mask(sq: int, sk: int, device) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE: rotate each pair (x[2i], x[2i+1]) by angle pos · theta^(−2i/D); relative positions then enter
-    q·k only through their difference. Tables are buffers (not parameters) built for `max_seq_len`."""
+    """RoPE (gpuforge.kernels.rope): rotate each pair (x[2i], x[2i+1]) by angle pos · theta^(−2i/D); relative
+    positions then enter q·k only through their difference. Tables are buffers (not parameters) built for
+    `max_seq_len`."""
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
-        if head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.arange(max_seq_len, dtype=torch.float64)[:, None] * inv_freq[None, :]
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = rope_angles(head_dim, max_seq_len, theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """x: (B, H, S, D) at absolute positions start_pos .. start_pos + S − 1."""
         s = x.shape[2]
-        if start_pos + s > self.cos.shape[0]:
-            raise ValueError(f"positions up to {start_pos + s} exceed max_seq_len {self.cos.shape[0]}")
-        cos = self.cos[start_pos:start_pos + s].to(x.dtype)
-        sin = self.sin[start_pos:start_pos + s].to(x.dtype)
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-        return out.flatten(-2)
+        if start_pos < 0 or start_pos + s > self.cos.shape[0]:
+            raise ValueError(f"start_pos: positions {start_pos} .. {start_pos + s - 1} must lie in "
+                             f"0 .. {self.cos.shape[0] - 1} (max_seq_len {self.cos.shape[0]})")
+        return rotate_interleaved(x, self.cos[start_pos:start_pos + s], self.sin[start_pos:start_pos + s])
 
 
 class SwiGLU(nn.Module):

@@ -12,7 +12,7 @@ synthetic text); the tied output head stays in floating point. It is registered 
 inference-only entry (scored by the LM loss, never trained).
 
 gpuforge ops exercised: paged_attention for decode steps (`decode_backend`), int4_matmul (quantized layers),
-flash_attention over the gathered cache (through `kernelize`). Parallel strategy: TP for serving (heads
+flash_attention over the gathered cache (through `gf.kernelize`). Parallel strategy: TP for serving (heads
 split across ranks).
 """
 
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from gpuforge.kernels.paged_attention import paged_attention
 from gpuforge.models._layers import Attention, ReferenceModel
 from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, loss_fn, make_batch
+from gpuforge.quant import quantize_model
 
 
 class PagedKVCache:
@@ -84,11 +86,9 @@ class PagedKVCache:
         self.v_pool[layer][blocks, offsets] = v.transpose(1, 2)
         self.seq_len = max(self.seq_len, end)
         if self.decode_backend is not None and q.shape[2] == 1:
-            import gpuforge as gf
-
             lens = torch.full((q.shape[0],), end, dtype=torch.int32, device=q.device)
             table = self.block_tables.clamp(min=0).to(torch.int32)  # entries past seq_lens are never read
-            out = gf.paged_attention(q[:, :, 0], self.k_pool[layer], self.v_pool[layer], table, lens,
+            out = paged_attention(q[:, :, 0], self.k_pool[layer], self.v_pool[layer], table, lens,
                                      backend=self.decode_backend)
             return out[:, :, None]
         blocks, offsets = self._slots(0, end)
@@ -125,10 +125,8 @@ def kv_cache_bytes(cache) -> int:
 def int4_tiny_llama(model: TinyLlama, group_size: int = 128, method: str = "rtn", calibration_seed: int = 1000):
     """Quantize TinyLlama's linear layers to int4 in place through gf.quant.quantize_model; GPTQ and AWQ
     calibrate on 8 synthetic sequences of 64 bytes (seed `calibration_seed`). Returns the model."""
-    import gpuforge as gf
-
     calibration = None if method == "rtn" else [make_batch(calibration_seed, 8, 64)[0]]
-    return gf.quant.quantize_model(model, method, calibration=calibration, group_size=group_size)
+    return quantize_model(model, method, calibration=calibration, group_size=group_size)
 
 
 def default_int4_tiny_llama() -> TinyLlama:

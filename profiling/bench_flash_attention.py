@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import gpuforge as gf
-from gpuforge import backends
+from gpuforge.kernels import backends
 from gpuforge.kernels.flash_attention import attention_math
 from gpuforge.profiling.harness import BenchCase
 

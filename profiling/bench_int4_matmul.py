@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
 from gpuforge.kernels.int4_matmul import BACKENDS
 from gpuforge.profiling.harness import BenchCase
 from gpuforge.quant import Int4Weight, dequantize_int4, quantize_int4, unpack_int4
@@ -116,11 +115,9 @@ def _case(device, dtype, m, n, k, runnable, tinygemm, backward: bool) -> BenchCa
 
 
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    status = backends.available()
     cases = []
     for dtype in _dtypes(device, quick):
-        runnable = [b for b in BACKENDS.impls if b != "torch" and status[b][0] and backends.runs_on(b, device)
-                    and BACKENDS.supports(b, dtype)]
+        runnable = [b for b in BACKENDS.runnable(device, dtype) if b != "torch"]
         tinygemm = dtype == torch.bfloat16 and _tinygemm_runs(device)
         cases += [_case(device, dtype, m, n, k, runnable, tinygemm, False) for m, n, k in _shapes(device, quick)]
         cases += [_case(device, dtype, m, n, k, runnable, False, True) for m, n, k in _backward_shapes(device, quick)]

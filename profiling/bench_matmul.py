@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
 from gpuforge.kernels.matmul import BACKENDS
 from gpuforge.profiling.harness import BenchCase
 
@@ -44,8 +43,7 @@ def _reference_backward(a, b, dc):
 
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     sizes, dtypes = _sizes_and_dtypes(device, quick)
-    status = backends.available()
-    runnable = [b for b in BACKENDS.impls if b != "torch" and status[b][0] and backends.runs_on(b, device)]
+    runnable = [b for b in BACKENDS.runnable(device) if b != "torch"]
     baseline = "cuBLAS" if device.type == "cuda" else "torch"
     cases = []
     for dtype in dtypes:

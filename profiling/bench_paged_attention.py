@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import gpuforge as gf
-from gpuforge import backends
+from gpuforge.kernels import backends
 from gpuforge.kernels.paged_attention import gather_kv, paged_attention_reference, random_paged_cache
 from gpuforge.profiling.harness import BenchCase
 

@@ -13,7 +13,6 @@ import functools
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
 from gpuforge.kernels.rms_norm import BACKENDS, rms_norm_float64
 from gpuforge.profiling.harness import BenchCase
 
@@ -56,8 +55,7 @@ def _shapes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
 
 
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    status = backends.available()
-    runnable = [b for b in BACKENDS.impls if b != "torch" and status[b][0] and backends.runs_on(b, device)]
+    runnable = [b for b in BACKENDS.runnable(device) if b != "torch"]
     dtypes = (torch.bfloat16,)
     if device.type == "cuda" and not quick:
         dtypes += (torch.float16, torch.float32)

@@ -12,7 +12,6 @@ import functools
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
 from gpuforge.kernels.softmax import BACKENDS, softmax_reference
 from gpuforge.profiling.harness import BenchCase
 
@@ -53,8 +52,7 @@ def _shapes_and_dtypes(device: torch.device, quick: bool):
 
 
 def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
-    status = backends.available()
-    runnable = [b for b in BACKENDS.impls if b != "torch" and status[b][0] and backends.runs_on(b, device)]
+    runnable = [b for b in BACKENDS.runnable(device) if b != "torch"]
     shapes, dtypes = _shapes_and_dtypes(device, quick)
     secondary = "torch.compile" if device.type == "cuda" else None
     cases = []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
 from gpuforge.kernels.vector_add import BACKENDS
 from gpuforge.profiling.harness import BenchCase
 
@@ -17,8 +16,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     else:
         sizes = [1 << 10, 1 << 12] if quick else [1 << 10, 1 << 14, 1 << 18]
         dtypes = (torch.float32,)
-    status = backends.available()
-    runnable = [b for b in BACKENDS.impls if b != "torch" and status[b][0] and backends.runs_on(b, device)]
+    runnable = [b for b in BACKENDS.runnable(device) if b != "torch"]
     cases = []
     for dtype in dtypes:
         for n in sizes:

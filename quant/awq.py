@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.quant.format import Int4Weight, dequantize_int4
+from gpuforge.kernels.int4_format import Int4Weight, dequantize_int4
 from gpuforge.quant.rtn import check_weight, quantize_rtn
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.quant.format import Int4Weight, pack_int4, resolve_group_size
+from gpuforge.kernels.int4_format import Int4Weight, pack_int4, resolve_group_size
 from gpuforge.quant.rtn import check_weight, dequantize_codes, group_params, quantize_codes
 
 

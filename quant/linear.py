@@ -1,4 +1,4 @@
-"""Int4Linear: a drop-in nn.Linear whose weight is stored as int4 (see gpuforge.quant.format) and multiplied
+"""Int4Linear: a drop-in nn.Linear whose weight is stored as int4 (see gpuforge.kernels.int4_format) and multiplied
 by gf.int4_matmul. The int4 weight is frozen (buffers, no gradient); gradients flow to the input (and bias),
 which is what LoRA/QLoRA training over a quantized base needs."""
 
@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gpuforge.quant.format import Int4Weight, resolve_group_size
+from gpuforge.kernels.int4_format import Int4Weight, resolve_group_size
+from gpuforge.kernels.int4_matmul import int4_matmul
 from gpuforge.quant.quantize import quantize_int4
 
 
@@ -71,9 +72,6 @@ class Int4Linear(nn.Module):
         self.symmetric = bool(state["symmetric"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # imported here: gpuforge.kernels.int4_matmul imports gpuforge.quant for the format
-        from gpuforge.kernels.int4_matmul import int4_matmul
-
         y = int4_matmul(x, self.weight_int4, backend=self.backend)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.quant.format import SCALE_DTYPES, SYMMETRIC_ZERO, Int4Weight, pack_int4, resolve_group_size
+from gpuforge.kernels.int4_format import SCALE_DTYPES, SYMMETRIC_ZERO, Int4Weight, pack_int4, resolve_group_size
 
 
 def _round_up_to(scale: torch.Tensor, needed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from numba import cuda
 
-from gpuforge.backends import numba_simulator_on
+from gpuforge.kernels.backends import numba_simulator_on
 
 
 def as_numba(t: torch.Tensor, name: str):

@@ -12,14 +12,15 @@ LSE is float32, natural log, (B, Hq, Sq) dense or (Hq, total_q) varlen; -inf for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from gpuforge import backends
 from gpuforge.kernels import _alloc
+from gpuforge.kernels.attention_problem import Problem
+from gpuforge.kernels.triton._host import interpreted, operand
 
 LOG2E = 1.4426950408889634
 
@@ -285,59 +286,40 @@ def _attn_bwd_dq_kernel(
         tl.store(dq_ptr + o_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _configs(block_pairs, warps, stages):
-    if backends.triton_interpreter_on():
+def _configs(block_pairs, warps, stages, interpreter: bool):
+    if interpreter:
         # small tiles so that the CI's short sequences still cross tile boundaries; no tuning in the interpreter
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
             for m, n in block_pairs for w in warps for s in stages]
 
 
-# Tuned per padded head dim (BLOCK_D) and dtype; configs that overflow shared memory at D=256 are dropped by
+# Tuned per padded head dim (BLOCK_D) and layout; configs that overflow shared memory at D=256 are dropped by
 # the autotuner (OutOfResources counts as infinitely slow).
 _KEY = ["BLOCK_D", "IS_VARLEN"]
-_fwd = triton.autotune(_configs([(128, 64), (128, 32), (64, 64), (64, 32)], [4, 8], [2, 3]), key=_KEY)(
-    _attn_fwd_kernel)
-_bwd_dkdv = triton.autotune(_configs([(64, 64), (32, 64), (64, 128), (32, 32)], [4, 8], [2]),
-                            key=_KEY + ["ATOMIC_DQ"], reset_to_zero=["dq_acc_ptr"])(_attn_bwd_dkdv_kernel)
-_bwd_dq = triton.autotune(_configs([(64, 64), (128, 64), (64, 32)], [4, 8], [2]), key=_KEY)(_attn_bwd_dq_kernel)
-PREPROCESS_BLOCK_M = 16 if backends.triton_interpreter_on() else 64
+FORWARD_TILES = ([(128, 64), (128, 32), (64, 64), (64, 32)], [4, 8], [2, 3])
+DKDV_TILES = ([(64, 64), (32, 64), (64, 128), (32, 32)], [4, 8], [2])
+DQ_TILES = ([(64, 64), (128, 64), (64, 32)], [4, 8], [2])
 
 
-@dataclass(frozen=True)
-class Problem:
-    """What every kernel needs besides the tensors: sizes, visibility window, and how rows are laid out."""
+@functools.cache
+def _kernels(interpreter: bool):
+    """(forward, dK/dV, dQ) kernels autotuned over their tiles, built at the first call (the interpreter switch
+    is known then, not at import)."""
+    fwd = triton.autotune(_configs(*FORWARD_TILES, interpreter), key=_KEY)(_attn_fwd_kernel)
+    dkdv = triton.autotune(_configs(*DKDV_TILES, interpreter), key=_KEY + ["ATOMIC_DQ"],
+                           reset_to_zero=["dq_acc_ptr"])(_attn_bwd_dkdv_kernel)
+    dq = triton.autotune(_configs(*DQ_TILES, interpreter), key=_KEY)(_attn_bwd_dq_kernel)
+    return fwd, dkdv, dq
 
-    batch: int
-    heads_q: int
-    heads_kv: int
-    seqlen_q: int  # dense length, or the varlen maximum
-    seqlen_k: int
-    head_dim: int
-    scale: float
-    window_left: int  # -1: unbounded
-    window_right: int
-    cu_q: torch.Tensor | None = None  # int32 (batch + 1,) for varlen
-    cu_k: torch.Tensor | None = None
 
-    @property
-    def varlen(self) -> bool:
-        return self.cu_q is not None
+def _preprocess_block_m() -> int:
+    return 16 if interpreted() else 64
 
-    def window(self) -> tuple[int, int]:
-        """Unbounded sides become a bound no sequence reaches, so the kernels need no branch for them."""
-        far = self.seqlen_q + self.seqlen_k + 1
-        return (far if self.window_left < 0 else self.window_left,
-                far if self.window_right < 0 else self.window_right)
 
-    def block_d(self) -> int:
-        return max(16, triton.next_power_of_2(self.head_dim))
-
-    def cu(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.varlen:
-            return self.cu_q, self.cu_k
-        dummy = torch.zeros(1, dtype=torch.int32, device=like.device)
-        return dummy, dummy
+def block_d(head_dim: int) -> int:
+    """The head dim padded to a power of two (at least 16, the smallest tl.dot operand)."""
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -350,31 +332,24 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
 
 
 def _lse_shape(p: Problem, total_q: int) -> tuple[int, ...]:
-    return (p.heads_q, total_q) if p.varlen else (p.batch, p.heads_q, p.seqlen_q)
-
-
-def _operand(t: torch.Tensor) -> torch.Tensor:
-    """A kernel operand with unit stride along D. Triton 3.9's interpreter multiplies bf16 tiles as raw integer
-    bits (results ~1e9 off), so there bf16 operands go in as exact fp32 copies; outputs keep the input dtype."""
-    if t.dtype == torch.bfloat16 and backends.triton_interpreter_on():
-        return t.float()
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return (p.heads_q, total_q) if p.is_varlen else (p.batch, p.heads_q, p.seqlen_q)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tuple[torch.Tensor, torch.Tensor]:
     out = _alloc.empty_like(q)
-    q, k, v = _operand(q), _operand(k), _operand(v)
+    q, k, v = operand(q), operand(k), operand(v)
     lse = _alloc.empty(_lse_shape(p, q.shape[0]), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    cu_q, cu_k = p.cu(q)
-    left, right = p.window()
+    cu_q, cu_k = p.offsets(q)
+    left, right = p.bounded_window()
+    fwd, _, _ = _kernels(interpreted())
     grid = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.batch * p.heads_q)  # noqa: E731
-    _fwd[grid](q, k, v, out, lse, cu_q, cu_k,
-               *_strides3(q, p.varlen), *_strides3(k, p.varlen), *_strides3(v, p.varlen),
-               *_strides3(out, p.varlen), *_lse_strides(lse, p.varlen),
-               p.seqlen_q, p.seqlen_k, p.heads_q, p.heads_q // p.heads_kv, p.head_dim, p.scale * LOG2E,
-               left, right, IS_VARLEN=p.varlen, BLOCK_D=p.block_d())
+    fwd[grid](q, k, v, out, lse, cu_q, cu_k,
+              *_strides3(q, p.is_varlen), *_strides3(k, p.is_varlen), *_strides3(v, p.is_varlen),
+              *_strides3(out, p.is_varlen), *_lse_strides(lse, p.is_varlen),
+              p.seqlen_q, p.seqlen_k, p.heads_q, p.group, p.head_dim, p.scale * LOG2E,
+              left, right, IS_VARLEN=p.is_varlen, BLOCK_D=block_d(p.head_dim))
     return out, lse
 
 
@@ -382,34 +357,33 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
              out: torch.Tensor, lse: torch.Tensor, p: Problem, deterministic: bool
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = _alloc.empty_like(q), _alloc.empty_like(k), _alloc.empty_like(v)
-    q, k, v = _operand(q), _operand(k), _operand(v)
-    dout, out = _operand(dout).contiguous(), _operand(out).contiguous()
+    q, k, v = operand(q), operand(k), operand(v)
+    dout, out = operand(dout).contiguous(), operand(out).contiguous()
     dlse, lse = dlse.float().contiguous(), lse.contiguous()
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cu_q, cu_k = p.cu(q)
-    left, right = p.window()
-    group = p.heads_q // p.heads_kv
-    lse_strides = _lse_strides(lse, p.varlen)
+    cu_q, cu_k = p.offsets(q)
+    left, right = p.bounded_window()
+    varlen, bd = p.is_varlen, block_d(p.head_dim)
+    _, dkdv, dq_kernel = _kernels(interpreted())
+    lse_strides = _lse_strides(lse, varlen)
     delta = _alloc.empty_like(lse)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(p.seqlen_q, PREPROCESS_BLOCK_M), p.batch * p.heads_q)](
-        out, dout, dlse, delta, cu_q, *_strides3(out, p.varlen), *lse_strides, p.seqlen_q, p.heads_q, p.head_dim,
-        IS_VARLEN=p.varlen, BLOCK_M=PREPROCESS_BLOCK_M, BLOCK_D=p.block_d())
+    pre_m = _preprocess_block_m()
+    _attn_bwd_preprocess_kernel[(triton.cdiv(p.seqlen_q, pre_m), p.batch * p.heads_q)](
+        out, dout, dlse, delta, cu_q, *_strides3(out, varlen), *lse_strides, p.seqlen_q, p.heads_q, p.head_dim,
+        IS_VARLEN=varlen, BLOCK_M=pre_m, BLOCK_D=bd)
     # dq_acc is fp32 for the atomics; when deterministic it is unused and dq comes from its own kernel
     dq_acc = torch.zeros(dout.shape if not deterministic else (1,), dtype=torch.float32, device=q.device)
-    common = (*_strides3(q, p.varlen), *_strides3(k, p.varlen), *_strides3(v, p.varlen),
-              *_strides3(dout, p.varlen))
+    common = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(dout, varlen))
     scales = (p.head_dim, p.scale, p.scale * LOG2E, left, right)
     grid_kv = lambda meta: (triton.cdiv(p.seqlen_k, meta["BLOCK_N"]), p.batch * p.heads_kv)  # noqa: E731
-    _bwd_dkdv[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, *common,
-                       *_strides3(dk, p.varlen), *lse_strides, p.seqlen_q, p.seqlen_k, p.heads_kv, group, *scales,
-                       IS_VARLEN=p.varlen, ATOMIC_DQ=not deterministic, BLOCK_D=p.block_d())
+    dkdv[grid_kv](q, k, v, dout, lse, delta, dk, dv, dq_acc, cu_q, cu_k, *common, *_strides3(dk, varlen),
+                  *lse_strides, p.seqlen_q, p.seqlen_k, p.heads_kv, p.group, *scales,
+                  IS_VARLEN=varlen, ATOMIC_DQ=not deterministic, BLOCK_D=bd)
     if deterministic:
         grid_q = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.batch * p.heads_q)  # noqa: E731
-        _bwd_dq[grid_q](q, k, v, dout, lse, delta, dq, cu_q, cu_k, *common, *lse_strides,
-                        p.seqlen_q, p.seqlen_k, p.heads_q, group, *scales,
-                        IS_VARLEN=p.varlen, BLOCK_D=p.block_d())
+        dq_kernel[grid_q](q, k, v, dout, lse, delta, dq, cu_q, cu_k, *common, *lse_strides,
+                          p.seqlen_q, p.seqlen_k, p.heads_q, p.group, *scales, IS_VARLEN=varlen, BLOCK_D=bd)
     else:
         dq.copy_(dq_acc)
     return dq, dk, dv
-

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpuforge.backends import triton_interpreter_on
 from gpuforge.kernels import _alloc
+from gpuforge.kernels.triton._host import interpreted, upcast_bf16_dot
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _int4_matmul_kernel(
     out_ptr,  # (SPLIT_K, M, N) contiguous: the output itself when SPLIT_K == 1, else fp32 partial sums
     M, N, K,
     GROUP_SIZE: tl.constexpr,
-    UPCAST_OPERANDS: tl.constexpr,  # dot in fp32: interpreter bf16-dot workaround (triton/matmul.py)
+    UPCAST_OPERANDS: tl.constexpr,  # dot in fp32: the interpreter's bf16-dot workaround (_host.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -86,7 +86,7 @@ def _block_k(group_size: int, k: int) -> int:
 
 def _tiles(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, SPLIT_K): small M gets thin tiles and split-K to fill the GPU."""
-    if triton_interpreter_on():
+    if interpreted():
         return 16, 32, 4, 2 if k >= 256 else 1
     if m <= 16:
         tiles_n = triton.cdiv(n, 64)
@@ -99,8 +99,8 @@ def _tiles(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return 128, 128, 8, 1
 
 
-def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int) -> torch.Tensor:
+def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+            group_size: int) -> torch.Tensor:
     """x (M, K) contiguous, qweight uint8 (N, K/2), scales/zeros (N, K/group_size) -> (M, N) in x's dtype."""
     m, k = x.shape
     n = qweight.shape[0]
@@ -110,9 +110,9 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         out = _alloc.empty((m, n), dtype=x.dtype, device=x.device)
     else:
         out = _alloc.empty((split, m, n), dtype=torch.float32, device=x.device)
-    upcast = x.dtype == torch.bfloat16 and triton_interpreter_on()
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     _int4_matmul_kernel[grid](x, qweight, scales, zeros, out, m, n, k, GROUP_SIZE=group_size,
-                              UPCAST_OPERANDS=upcast, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                              SPLIT_K=split, num_warps=warps, num_stages=1 if triton_interpreter_on() else 3)
+                              UPCAST_OPERANDS=upcast_bf16_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+                              BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+                              num_stages=1 if interpreted() else 3)
     return out if split == 1 else out.sum(dim=0).to(x.dtype)

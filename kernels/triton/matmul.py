@@ -8,18 +8,20 @@ stay in L2 while the A rows are reused across the group. fp32 inputs use tf32 on
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from gpuforge.backends import triton_interpreter_on
 from gpuforge.kernels import _alloc
+from gpuforge.kernels.triton._host import interpreted, upcast_bf16_dot
 
 
-def _configs() -> list[triton.Config]:
+def configs(interpreter: bool) -> list[triton.Config]:
     """Autotuning space on a GPU (tile shapes of the Triton tutorial's H100 sweep, plus deeper pipelines);
     a single small config under the interpreter, where tuning would only cost time."""
-    if triton_interpreter_on():
+    if interpreter:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
                               num_warps=4, num_stages=1)]
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
@@ -32,7 +34,6 @@ def _configs() -> list[triton.Config]:
             for bm, bn, bk, s, w in shapes]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"])
 @triton.jit
 def _matmul_kernel(
     a_ptr,  # A, (batch, M, K) with strides (stride_az, stride_am, stride_ak); stride_az is 0 when broadcast
@@ -82,19 +83,23 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+@functools.cache
+def _tuned(interpreter: bool):
+    """The kernel autotuned over `configs(interpreter)`, built at the first call (the interpreter switch is
+    known then, not at import)."""
+    return triton.autotune(configs=configs(interpreter), key=["M", "N", "K"])(_matmul_kernel)
+
+
+def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (batch, M, K) @ b (batch, K, N), any strides -> contiguous (batch, M, N) in a's dtype."""
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
     precision = "tf32" if a.is_cuda else "ieee"
-    # triton 3.9's interpreter multiplies bf16 tiles as raw integer bits (results ~1e9 off); fp32 products of
-    # bf16 values are exact, so upcasting there gives the same sums a GPU's bf16 tensor cores do.
-    upcast = a.dtype == torch.bfloat16 and triton_interpreter_on()
 
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch
 
-    _matmul_kernel[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(),
-                         INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast)
+    _tuned(interpreted())[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(),
+                                INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast_bf16_dot(a.dtype))
     return out

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpuforge import backends
 from gpuforge.kernels import _alloc
+from gpuforge.kernels.triton._host import interpreted, operand
 
 
 @triton.jit
@@ -105,33 +105,27 @@ def _paged_decode_reduce_kernel(
 
 
 LOG2E = 1.4426950408889634
-if backends.triton_interpreter_on():
-    PARTITION, BLOCK_N, NUM_WARPS = 32, 16, 1  # short CI contexts still get several splits and tiles
-else:
-    PARTITION, BLOCK_N, NUM_WARPS = 512, 64, 4  # 512 tokens per split: enough splits to fill the SMs at B=1
+def _tiling() -> tuple[int, int, int]:
+    """(PARTITION tokens per split, BLOCK_N tokens per tile, num_warps)."""
+    if interpreted():
+        return 32, 16, 1  # short CI contexts still get several splits and tiles
+    return 512, 64, 4  # 512 tokens per split: enough splits to fill the SMs at B=1
 
 
-def _operand(t: torch.Tensor) -> torch.Tensor:
-    """Unit stride along D; fp32 copies of bf16 under the interpreter (triton 3.9 multiplies bf16 tiles as
-    raw integer bits there)."""
-    if t.dtype == torch.bfloat16 and backends.triton_interpreter_on():
-        return t.float()
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                    seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+            seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, Hq, Sq, D) -> (B, Hq, Sq, D); q (B, Hq, D) is one new token."""
     if q.dim() == 3:
-        return paged_attention(q.unsqueeze(2), k_cache, v_cache, block_table, seq_lens, scale).squeeze(2)
+        return forward(q.unsqueeze(2), k_cache, v_cache, block_table, seq_lens, scale).squeeze(2)
     batch, heads_q, num_new, head_dim = q.shape
     _, block_size, heads_kv, _ = k_cache.shape
     out = _alloc.empty_like(q)
     if out.numel() == 0:
         return out
-    q, k_cache, v_cache = _operand(q), _operand(k_cache), _operand(v_cache)
+    q, k_cache, v_cache = operand(q), operand(k_cache), operand(v_cache)
+    partition, block_n, num_warps = _tiling()
     group = heads_q // heads_kv
-    num_splits = max(1, triton.cdiv(block_table.shape[1] * block_size, PARTITION))
+    num_splits = max(1, triton.cdiv(block_table.shape[1] * block_size, partition))
     part_out = _alloc.empty((batch, heads_q, num_new, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_lse = _alloc.empty((batch, heads_q, num_new, num_splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
@@ -140,9 +134,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
         heads_q, group, num_new, head_dim, block_size, num_splits, scale * LOG2E,
-        PARTITION=PARTITION, BLOCK_G=max(16, triton.next_power_of_2(group * num_new)), BLOCK_N=BLOCK_N, BLOCK_D=block_d,
-        num_warps=NUM_WARPS)
+        PARTITION=partition, BLOCK_G=max(16, triton.next_power_of_2(group * num_new)), BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps)
     _paged_decode_reduce_kernel[(batch * heads_q * num_new,)](
         part_out, part_lse, out, num_splits, head_dim,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=NUM_WARPS)
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=num_warps)
     return out

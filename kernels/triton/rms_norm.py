@@ -1,6 +1,6 @@
 """Triton RMSNorm: forward saving 1/rms per row, backward for x and weight with a two-pass weight gradient.
 
-Rows are normalised whole in registers (BLOCK_SIZE = next power of two ≥ n, so n ≤ MAX_N), statistics in
+Rows are normalised whole in registers (BLOCK_SIZE = next power of two ≥ n; the op's table caps n), statistics in
 fp32 whatever the input dtype. The backward gives each program a contiguous band of rows: it writes dx row by
 row and keeps its share of dw = Σ dy·x̂ in fp32 registers, stored once as one partial row; a second kernel sums
 the partial rows in a fixed order (deterministic), or, with deterministic=False, the programs add their
@@ -15,9 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpuforge.backends import triton_interpreter_on
 from gpuforge.kernels import _alloc
-from gpuforge.kernels.rms_norm import TRITON_MAX_N
+from gpuforge.kernels.triton._host import interpreted
 
 
 @triton.jit
@@ -113,8 +112,6 @@ def _sum_partials_kernel(
     tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=mask)
 
 
-# 64K fp32 values per row is where one register-resident row stops fitting (Liger's MAX_FUSED_SIZE).
-MAX_N = TRITON_MAX_N
 SUM_BLOCK = 256
 # Under the interpreter a few programs still exercise the band split and the second pass.
 INTERPRETER_PROGRAMS = 4
@@ -132,21 +129,14 @@ def _sm_count(index: int) -> int:
 
 
 def _programs(rows: int, device: torch.device) -> int:
-    if device.type != "cuda" or triton_interpreter_on():
+    if device.type != "cuda" or interpreted():
         return max(1, min(rows, INTERPRETER_PROGRAMS))
     # a few bands per SM: enough to fill the GPU, few enough that the second pass reads little
     return max(1, min(rows, 4 * _sm_count(device.index or 0)))
 
 
-def _check_width(n: int) -> None:
-    if n > MAX_N:
-        raise ValueError(f"x: the triton rms_norm keeps a row in registers, so the last dim must be "
-                         f"≤ {MAX_N}, got {n}; use backend='cuda' or 'torch'")
-
-
-def rms_norm_forward(x, weight, residual, eps):
+def forward(x, weight, residual, eps):
     rows, n = x.shape
-    _check_width(n)
     y = _alloc.empty((rows, n), dtype=x.dtype, device=x.device)
     h = _alloc.empty((rows, n), dtype=x.dtype, device=x.device) if residual is not None else None
     rstd = _alloc.empty((rows,), dtype=torch.float32, device=x.device)
@@ -159,9 +149,8 @@ def rms_norm_forward(x, weight, residual, eps):
     return y, h, rstd
 
 
-def rms_norm_backward(dy, x, weight, rstd, dh, deterministic):
+def backward(dy, x, weight, rstd, dh, deterministic):
     rows, n = x.shape
-    _check_width(n)
     dx = _alloc.empty((rows, n), dtype=x.dtype, device=x.device)
     dw = _alloc.empty((n,), dtype=weight.dtype, device=x.device)
     programs = _programs(rows, x.device)

@@ -13,9 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpuforge.backends import triton_interpreter_on
 from gpuforge.kernels import _alloc
-from gpuforge.kernels.softmax import as_rows
+from gpuforge.kernels.triton._host import interpreted
 
 
 @triton.jit
@@ -131,7 +130,7 @@ ONLINE_BLOCK = 4096
 
 def _num_warps(block: int) -> int:
     """Warps per program: about 8 elements per thread up to 1024 threads (the interpreter ignores it)."""
-    if triton_interpreter_on():
+    if interpreted():
         return 1
     return max(1, min(32, block // 256))
 
@@ -146,22 +145,19 @@ def _launch(one_pass, online, out: torch.Tensor, args: tuple, n: int, max_one_pa
         online[(rows,)](*args, n, BLOCK_SIZE=online_block, num_warps=_num_warps(online_block))
 
 
-def softmax_forward(x: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS,
-                    online_block: int = ONLINE_BLOCK) -> torch.Tensor:
-    """Softmax over the last dim of x; rows longer than `max_one_pass` take the online kernel with chunks of
-    `online_block` (a power of two). Tests lower both to exercise the online path cheaply."""
+def forward(x: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS, online_block: int = ONLINE_BLOCK) -> torch.Tensor:
+    """Softmax over the last dim of the (rows, n) matrix x; rows longer than `max_one_pass` take the online
+    kernel with chunks of `online_block` (a power of two). Tests lower both to exercise the online path cheaply."""
     y = _alloc.empty_like(x)
-    x2 = as_rows(x)
-    _launch(_softmax_fwd_kernel, _softmax_online_fwd_kernel, y, (x2, x2.stride(0), y), x.shape[-1],
+    _launch(_softmax_fwd_kernel, _softmax_online_fwd_kernel, y, (x, x.stride(0), y), x.shape[-1],
             max_one_pass, online_block)
     return y
 
 
-def softmax_backward(dy: torch.Tensor, y: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS,
-                     online_block: int = ONLINE_BLOCK) -> torch.Tensor:
-    """dx = y ⊙ (dy − Σ dy⊙y) over the last dim; y contiguous (as the forward returns it)."""
+def backward(dy: torch.Tensor, y: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS,
+             online_block: int = ONLINE_BLOCK) -> torch.Tensor:
+    """dx = y ⊙ (dy − Σ dy⊙y) over the last dim of (rows, n) matrices; y contiguous (as the forward returns it)."""
     dx = _alloc.empty_like(y)
-    dy2 = as_rows(dy)
-    _launch(_softmax_bwd_kernel, _softmax_online_bwd_kernel, dx, (dy2, dy2.stride(0), y.contiguous(), dx),
-            y.shape[-1], max_one_pass, online_block)
+    _launch(_softmax_bwd_kernel, _softmax_online_bwd_kernel, dx, (dy, dy.stride(0), y, dx), y.shape[-1],
+            max_one_pass, online_block)
     return dx

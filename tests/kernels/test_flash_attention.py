@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import gpuforge as gf
-from gpuforge import backends
+from gpuforge.kernels import backends
 from gpuforge.kernels import flash_attention as fa
 from tests.helpers import assert_close_rel
 

@@ -119,7 +119,7 @@ GPU_SHAPES = [(1, 4096, 4096, 128), (2, 1000, 2048, 64), (4, 11008, 4096, 128), 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=str)
 def test_gpu_backends_match_float64(backend, dtype, shape):
-    from gpuforge import backends
+    from gpuforge.kernels import backends
 
     ok, why = backends.is_available(backend)
     if not ok:
@@ -137,7 +137,7 @@ def test_gpu_backends_match_float64(backend, dtype, shape):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ("cuda", "triton"))
 def test_gpu_unaligned_input_and_backward(backend):
-    from gpuforge import backends
+    from gpuforge.kernels import backends
 
     ok, why = backends.is_available(backend)
     if not ok:

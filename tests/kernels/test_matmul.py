@@ -10,7 +10,6 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 
 import gpuforge as gf
-from gpuforge import backends
 from gpuforge.kernels.matmul import BACKENDS
 from tests.helpers import REL_TOL_GPU_FP32_DOT, assert_close_rel
 
@@ -22,8 +21,7 @@ NUMBA_SHAPES = ((1, 3, 1), (9, 17, 11), (33, 5, 2))
 
 
 def runnable_backends(device):
-    status = backends.available()
-    return [b for b in BACKENDS.impls if status[b][0] and backends.runs_on(b, device)]
+    return BACKENDS.runnable(device)
 
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
+from gpuforge.kernels import backends
 from gpuforge.kernels import paged_attention as pa
 from gpuforge.kernels.flash_attention import attention_math
 from tests.helpers import assert_close_rel

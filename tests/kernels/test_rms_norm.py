@@ -5,18 +5,18 @@ import pytest
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
-from gpuforge.kernels.rms_norm import BACKENDS, TRITON_MAX_N, rms_norm_float64
+from gpuforge.kernels import backends
+from gpuforge.kernels.rms_norm import BACKENDS, rms_norm_float64
 from tests.helpers import REL_TOL, assert_close_rel, max_rel_error
 
+TRITON_MAX_N = BACKENDS.limits["triton"].max_width
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # fp32 gradients sum over rows and columns: a few ulps more than the forward.
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
 def runnable_backends(device):
-    status = backends.available()
-    return [b for b in BACKENDS.impls if status[b][0] and backends.runs_on(b, device)]
+    return BACKENDS.runnable(device)
 
 
 BACKEND_PARAMS = runnable_backends(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -268,10 +268,12 @@ def test_extension_bindings_check_arguments_and_report_cuda_errors():
 
 
 def test_triton_rejects_rows_too_wide_for_registers():
-    from gpuforge.kernels.triton import rms_norm as triton_rms_norm
-
-    with pytest.raises(ValueError, match="last dim must be"):
-        triton_rms_norm.rms_norm_forward(torch.ones(1, triton_rms_norm.MAX_N + 1), torch.ones(1), None, 1e-6)
+    """The table's width limit: a named backend raises before any launch; auto passes over it."""
+    x, w = torch.ones(1, TRITON_MAX_N + 1), torch.ones(TRITON_MAX_N + 1)
+    if backends.is_available("triton")[0]:
+        with pytest.raises(ValueError, match=f"last dim must be <= {TRITON_MAX_N}"):
+            gf.rms_norm(x, w, backend="triton")
+    assert BACKENDS.select("auto", torch.device("cuda"), dtype=torch.float32, width=TRITON_MAX_N + 1) != "triton"
 
 
 @pytest.mark.gpu

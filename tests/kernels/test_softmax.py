@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
+from gpuforge.kernels import backends
 from gpuforge.kernels.softmax import BACKENDS
 from tests.helpers import assert_close_rel, max_rel_error
 
@@ -18,8 +18,7 @@ ROW_LENGTHS = (1, 7, 97, 130, 1000)
 
 def backend_params():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    status = backends.available()
-    return [b for b in BACKENDS.impls if status[b][0] and backends.runs_on(b, device)]
+    return BACKENDS.runnable(device)
 
 
 def forward_backward(x, grad, fn):
@@ -124,10 +123,10 @@ def test_triton_online_path_for_rows_past_the_one_pass_limit(dtype, n, device):
     x[0, : n - 2] = -float("inf")  # whole leading chunks masked: the running sum must stay 0, not NaN
     x[1] = -float("inf")  # fully masked row: NaN, as torch.softmax
     grad = torch.randn(3, n, device=device).to(dtype)
-    y = triton_softmax.softmax_forward(x, **limits)
+    y = triton_softmax.forward(x, **limits)
     assert torch.isnan(y[1]).all()
     live = [0, 2]
-    dx = triton_softmax.softmax_backward(grad[live], y[live], **limits)
+    dx = triton_softmax.backward(grad[live], y[live], **limits)
     assert_matches_float64(y[live], dx, x[live], grad[live], -1, "triton")
 
 
@@ -240,8 +239,8 @@ def cupy_kernel_names():
 @pytest.mark.parametrize("dtype", list(FWD_TOL))
 @pytest.mark.parametrize("vectorized", [False, True])
 def test_cupy_plan_picks_the_launcher_kernels(kind, dtype, vectorized):
-    from gpuforge.kernels.cupy_module import CPP_TYPES
-    from gpuforge.kernels.softmax import cupy_plan
+    from gpuforge.kernels.cupy.module import CPP_TYPES
+    from gpuforge.kernels.cupy.softmax import plan as cupy_plan
 
     vec = 16 // dtype.itemsize if vectorized else 1
     cached = {"fwd": 8, "bwd": 4}[kind]  # chunks per thread the block kernel keeps in registers

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import gpuforge as gf
-from gpuforge import backends
+from gpuforge.kernels import backends
 from gpuforge.kernels.vector_add import BACKENDS
 from tests.helpers import assert_close_rel
 
@@ -13,8 +13,7 @@ SIZES = (0, 1, 2, 97, 1000, 4099)
 
 
 def runnable_backends(device):
-    status = backends.available()
-    return [b for b in BACKENDS.impls if status[b][0] and backends.runs_on(b, device)]
+    return BACKENDS.runnable(device)
 
 
 def backend_params():

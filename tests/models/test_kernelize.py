@@ -10,7 +10,10 @@ import gpuforge as gf
 from gpuforge.models import vol1_architectures as m1
 from gpuforge.models import vol2_llm as llm
 from gpuforge.models import vol3_generative as m3
-from gpuforge.models.kernelize import KernelAttention, KernelLinear, KernelRMSNorm, KernelSoftmax
+from gpuforge.nn import Linear as KernelLinear
+from gpuforge.nn import RMSNorm as KernelRMSNorm
+from gpuforge.nn import ScaledDotProductAttention as KernelAttention
+from gpuforge.nn import Softmax as KernelSoftmax
 from tests.helpers import REL_TOL, assert_close_rel
 
 BACKEND = "triton"
@@ -18,7 +21,7 @@ TOL = 2e-4  # fp32 end to end through several layers; each op alone is checked a
 
 
 def _compare(model, run, tol=TOL):
-    kernel_model = gf.models.kernelize(copy.deepcopy(model), backend=BACKEND)
+    kernel_model = gf.kernelize(copy.deepcopy(model), backend=BACKEND)
     out_ref, out = run(model), run(kernel_model)
     assert_close_rel(out, out_ref.detach(), tol, "output")
     out_ref.square().mean().backward()
@@ -40,7 +43,7 @@ def test_tiny_llama_kernelized_cached_decode_equals_plain_forward():
     torch.manual_seed(0)
     model = llm.TinyLlama(llm.TinyLlamaConfig.small(max_seq_len=32))
     tokens = llm.make_batch(0, 2, 12)[0]
-    kernel_model = gf.models.kernelize(copy.deepcopy(model), backend=BACKEND)
+    kernel_model = gf.kernelize(copy.deepcopy(model), backend=BACKEND)
     kinds = {type(m) for m in kernel_model.modules()}
     assert {KernelRMSNorm, KernelAttention, KernelLinear} <= kinds and torch.nn.Linear not in kinds
     with torch.no_grad():
@@ -69,8 +72,8 @@ def test_dit_cross_attention():
 
 
 def test_unknown_op_is_rejected():
-    with pytest.raises(ValueError, match="ops must be among"):
-        gf.models.kernelize(torch.nn.Linear(2, 2), ops=("layer_norm",))
+    with pytest.raises(ValueError, match="ops: expected names among"):
+        gf.kernelize(torch.nn.Linear(2, 2), ops=("layer_norm",))
 
 
 REGISTRY = gf.models.reference_models()
@@ -91,7 +94,7 @@ def test_every_reference_model_kernelized_gives_the_same_loss_and_gradients(name
     model = ref.build()
     batch = _kernel_batch(ref)
     if ref.inference_only:
-        kernel_model = gf.models.kernelize(copy.deepcopy(model), backend=BACKEND)
+        kernel_model = gf.kernelize(copy.deepcopy(model), backend=BACKEND)
         with torch.no_grad():
             assert_close_rel(ref.loss_fn(kernel_model, batch), ref.loss_fn(model, batch), TOL, "loss")
     else:
@@ -134,7 +137,7 @@ def test_kernelized_half_precision_on_gpu_within_twice_the_torch_error(name, dty
     reference = ref.build().cuda()
     batch = tuple(t.cuda() for t in ref.make_batch(3, 4))
     plain = copy.deepcopy(reference).to(dtype)
-    kernel_model = gf.models.kernelize(copy.deepcopy(plain), backend="triton")
+    kernel_model = gf.kernelize(copy.deepcopy(plain), backend="triton")
     with_grads = not ref.inference_only
     with torch.set_grad_enabled(with_grads):
         ref_loss, ref_grads = _loss_and_grads(reference, ref.loss_fn, batch, with_grads)

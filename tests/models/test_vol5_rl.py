@@ -8,7 +8,7 @@ import torch
 
 import gpuforge as gf
 from gpuforge.models import vol5_rl as m5
-from gpuforge.models.kernelize import KernelAttention
+from gpuforge.nn import ScaledDotProductAttention as KernelAttention
 from tests.helpers import assert_close_rel
 
 
@@ -157,7 +157,7 @@ def test_decision_transformer_attention_is_swapped_by_kernelize():
     torch.manual_seed(0)
     model = m5.TinyDecisionTransformer()
     rtg, states, actions, timesteps, _ = m5.make_dt_batch(0, 2)
-    kernel_model = gf.models.kernelize(copy.deepcopy(model), backend="triton")
+    kernel_model = gf.kernelize(copy.deepcopy(model), backend="triton")
     assert any(isinstance(m, KernelAttention) for m in kernel_model.modules())
     with torch.no_grad():
         assert_close_rel(kernel_model(rtg, states, actions, timesteps), model(rtg, states, actions, timesteps),

@@ -1,4 +1,5 @@
-"""The int4 weight format every quantizer produces and every int4 kernel reads.
+"""The int4 weight format every quantizer (gpuforge.quant, which re-exports it) produces and every int4 kernel
+reads.
 
 A weight W of shape (N, K) (nn.Linear's (out_features, in_features)) is cut along K into groups of
 `group_size` consecutive input channels (32, 64, 128, or K itself: one group per output channel). Each
@@ -22,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from gpuforge.kernels._tensors import compute_dtype
 
 SYMMETRIC_ZERO = 8
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
@@ -132,7 +135,7 @@ def dequantize_int4(weight: Int4Weight, dtype: torch.dtype | None = None) -> tor
     """The reference decode: (N, K) W ≈ (q − zero) · scale / in_scale, computed in float64 or float32 and
     returned in `dtype` (default: the scales' dtype)."""
     dtype = dtype or weight.scales.dtype
-    work = torch.float64 if dtype == torch.float64 else torch.float32
+    work = compute_dtype(dtype)
     codes = unpack_int4(weight.qweight).to(work)
     scales = weight.scales.to(work).repeat_interleave(weight.group_size, dim=1)
     zeros = weight.zeros.to(work).repeat_interleave(weight.group_size, dim=1)

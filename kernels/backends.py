@@ -2,8 +2,9 @@
 
 `available()` probes each backend without initialising anything at import time. `select()` turns a
 `backend=` argument (or the GPUFORGE_BACKEND environment variable, a preference) into the backend that runs:
-`auto` takes, on a CUDA tensor, the first available backend of the op's measured-fastest order, and on a CPU
-tensor the torch reference. Named backends are strict: if they cannot run here the call raises and says why.
+`auto` takes, on a CUDA tensor, the first available backend of the op's documented order (a rule, not a
+measurement), and on a CPU tensor the torch reference. Named backends are strict: if they cannot run here
+the call raises and says why. Every environment variable is read when a call needs it, never at import.
 """
 
 from __future__ import annotations
@@ -122,8 +123,18 @@ def runs_on(backend: str, device: torch.device) -> bool:
     return triton_interpreter_on() if backend == "triton" else numba_simulator_on()
 
 
+def constant_under_compile(fn):
+    """`torch.compiler.assume_constant_result(fn)`: torch.compile calls `fn` once while tracing and bakes its
+    result into the graph. That function only sets the attribute below, but importing it imports torch._dynamo
+    and with it triton.language, whose own @jit helpers (tl.sum, tl.max) are then built before TRITON_INTERPRET
+    can be set. Setting the attribute here keeps `import gpuforge` free of both; tests/kernels/test_backends.py
+    checks that torch's decorator sets exactly this attribute."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 # Under torch.compile the choice is made once, at trace time, and baked into the graph as a constant.
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def select(op: str, backend: str, device: torch.device, implemented: Sequence[str],
            auto_order: Sequence[str]) -> str:
     """The backend that runs `op` on `device`, given the caller's `backend=` argument."""
