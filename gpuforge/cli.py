@@ -17,22 +17,21 @@ SUBCOMMANDS = {
 
 
 # Commands that run kernels: on a machine without a GPU they use the Triton interpreter and the numba.cuda
-# simulator. Both switches are read when the kernel modules are imported, so they are set before that.
+# simulator. Both libraries read their switch when they are imported (Triton builds tl.sum and friends then),
+# and `import gpuforge` imports neither, so setting the switches here, before any kernel runs, is enough.
 _SIMULATE_WITHOUT_GPU = ("info", "check", "bench", "demo")
 
 
-def enable_simulators_without_gpu(argv: list[str]) -> None:
+def enable_simulators_without_gpu() -> None:
     import torch
 
     if torch.cuda.is_available():
         return
-    interpreter_was_off = "TRITON_INTERPRET" not in os.environ
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
-    # `import gpuforge` imported torch, and torch imports triton: triton.language's own @jit helpers (tl.sum,
-    # tl.max, ...) were then built for the GPU and fail inside interpreted kernels. Start again with the switch set.
-    if interpreter_was_off and "triton.language" in sys.modules:
-        os.execv(sys.executable, [sys.executable, "-m", "gpuforge", *argv])
+    if "triton.language" in sys.modules and os.environ["TRITON_INTERPRET"] == "1":
+        raise RuntimeError("triton was imported before the CLI could switch its interpreter on; run "
+                           "`TRITON_INTERPRET=1 python -m gpuforge ...`")
 
 
 def usage() -> str:
@@ -51,6 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gpuforge: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
     if name in _SIMULATE_WITHOUT_GPU:
-        enable_simulators_without_gpu(argv)
+        enable_simulators_without_gpu()
     module = importlib.import_module(SUBCOMMANDS[name][0])
     return module.main(rest) or 0
