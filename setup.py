@@ -17,20 +17,29 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 
-# Top-level folders of the repository, each installed under the single import name `gpuforge`.
-PACKAGE_DIRS = {
+# Top-level folders of the repository, each installed under the single import name `gpuforge`; every folder
+# below them with an __init__.py is a subpackage (kernels/triton -> gpuforge.kernels.triton, ...).
+TOP_LEVEL = {
     "gpuforge": "gpuforge",
     "gpuforge.kernels": "kernels",
-    "gpuforge.kernels.triton": "kernels/triton",
-    "gpuforge.kernels.numba": "kernels/numba",
-    "gpuforge.kernels.cuda": "kernels/cuda",
-    "gpuforge.kernels.cupy": "kernels/cupy",
     "gpuforge.csrc": "csrc",
     "gpuforge.parallel": "parallel",
     "gpuforge.quant": "quant",
     "gpuforge.profiling": "profiling",
     "gpuforge.models": "models",
 }
+
+
+def package_dirs() -> dict[str, str]:
+    dirs = {}
+    for package, folder in TOP_LEVEL.items():
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            sub = init.parent.relative_to(ROOT / folder).parts
+            dirs[".".join((package, *sub))] = "/".join((folder, *sub))
+    return dirs
+
+
+PACKAGE_DIRS = package_dirs()
 
 
 def find_nvcc():

@@ -11,7 +11,7 @@ SUBCOMMANDS = {
     "info": ("gpuforge.info", "device, driver, clocks and power (NVML) and the backends table"),
     "check": ("gpuforge.check", "correctness of every op on every backend that can run here"),
     "bench": ("gpuforge.profiling.cli", "microbenchmarks vs the PyTorch baselines (tables, JSON, plots)"),
-    "train": ("gpuforge.parallel.train", "parallel training vs one process (torchrun / mpiexec)"),
+    "train": ("gpuforge.parallel.training.cli", "parallel training vs one process (torchrun / mpiexec)"),
     "demo": ("gpuforge.demo", "the main job: info, check, a quick benchmark, parallel training runs"),
 }
 

@@ -43,7 +43,7 @@ def run_bench(out_dir: Path) -> bool:
 
 def training_strategies() -> list[str]:
     try:
-        from gpuforge.parallel.train import STRATEGIES
+        from gpuforge.parallel.training.cli import STRATEGIES
     except ImportError as err:
         print(f"parallel training is not available: {err}")
         return []

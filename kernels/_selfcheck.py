@@ -51,6 +51,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out64[finite] - ref64[finite]).abs().max().item() / max(ref64[finite].abs().max().item(), 1e-30)
 
 
+def outputs_and_grads(fn: Callable, inputs: tuple[torch.Tensor, ...], grad_output: torch.Tensor) -> Outputs:
+    """(fn(*inputs) detached, then its gradient with respect to each input for `grad_output`): the inputs enter
+    as fresh leaves, so a case can run again. The self-checks of every differentiable op return this."""
+    leaves = tuple(t.detach().clone().requires_grad_() for t in inputs)
+    out = fn(*leaves)
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad_output))
+
+
 def _as_tuple(outputs: Outputs) -> tuple[torch.Tensor, ...]:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from gpuforge.kernels._selfcheck import CheckCase
+from gpuforge.kernels._selfcheck import CheckCase, outputs_and_grads
 from gpuforge.kernels._tensors import compute_dtype
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_tensor
 from gpuforge.kernels.attention_problem import Problem
@@ -334,13 +334,6 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
 # ----------------------------------------------------------------------------------------- self-check
 
 
-def _outputs_and_grads(fn, q, k, v, dout):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = fn(q, k, v)
-    out.backward(dout)
-    return out.detach(), q.grad, k.grad, v.grad
-
-
 def selfcheck_cases(device: torch.device) -> list[CheckCase]:
     cases = []
     settings = ((torch.float32, 2e-5), (torch.float16, 4e-3), (torch.bfloat16, 3e-2))
@@ -352,13 +345,13 @@ def selfcheck_cases(device: torch.device) -> list[CheckCase]:
                              for h, s in ((hq, sq), (hkv, sk), (hkv, sk), (hq, sq)))
 
             def run(backend, q=q, k=k, v=v, dout=dout, causal=causal):
-                return _outputs_and_grads(lambda *t: flash_attention(*t, causal=causal, backend=backend),
-                                          q, k, v, dout)
+                return outputs_and_grads(lambda *t: flash_attention(*t, causal=causal, backend=backend),
+                                         (q, k, v), dout)
 
             def reference(q=q, k=k, v=v, dout=dout, causal=causal):
                 scale, right = 1.0 / math.sqrt(q.shape[-1]), 0 if causal else -1
-                return _outputs_and_grads(lambda *t: _attention_op(*t, scale, -1, right, False, "torch")[0],
-                                          q.double(), k.double(), v.double(), dout.double())
+                return outputs_and_grads(lambda *t: _attention_op(*t, scale, -1, right, False, "torch")[0],
+                                         (q.double(), k.double(), v.double()), dout.double())
 
             cases.append(CheckCase("flash_attention", f"{str(dtype).removeprefix('torch.')} B{b} Hq{hq} Hkv{hkv} "
                                    f"Sq{sq} Sk{sk} D{d}{' causal' if causal else ''}",

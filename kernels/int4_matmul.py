@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.kernels._selfcheck import CheckCase
+from gpuforge.kernels._selfcheck import CheckCase, outputs_and_grads
 from gpuforge.kernels._validate import check_tensor
 from gpuforge.kernels.cuda import int4_matmul as cuda_int4_matmul
 from gpuforge.kernels.cupy import int4_matmul as cupy_int4_matmul
@@ -108,13 +108,6 @@ def int4_matmul(x: torch.Tensor, qweight: Int4Weight, *, backend: str = "auto") 
 SELFCHECK_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
-def _forward_and_grad(x, grad, fn):
-    x = x.detach().requires_grad_()
-    out = fn(x)
-    (dx,) = torch.autograd.grad(out, (x,), grad)
-    return out.detach(), dx
-
-
 def random_int4_weight(n: int, k: int, group_size: int, *, symmetric: bool, generator: torch.Generator,
                        scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
     """An Int4Weight with uniformly random codes, positive scales and (asymmetric) random zero points: the
@@ -141,9 +134,9 @@ def selfcheck_cases(device: torch.device) -> list[CheckCase]:
             label = f"{str(dtype).removeprefix('torch.')} ({m},{k})@int4({n},{k}) g{w.group_size} fwd+bwd"
             cases.append(CheckCase(
                 "int4_matmul", label,
-                run=lambda backend, x=x, w=w, g=grad: _forward_and_grad(
-                    x, g, lambda t: int4_matmul(t, w, backend=backend)),
-                reference=lambda x=x, w64=w64, g=grad: _forward_and_grad(x.double(), g.double(),
-                                                                         lambda t: t @ w64.T),
+                run=lambda backend, x=x, w=w, g=grad: outputs_and_grads(
+                    lambda t: int4_matmul(t, w, backend=backend), (x,), g),
+                reference=lambda x=x, w64=w64, g=grad: outputs_and_grads(lambda t: t @ w64.T, (x.double(),),
+                                                                         g.double()),
                 tol=tol, dtype=dtype))
     return cases

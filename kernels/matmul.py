@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from gpuforge.kernels._selfcheck import CheckCase
+from gpuforge.kernels._selfcheck import CheckCase, outputs_and_grads
 from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_tensor
 from gpuforge.kernels.cuda import matmul as cuda_matmul
 from gpuforge.kernels.cupy import matmul as cupy_matmul
@@ -127,13 +127,6 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.
 SELFCHECK_TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
-def _forward_and_grads(a, b, grad, fn):
-    a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
-    out = fn(a, b)
-    da, db = torch.autograd.grad(out, (a, b), grad)
-    return out.detach(), da, db
-
-
 def selfcheck_cases(device: torch.device) -> list[CheckCase]:
     cases = []
     for dtype, tol in SELFCHECK_TOL.items():
@@ -146,9 +139,9 @@ def selfcheck_cases(device: torch.device) -> list[CheckCase]:
             label = f"{str(dtype).removeprefix('torch.')} {tuple(a.shape)}@{tuple(b.shape)} fwd+bwd"
             cases.append(CheckCase(
                 "matmul", label,
-                run=lambda backend, a=a, b=b, g=grad: _forward_and_grads(
-                    a, b, g, lambda x, y: matmul(x, y, backend=backend)),
-                reference=lambda a=a, b=b, g=grad: _forward_and_grads(a.double(), b.double(), g.double(),
-                                                                      torch.matmul),
+                run=lambda backend, a=a, b=b, g=grad: outputs_and_grads(
+                    lambda x, y: matmul(x, y, backend=backend), (a, b), g),
+                reference=lambda a=a, b=b, g=grad: outputs_and_grads(torch.matmul, (a.double(), b.double()),
+                                                                     g.double()),
                 tol=tol, dtype=dtype))
     return cases

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.kernels._selfcheck import CheckCase
+from gpuforge.kernels._selfcheck import CheckCase, outputs_and_grads
 from gpuforge.kernels._tensors import as_rows, compute_dtype
 from gpuforge.kernels._validate import check_tensor
 from gpuforge.kernels.cuda import softmax as cuda_softmax
@@ -120,13 +120,6 @@ def softmax(x: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.T
 SELFCHECK_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def _forward_and_grad(x: torch.Tensor, grad: torch.Tensor, fn):
-    x = x.detach().requires_grad_()
-    y = fn(x)
-    (dx,) = torch.autograd.grad(y, x, grad)
-    return y.detach(), dx
-
-
 def selfcheck_cases(device: torch.device) -> list[CheckCase]:
     cases = []
     for dtype, tol in SELFCHECK_TOL.items():
@@ -137,9 +130,9 @@ def selfcheck_cases(device: torch.device) -> list[CheckCase]:
             label = f"{str(dtype).removeprefix('torch.')} {shape} dim={dim} fwd+bwd"
             cases.append(CheckCase(
                 "softmax", label,
-                run=lambda backend, x=x, g=grad, d=dim: _forward_and_grad(
-                    x, g, lambda t: softmax(t, d, backend=backend)),
-                reference=lambda x=x, g=grad, d=dim: _forward_and_grad(
-                    x.double(), g.double(), lambda t: torch.softmax(t, d)),
+                run=lambda backend, x=x, g=grad, d=dim: outputs_and_grads(
+                    lambda t: softmax(t, d, backend=backend), (x,), g),
+                reference=lambda x=x, g=grad, d=dim: outputs_and_grads(
+                    lambda t: torch.softmax(t, d), (x.double(),), g.double()),
                 tol=tol, dtype=dtype))
     return cases

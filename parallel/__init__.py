@@ -1,28 +1,35 @@
 """gpuforge.parallel: data parallelism (DDP, ZeRO-1/2/3) and model parallelism (tensor, sequence, pipeline, 3D)
-over one communicator (`comm.py`: torch.distributed or mpi4py), with communication and memory ledgers.
+over one communicator (torch.distributed or mpi4py), with communication and memory ledgers. Layers, each
+importing only those before it: comm/ -> data_parallel/ -> model_parallel/ -> checkpoint/ -> training/.
 Names mirror PyTorch / Megatron where a counterpart exists."""
 
-from gpuforge.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gpuforge.parallel.checkpoint.layout import load_full_model, load_layout_checkpoint, save_layout_checkpoint
+from gpuforge.parallel.checkpoint.sharded import latest_checkpoint, load_checkpoint, save_checkpoint
 from gpuforge.parallel.comm import CommDesyncError, CommError, CommTimeoutError, Communicator, init_comm
-from gpuforge.parallel.data_parallel import DataParallelTrainer
-from gpuforge.parallel.ddp import DistributedDataParallel
-from gpuforge.parallel.fsdp import FullyShardedDataParallel
-from gpuforge.parallel.gathered_loss import DataParallelLoss
-from gpuforge.parallel.layout_checkpoint import load_full_model, load_layout_checkpoint, save_layout_checkpoint
-from gpuforge.parallel.mesh import DeviceMesh, Trainer3D
-from gpuforge.parallel.mixed_precision import LossScaler, MixedPrecision, MixedPrecisionOptimizer
-from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split
-from gpuforge.parallel.pipeline_schedule import gpipe, interleaved_one_f_one_b, make_schedule, one_f_one_b
-from gpuforge.parallel.pipeline_sim import simulate
-from gpuforge.parallel.sequence_parallel import sequence_parallelize
-from gpuforge.parallel.tensor_parallel import (
-    ColumnParallelLinear,
-    RowParallelLinear,
-    VocabParallelEmbedding,
-    tensor_parallelize,
-    vocab_parallel_cross_entropy,
+from gpuforge.parallel.data_parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.data_parallel.fsdp import FullyShardedDataParallel
+from gpuforge.parallel.data_parallel.mixed_precision import LossScaler, MixedPrecision, MixedPrecisionOptimizer
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.model_parallel.mesh import DeviceMesh
+from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split
+from gpuforge.parallel.model_parallel.pipeline_schedule import (
+           gpipe,
+           interleaved_one_f_one_b,
+           make_schedule,
+           one_f_one_b,
 )
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.model_parallel.pipeline_sim import simulate
+from gpuforge.parallel.model_parallel.sequence_parallel import sequence_parallelize
+from gpuforge.parallel.model_parallel.tensor_parallel import tensor_parallelize
+from gpuforge.parallel.model_parallel.tp_layers import (
+           ColumnParallelLinear,
+           RowParallelLinear,
+           VocabParallelEmbedding,
+           vocab_parallel_cross_entropy,
+)
+from gpuforge.parallel.training.data_parallel import DataParallelTrainer
+from gpuforge.parallel.training.gathered_loss import DataParallelLoss
+from gpuforge.parallel.training.trainer_3d import Trainer3D
 
 __all__ = ["ColumnParallelLinear", "CommDesyncError", "CommError", "CommTimeoutError", "Communicator",
            "DataParallelLoss", "DataParallelTrainer", "DeviceMesh", "DistributedDataParallel",

@@ -1,9 +1,9 @@
 """flash_attention benchmark: the Triton and CUDA C++ kernels beside torch SDPA's flash backend
 (FlashAttention-2 inside PyTorch, the baseline) and its math backend, forward and forward+backward (a backend's
-fwd+bwd row times its forward and the backward that kernels/flash_attention.py's BACKWARD_IMPLS maps it to).
+fwd+bwd row times its forward and the backward of the same backend in kernels/flash_attention.py's table).
 
 TFLOP/s counts 4·B·H·Sq·Sk·D for the forward (two GEMMs), halved when causal; the backward is 2.5× the
-forward, so a forward+backward row counts 3.5×. The issue's targets (H100/H200, bf16, B=4, H=32, D=128,
+forward, so a forward+backward row counts 3.5×. The speed targets (H100/H200, bf16, B=4, H=32, D=128,
 S=4096, causal and not): forward >= 1.0× SDPA-flash, backward >= 0.8×. `python -m
 gpuforge.profiling.bench_flash_attention --memory` prints peak memory of one forward+backward at S = 1K..32K
 (it must grow linearly in S).
@@ -17,9 +17,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-import gpuforge as gf
 from gpuforge.kernels import backends
-from gpuforge.kernels.flash_attention import attention_math
+from gpuforge.kernels.flash_attention import attention_math, flash_attention
 from gpuforge.profiling.harness import BenchCase
 
 
@@ -51,7 +50,7 @@ def _implementations(device: torch.device) -> dict[str, object]:
     fns = {}
     for name in ("triton", "cuda"):
         if backends.is_available(name)[0] and backends.runs_on(name, device):
-            fns[name] = lambda q, k, v, causal, name=name: gf.flash_attention(q, k, v, causal=causal, backend=name)
+            fns[name] = lambda q, k, v, causal, name=name: flash_attention(q, k, v, causal=causal, backend=name)
     if device.type == "cuda":
         fns["SDPA-flash"] = _sdpa("flash")
         fns["SDPA-math"] = _sdpa("math")
@@ -61,7 +60,7 @@ def _implementations(device: torch.device) -> dict[str, object]:
 
 
 def _shapes(device: torch.device, quick: bool) -> list[tuple[tuple[int, int, int, int], torch.dtype]]:
-    """((B, H, S, D), dtype) pairs: the issue's shape in bf16 (and fp16), the other shapes in bf16 only: each
+    """((B, H, S, D), dtype) pairs: the target shape in bf16 (and fp16), the other shapes in bf16 only: each
     (head dim, dtype) autotunes 16 forward and 14 backward configs, which dominates the sweep's time."""
     if device.type != "cuda":
         return [((1, 2, 64, 32), torch.float32)]
@@ -113,14 +112,14 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
 def peak_memory_sweep(lengths=(1024, 2048, 4096, 8192, 16384, 32768), b=1, h=16, d=128, causal=True,
                       dtype=torch.bfloat16) -> list[tuple[int, float]]:
-    """(S, peak MiB above the inputs) for one forward+backward of gf.flash_attention on the current GPU."""
+    """(S, peak MiB above the inputs) for one forward+backward of flash_attention on the current GPU."""
     rows = []
     for s in lengths:
         q, k, v = (torch.randn(b, h, s, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        out = gf.flash_attention(q, k, v, causal=causal, backend="triton")
+        out = flash_attention(q, k, v, causal=causal, backend="triton")
         out.backward(torch.ones_like(out))
         torch.cuda.synchronize()
         rows.append((s, (torch.cuda.max_memory_allocated() - base) / 2**20))

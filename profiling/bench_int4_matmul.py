@@ -1,7 +1,7 @@
 """int4_matmul (W4A16) benchmark: every backend beside the bf16 cuBLAS GEMM on the dense weights and PyTorch's
 own int4 kernel (`torch._weight_int4pack_mm`, tinygemm) where it runs.
 
-The issue's targets (H100/H200, group 128): decode (M = 1, 4, 16; N×K = 4096×4096, 11008×4096, 4096×11008,
+The speed targets (H100/H200, group 128): decode (M = 1, 4, 16; N×K = 4096×4096, 11008×4096, 4096×11008,
 8192×8192) at >= 2.5× the bf16 cuBLAS GEMM (4× is the byte ratio) and >= 1.0× torch's int4 kernel; prefill
 (M = 2048) at >= 0.7× cuBLAS. Decode is memory-bound, so `bytes` counts the packed weights, scales, zeros,
 x and the output once each. fp16-activation rows (full sweep) run without tinygemm, which takes bf16 only. The
@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import torch
 
-import gpuforge as gf
-from gpuforge.kernels.int4_matmul import BACKENDS
+from gpuforge.kernels.int4_matmul import BACKENDS, int4_matmul
 from gpuforge.profiling.harness import BenchCase
 from gpuforge.quant import Int4Weight, dequantize_int4, quantize_int4, unpack_int4
 
@@ -97,7 +96,7 @@ def _case(device, dtype, m, n, k, runnable, tinygemm, backward: bool) -> BenchCa
         return (x, dense, q, *tiny) + ((torch.randn(m, n, device=device, dtype=dtype),) if backward else ())
 
     fns = {baseline: lambda x, dense, q, tw, tsz: x @ dense.T}
-    fns |= {b: (lambda x, dense, q, tw, tsz, b=b: gf.int4_matmul(x, q, backend=b)) for b in runnable}
+    fns |= {b: (lambda x, dense, q, tw, tsz, b=b: int4_matmul(x, q, backend=b)) for b in runnable}
     if tinygemm:
         fns[TINYGEMM] = lambda x, dense, q, tw, tsz: torch.ops.aten._weight_int4pack_mm(x, tw, GROUP_SIZE, tsz)
     if backward:

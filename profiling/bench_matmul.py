@@ -1,5 +1,5 @@
 """matmul benchmark: every backend beside cuBLAS (torch.matmul), TFLOP/s and the fraction of the measured GEMM
-peak. The issue's targets are bf16 M=N=K=4096 and 8192 on an H100/H200: Triton >= 90% of cuBLAS, the CUDA C++
+peak. The speed targets are bf16 M=N=K=4096 and 8192 on an H100/H200: Triton >= 90% of cuBLAS, the CUDA C++
 fast path >= 75%. fp32 rows run Triton on tf32 tensor cores against cuBLAS in torch's default (full fp32)
 precision, so read them as "what tf32 buys", not as a like-for-like race. Forward+backward rows time the forward
 and the gradients of both operands (three GEMMs, 6·n³ FLOP)."""
@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-import gpuforge as gf
-from gpuforge.kernels.matmul import BACKENDS
+from gpuforge.kernels.matmul import BACKENDS, matmul
 from gpuforge.profiling.harness import BenchCase
 
 # The numba kernel is a teaching kernel (fp32 FMAs from shared memory, no tensor cores) and the simulator
@@ -54,7 +53,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
 
         for n in sizes:
             fns = {baseline: torch.matmul}
-            fns |= {b: (lambda x, y, b=b: gf.matmul(x, y, backend=b)) for b in runnable
+            fns |= {b: (lambda x, y, b=b: matmul(x, y, backend=b)) for b in runnable
                     if BACKENDS.supports(b, dtype) and (b != "numba" or n <= NUMBA_MAX_SIZE[device.type])}
             cases.append(BenchCase(
                 op="matmul", shape=f"{n}x{n}x{n} fwd", dtype=dtype, size=n,

@@ -1,16 +1,15 @@
 """paged_attention benchmark: the Triton flash-decoding kernels beside the torch reference path (gather the
 pages, then SDPA) on a decode step. Memory-bound: `bytes` is the KV cache read once (K and V of every cached
 token) plus q and the output, so the GB/s column is the fraction of the bandwidth needed to read the cache once.
-The issue's target (H100/H200): batch 32, context 4K..32K, >= 70% of the copy bandwidth."""
+The speed target (H100/H200): batch 32, context 4K..32K, >= 70% of the copy bandwidth."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-import gpuforge as gf
 from gpuforge.kernels import backends
-from gpuforge.kernels.paged_attention import gather_kv, paged_attention_reference, random_paged_cache
+from gpuforge.kernels.paged_attention import gather_kv, paged_attention, paged_attention_reference, random_paged_cache
 from gpuforge.profiling.harness import BenchCase
 
 
@@ -34,7 +33,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
         batch, heads_q, heads_kv, d, block_size, dtype = 2, 4, 2, 32, 16, torch.float32
     fns = {"torch": gathered_sdpa}
     if backends.is_available("triton")[0] and backends.runs_on("triton", device):
-        fns["triton"] = lambda *inputs: gf.paged_attention(*inputs, backend="triton")
+        fns["triton"] = lambda *inputs: paged_attention(*inputs, backend="triton")
     cases = []
     for context in contexts:
         kv_bytes = 2 * batch * context * heads_kv * d * dtype.itemsize

@@ -1,7 +1,7 @@
 """softmax benchmark: forward, and forward + backward, of every backend beside torch.softmax (eager) and
 torch.compile of the reference, in GB/s and as a fraction of the measured copy bandwidth.
 
-The issue's target is fp16/bf16 4096×(1K..32K) on an H100/H200: ≥ 85% of the copy bandwidth and ≥ 1.0×
+The speed target is fp16/bf16 4096×(1K..32K) on an H100/H200: ≥ 85% of the copy bandwidth and ≥ 1.0×
 torch.softmax. Bytes are the minimum a softmax must move: the forward reads x and writes y (2 matrices), the
 backward reads dy and y and writes dx (3 more)."""
 
@@ -11,8 +11,7 @@ import functools
 
 import torch
 
-import gpuforge as gf
-from gpuforge.kernels.softmax import BACKENDS, softmax_reference
+from gpuforge.kernels.softmax import BACKENDS, softmax, softmax_reference
 from gpuforge.profiling.harness import BenchCase
 
 # The numba simulator runs a Python thread per CUDA thread: on a CPU, numba gets the tiny shapes only.
@@ -28,7 +27,7 @@ def _forward_fns(device: torch.device, runnable: list[str], elements: int, dtype
     fns = {"torch": lambda x: torch.softmax(x, -1)}
     if device.type == "cuda":
         fns["torch.compile"] = lambda x: _compiled_reference()(x)
-    return fns | {b: (lambda x, b=b: gf.softmax(x, backend=b)) for b in runnable
+    return fns | {b: (lambda x, b=b: softmax(x, backend=b)) for b in runnable
                   if BACKENDS.supports(b, dtype) and (b != "numba" or elements <= NUMBA_MAX_ELEMENTS[device.type])}
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-import gpuforge as gf
-from gpuforge.kernels.vector_add import BACKENDS
+from gpuforge.kernels.vector_add import BACKENDS, vector_add
 from gpuforge.profiling.harness import BenchCase
 
 
@@ -21,7 +20,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     for dtype in dtypes:
         for n in sizes:
             fns = {"torch": torch.add}
-            fns |= {b: (lambda x, y, b=b: gf.vector_add(x, y, backend=b)) for b in runnable
+            fns |= {b: (lambda x, y, b=b: vector_add(x, y, backend=b)) for b in runnable
                     if BACKENDS.supports(b, dtype)}
             cases.append(BenchCase(
                 op="vector_add", shape=f"({n},)", dtype=dtype, size=n,

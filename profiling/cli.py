@@ -1,10 +1,10 @@
 """`python -m gpuforge bench <op>|all [--quick] [--report DIR] [--dtype D] [--backend B] [--causal|--no-causal]
-[--time-budget S]`: benchmark tables, a Markdown report with the issues' targets (met / missed / not measured),
+[--time-budget S]`: benchmark tables, a Markdown report with the speed targets (met / missed / not measured),
 JSON and plots (per op, roofline, bandwidth); `bench compare OLD.json NEW.json` flags regressions.
 
 Each op's cases come from `gpuforge.profiling.bench_<op>`. Filters keep the cases of the given dtypes, the
 causal (or non-causal) attention cases, and the rows of the given backends beside every baseline. The quick
-sweep (the issues' target shapes) runs first; with a time budget (450 s by default on a GPU), no new case starts
+sweep (the speed targets' shapes) runs first; with a time budget (450 s by default on a GPU), no new case starts
 once the budget is spent, and the cases left out are listed in the report. On a machine without a GPU the
 kernels run in the Triton interpreter / numba simulator: the numbers are CPU timings of simulators, printed
 under a banner."""

@@ -3,12 +3,13 @@
     torchrun --standalone --nproc_per_node 2 -m gpuforge.profiling.parallel_step_time \
         --out profiling/results/cpu-parallel
 
-Pairs (parallel/data_parallel.py): ddp ↔ torch DDP, zero1 ↔ torch DDP + ZeroRedundancyOptimizer, zero2 ↔
+Pairs (parallel/training/data_parallel.py): ddp ↔ torch DDP, zero1 ↔ torch DDP + ZeroRedundancyOptimizer, zero2 ↔
 fully_shard(reshard_after_forward=False), zero3 ↔ fully_shard. Every trainer starts from the same weights
 and sees the same batches; the steps are interleaved (step k of every trainer, then step k + 1), so a change
 in machine load hits all of them alike. A step (forward, backward, clip, AdamW) is timed on every rank
 after a barrier, and the step's time is the slowest rank's; the table gives the median with p20/p80 and
-ours/theirs (the issue's target: ≤ 1.2). Rank 0 prints the table and writes results.json and report.md.
+ours/theirs (the target: ≤ 1.2, at most 20% slower than PyTorch's own). Rank 0 prints the table and writes
+results.json and report.md.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import torch.distributed as dist
 
 from gpuforge.models.vol2_llm import Block, TinyLlama, TinyLlamaConfig, loss_fn, make_batch
 from gpuforge.parallel.comm import init_comm
-from gpuforge.parallel.data_parallel import OURS, THEIRS, DataParallelTrainer
-from gpuforge.parallel.gathered_loss import DataParallelLoss
+from gpuforge.parallel.training.data_parallel import OURS, THEIRS, DataParallelTrainer
+from gpuforge.parallel.training.gathered_loss import DataParallelLoss
 from gpuforge.profiling.timing import _summarise as summarise_ms  # median, p20, p80 (inclusive quantiles)
 
 TARGET_RATIO = 1.2

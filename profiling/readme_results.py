@@ -2,7 +2,7 @@
 
 `python -m gpuforge.profiling.readme_results [DIR/results.json]` (default: the newest
 profiling/results/*/results.json) replaces the text between the README's `<!-- results:start -->` and
-`<!-- results:end -->` markers with: the device, date and command; the issues' targets (met / missed / not
+`<!-- results:end -->` markers with: the device, date and command; the speed targets (met / missed / not
 measured); a per-op summary (the best gpuforge implementation at the largest size, its ratio to the baseline and
 the secondary baseline, fraction of peak, max error); and that run's roofline plot.
 `--publish REPORT_DIR` first copies a fresh report (e.g. from scripts/gpu_job.sh) to
@@ -91,7 +91,7 @@ def render(results: Path) -> str:
     if left_out:
         lines.append(f"**Incomplete run: {', '.join(left_out)}; the report lists them.**")
     verdicts = targets.evaluate_all(payload["records"], env["gpu_timings"])
-    lines += ["", f"Targets of issues 2, 3, 5, 6 in this run: {targets.status_counts(verdicts)}.", "",
+    lines += ["", f"Speed targets in this run: {targets.status_counts(verdicts)}.", "",
               targets.markdown_table(verdicts)]
     lines += ["", "| op | shape | dtype | best gpuforge | throughput | of peak | vs baseline | vs secondary | "
               "max rel. error |", "|---|---|---|---|---|---|---|---|---|", *summary_rows(payload["records"])]

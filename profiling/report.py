@@ -1,5 +1,5 @@
 """Benchmark output: a terminal table, a JSON file with the environment, PNG plots of throughput vs size, and
-the Markdown report (tables per op, the issues' targets met / missed / not measured, telemetry, plots)."""
+the Markdown report (tables per op, the speed targets met / missed / not measured, telemetry, plots)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@
 # Each stage fits one 10-minute command; run them one at a time where a command is time-limited, e.g.
 #   scripts/gpu_job.sh out --stage install && scripts/gpu_job.sh out --stage tests
 #   scripts/gpu_job.sh out --stage bench --quick && scripts/gpu_job.sh out --stage publish
-# --quick benchmarks the issues' target shapes only (about 50 cases) and is the one to use under a ~15-minute
+# --quick benchmarks the speed targets' shapes only (about 50 cases) and is the one to use under a ~15-minute
 # device budget. --time-budget (default 420 s) stops starting new benchmark cases once spent; the report lists
 # what was left out. Every stage fails loudly: an install or build error stops the job with the log's tail.
 set -euo pipefail

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 import gpuforge as gf
 from gpuforge.kernels import backends
 from gpuforge.kernels import flash_attention as fa
+from gpuforge.kernels._selfcheck import outputs_and_grads
 from tests.helpers import assert_close_rel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,7 +37,7 @@ def reference_with_grads(q, k, v, dout, causal=False, window=None, scale=None):
 
 
 def run_with_grads(fn, q, k, v, dout):
-    return fa._outputs_and_grads(fn, q, k, v, dout)
+    return outputs_and_grads(fn, (q, k, v), dout)
 
 
 def test_reference_matches_sdpa_float64():

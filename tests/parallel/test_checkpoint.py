@@ -13,30 +13,27 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gpuforge.parallel import train
-from gpuforge.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from gpuforge.parallel.ddp import DistributedDataParallel
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.checkpoint.sharded import latest_checkpoint, load_checkpoint, save_checkpoint
+from gpuforge.parallel.data_parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.training import cli as train
 from tests.parallel.dist_harness import TiedMLP, make_batches, run_distributed, shard
 
 pytestmark = pytest.mark.distributed
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
-ARGS = SimpleNamespace(lr=0.01, clip=0.5, steps=4, batch=12, save_every=2)
+ARGS = SimpleNamespace(lr=0.01, clip=0.5, steps=4, batch=12, save_every=2, dtype="float64")
 SAVED_STEP = 2
 
 
 def build_strategy(strategy, comm):
-    """(reference model, model, forward module, optimizer) of TinyMLP in float64 as `gpuforge train` builds them."""
+    """(reference model, model, trainer) of TinyMLP in float64 as `gpuforge train` builds them."""
     ref = train.reference_model("tiny_mlp")
-    torch.manual_seed(0)
-    model = ref.build().to(torch.float64)
-    fwd, opt = train.STRATEGIES[strategy](model, comm, ARGS)
-    return ref, model, fwd, opt
+    model, trainer = train.data_parallel_trainer(ref, strategy, comm, ARGS)
+    return ref, model, trainer
 
 
-def _params(model, fwd):
-    if hasattr(fwd, "gather_full_params"):
-        fwd.gather_full_params()
+def _params(model, trainer):
+    trainer.gather_full_params()
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -44,12 +41,13 @@ def _uninterrupted(comm, root):
     """Train every strategy 4 steps from scratch, checkpointing after steps 2 and 4."""
     out = {}
     for strategy in STRATEGIES:
-        ref, model, fwd, opt = build_strategy(strategy, comm)
+        ref, model, trainer = build_strategy(strategy, comm)
 
-        def save(step, losses, fwd=fwd, opt=opt, strategy=strategy):
-            save_checkpoint(f"{root}/{strategy}", step, fwd, opt, comm, extra={"losses": losses})
-        losses = train.train_steps(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size, save=save)
-        out[strategy] = (losses, _params(model, fwd))
+        def save(step, losses, trainer=trainer, strategy=strategy):
+            save_checkpoint(f"{root}/{strategy}", step, trainer.forward, trainer.optimizer, comm,
+                            extra={"losses": losses})
+        losses = train.train_steps(ref, trainer, comm, ARGS, save=save)
+        out[strategy] = (losses, _params(model, trainer))
     return out
 
 
@@ -57,12 +55,11 @@ def _resumed(comm, root, layouts):
     """Load each strategy's step-2 checkpoint into layouts[strategy] and train steps 3 and 4."""
     out = {}
     for saved, strategy in layouts.items():
-        ref, model, fwd, opt = build_strategy(strategy, comm)
-        meta = load_checkpoint(f"{root}/{saved}/step-{SAVED_STEP:08d}", fwd, opt, comm)
+        ref, model, trainer = build_strategy(strategy, comm)
+        meta = load_checkpoint(f"{root}/{saved}/step-{SAVED_STEP:08d}", trainer.forward, trainer.optimizer, comm)
         assert meta["step"] == SAVED_STEP == len(meta["extra"]["losses"])
-        losses = train.train_steps(ref, model, fwd, opt, comm, ARGS, comm.rank, comm.world_size,
-                              losses=meta["extra"]["losses"])
-        out[saved] = (losses, _params(model, fwd))
+        losses = train.train_steps(ref, trainer, comm, ARGS, losses=meta["extra"]["losses"])
+        out[saved] = (losses, _params(model, trainer))
     return out
 
 
@@ -132,7 +129,7 @@ def _tied_frozen_and_a_buffer(comm, root):
     torch.manual_seed(1)
     other = TiedMLP()
     other.register_buffer("calls", torch.tensor(0.0, dtype=torch.float64))
-    zero = ZeroRedundancyOptimizer(other.parameters(), torch.optim.AdamW, comm, stage=2, lr=0.05)
+    zero = ZeroRedundancyOptimizer(other.parameters(), torch.optim.AdamW, comm, zero_stage=2, lr=0.05)
     load_checkpoint(latest_checkpoint(root), other, zero, comm)
     for m, o in ((ddp, opt), (other, zero)):
         _step(m, o, *batches[2], comm)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpuforge.parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.data_parallel.ddp import DistributedDataParallel
 from tests.parallel.dist_harness import TiedMLP, make_batches, run_distributed, shard
 
 pytestmark = pytest.mark.distributed

@@ -1,4 +1,4 @@
-"""Kills with SIGKILL (faults.py), never mocks.
+"""Kills with SIGKILL (parallel/checkpoint/faults.py), never mocks.
 
 - During a save, at each step of the protocol: the latest checkpoint afterwards is the previous one, byte for
   byte, and loads (the new one, once `latest` names it).
@@ -18,8 +18,8 @@ import pytest
 import torch
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 
-from gpuforge.parallel import train
-from gpuforge.parallel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from gpuforge.parallel.checkpoint.sharded import latest_checkpoint, load_checkpoint, save_checkpoint
+from gpuforge.parallel.training import cli as train
 from tests.parallel.dist_harness import ROOT, run_distributed
 from tests.parallel.test_checkpoint import ARGS, build_strategy
 
@@ -37,13 +37,14 @@ def _steps(n):
 def _save_then_die_saving(comm, root, point, rank, marker):
     """ZeRO-2: one step, checkpoint 1 (rank 0 records its files' digests), one step, checkpoint 2 with a
     kill at `point` on `rank`."""
-    ref, model, fwd, opt = build_strategy("zero2", comm)
-    losses = train.train_steps(ref, model, fwd, opt, comm, _steps(1), comm.rank, comm.world_size)
+    ref, _, trainer = build_strategy("zero2", comm)
+    fwd, opt = trainer.forward, trainer.optimizer
+    losses = train.train_steps(ref, trainer, comm, _steps(1))
     good = save_checkpoint(root, 1, fwd, opt, comm, extra={"losses": losses})
     if comm.rank == 0:
         (Path(root).parent / "good.json").write_text(json.dumps(_digest(good)))
     os.environ.update(GPUFORGE_FAIL_AT=f"{point}@{rank}", GPUFORGE_FAIL_ONCE=marker)
-    losses = train.train_steps(ref, model, fwd, opt, comm, _steps(2), comm.rank, comm.world_size, losses=losses)
+    losses = train.train_steps(ref, trainer, comm, _steps(2), losses=losses)
     save_checkpoint(root, 2, fwd, opt, comm, extra={"losses": losses})
 
 
@@ -89,10 +90,10 @@ def test_torchrun_restarts_a_killed_rank_and_finishes_as_without_failure(tmp_pat
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max-restarts", "1"]
     failed = _gpuforge_train(torchrun, tmp_path / "failed",
                              env={"GPUFORGE_FAIL_AT": "step-3@1", "GPUFORGE_FAIL_ONCE": str(marker),
-                                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # see parallel/train.py
+                                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})  # see parallel/training/cli.py
     assert marker.exists(), "rank 1 was never killed"
     assert f"resumed from {tmp_path / 'failed' / 'step-00000002'} after step 2" in failed.stdout
-    _gpuforge_train([], tmp_path / "clean", "--nproc", "2")  # the issue's form: gpuforge hands over to torchrun
+    _gpuforge_train([], tmp_path / "clean", "--nproc", "2")  # outside a launcher: gpuforge hands over to torchrun
     failed_meta, failed_params = _final_state(tmp_path / "failed")
     clean_meta, clean_params = _final_state(tmp_path / "clean")
     assert failed_meta["step"] == clean_meta["step"] == 6

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpuforge.parallel.fsdp import FullyShardedDataParallel
+from gpuforge.parallel.data_parallel.fsdp import FullyShardedDataParallel
 from tests.parallel.dist_harness import make_batches, run_distributed, shard
 
 pytestmark = pytest.mark.distributed

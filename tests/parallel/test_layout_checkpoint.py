@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
-from gpuforge.parallel.checkpoint import latest_checkpoint
-from gpuforge.parallel.layout_checkpoint import load_full_model, load_layout_checkpoint, save_layout_checkpoint
-from gpuforge.parallel.mesh import DeviceMesh, Trainer3D, single_process_losses
+from gpuforge.parallel.checkpoint.layout import load_full_model, load_layout_checkpoint, save_layout_checkpoint
+from gpuforge.parallel.checkpoint.sharded import latest_checkpoint
+from gpuforge.parallel.model_parallel.mesh import DeviceMesh
+from gpuforge.parallel.training.trainer_3d import Trainer3D, single_process_losses
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, tiny_config
 
@@ -21,14 +22,14 @@ RESUME_LAYOUTS = [(4, 1, 1), (2, 1, 2), (1, 4, 1)]  # (dp, tp, pp)
 def _trainer(comm, dp, tp, pp):
     torch.manual_seed(0)
     model = TinyLlama(tiny_config()).double()
-    return Trainer3D(model, DeviceMesh(comm, dp=dp, tp=tp, pp=pp), num_microbatches=2, lr=LR, max_norm=MAX_NORM)
+    return Trainer3D(model, DeviceMesh(comm, dp=dp, tp=tp, pp=pp), num_microbatches=2, lr=LR)
 
 
 def _losses(comm, trainer, steps):
     """The global losses of `steps` (on every rank: the last stage's, shared through a max-reduce)."""
     out = []
     for step in steps:
-        loss, _ = trainer.step(*make_batch(step, B, S))
+        loss, _ = trainer.step(make_batch(step, B, S), MAX_NORM)
         value = torch.tensor([float("-inf") if loss is None else loss], dtype=torch.float64)
         comm.all_reduce(value, op="max")
         out.append(value.item())

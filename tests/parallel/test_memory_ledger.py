@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpuforge.parallel.ddp import DistributedDataParallel
-from gpuforge.parallel.fsdp import FullyShardedDataParallel
-from gpuforge.parallel.ledger import zero_formula_bytes
-from gpuforge.parallel.mixed_precision import MixedPrecision, MixedPrecisionOptimizer
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.comm.ledger import zero_formula_bytes
+from gpuforge.parallel.data_parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.data_parallel.fsdp import FullyShardedDataParallel
+from gpuforge.parallel.data_parallel.mixed_precision import MixedPrecision, MixedPrecisionOptimizer
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
 from tests.parallel.dist_harness import run_distributed
 
 pytestmark = pytest.mark.distributed
@@ -55,16 +55,16 @@ def _ledgers(comm):
     out[0] = _train(ddp, opt, comm, lambda: ddp.memory(opt))  # after backward: the buckets hold the gradients
     for stage in (1, 2):
         model = Net().to(BF16)
-        zero = ZeroRedundancyOptimizer(model.parameters(), adamw, comm, stage=stage, mixed_precision=mp, lr=1e-3)
+        zero = ZeroRedundancyOptimizer(model.parameters(), adamw, comm, zero_stage=stage, mixed_precision=mp, lr=1e-3)
         out[stage] = _train(model, zero, comm, lambda z=zero: (z.reduce_gradients(), z.memory())[1])
     fsdp = FullyShardedDataParallel(Net(), comm, mixed_precision=mp)
     opt = torch.optim.AdamW(fsdp.shard_parameters(), lr=1e-3)
     out[3] = _train(fsdp, opt, comm, lambda: fsdp.memory(opt))  # after backward: shard gradients, no full params
     model = Net().to(BF16)
-    zero = ZeroRedundancyOptimizer(model.parameters(), adamw, comm, stage=2, mixed_precision=mp, offload="cpu")
+    zero = ZeroRedundancyOptimizer(model.parameters(), adamw, comm, zero_stage=2, mixed_precision=mp, offload="cpu")
     out["offload"] = _train(model, zero, comm, lambda: (zero.reduce_gradients(), zero.memory())[1])
     model = Net(extra=3).to(BF16)
-    zero = ZeroRedundancyOptimizer(model.parameters(), adamw, comm, stage=1, mixed_precision=mp)
+    zero = ZeroRedundancyOptimizer(model.parameters(), adamw, comm, zero_stage=1, mixed_precision=mp)
     out["padded"] = _train(model, zero, comm, lambda: (zero.reduce_gradients(), zero.memory())[1])
     return out
 

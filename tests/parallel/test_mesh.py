@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
-from gpuforge.parallel.layout_checkpoint import full_name
-from gpuforge.parallel.ledger import optimizer_state_bytes
-from gpuforge.parallel.mesh import DeviceMesh, Trainer3D, check_layout
+from gpuforge.parallel.checkpoint.layout import full_name
+from gpuforge.parallel.comm.ledger import optimizer_state_bytes
+from gpuforge.parallel.model_parallel.mesh import DeviceMesh, check_layout
+from gpuforge.parallel.training.trainer_3d import Trainer3D
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, shard_of, tiny_config
 
@@ -21,7 +22,7 @@ def train_3d(comm, dp, tp, pp, m):
     torch.manual_seed(0)
     ref = TinyLlama(tiny_config(n_layers=2)).double()
     mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp)
-    trainer = Trainer3D(copy.deepcopy(ref), mesh, schedule="1f1b", num_microbatches=m, lr=LR, max_norm=MAX_NORM)
+    trainer = Trainer3D(copy.deepcopy(ref), mesh, schedule="1f1b", num_microbatches=m, lr=LR)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=LR)
     worst_loss, worst_norm, clipped = 0.0, 0.0, False
     for step in range(STEPS):
@@ -32,7 +33,7 @@ def train_3d(comm, dp, tp, pp, m):
         clipped |= norm_ref > MAX_NORM
         opt_ref.step()
         opt_ref.zero_grad()
-        loss, norm = trainer.step(x, y)
+        loss, norm = trainer.step((x, y), MAX_NORM)
         worst_norm = max(worst_norm, abs(norm - norm_ref) / norm_ref)
         if loss is not None:
             worst_loss = max(worst_loss, abs(loss - loss_ref.item()) / loss_ref.item())
@@ -85,7 +86,7 @@ def test_check_layout_names_what_cannot_run():
 
 def _train(comm, dp, tp, pp):
     from gpuforge.models.vol2_llm import TinyLlamaConfig
-    from gpuforge.parallel.mesh import train_model_parallel
+    from gpuforge.parallel.training.trainer_3d import train_model_parallel
 
     return train_model_parallel(comm, dp=dp, tp=tp, pp=pp, steps=3, batch_size=4, seq_len=8,
                                 config=TinyLlamaConfig(dim=32, n_heads=4, n_kv_heads=2, hidden_dim=64))

@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpuforge.parallel.fsdp import FullyShardedDataParallel
-from gpuforge.parallel.mixed_precision import LossScaler, MixedPrecision, MixedPrecisionOptimizer
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.data_parallel.fsdp import FullyShardedDataParallel
+from gpuforge.parallel.data_parallel.mixed_precision import LossScaler, MixedPrecision, MixedPrecisionOptimizer
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
 from tests.parallel.dist_harness import make_batches, run_distributed, shard
 
 pytestmark = pytest.mark.distributed
@@ -79,8 +79,8 @@ def _run(comm, strategy, dtype, reduce_dtype, steps, overflow):
         flats = [(u.params, u.shard) for u in fwd.units]
     else:
         fwd = model.to(dtype)
-        opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm, stage=int(strategy[-1]),
-                                      mixed_precision=mp, lr=LR)
+        opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm,
+                                      zero_stage={"zero1": 1, "zero2": 2}[strategy], mixed_precision=mp, lr=LR)
         flats = [(opt.params, opt.shard)]
     scaler = LossScaler(comm, **SCALER) if dtype == torch.float16 else None
     taken, scales = [], []

@@ -4,7 +4,7 @@ TinyLlama, TinyCLIP (its contrastive loss in the gathered form: embeddings all-g
 TinyConvNeXt, in small configurations, each with its REFERENCE_MODELS batches and loss; DDP, ZeRO-1, ZeRO-2
 and ZeRO-3; gradient accumulation over 2 micro-batches and global-norm clipping; world sizes 2 and 4 on gloo
 and on MPI, every rank on its own slice of each micro-batch. After 20 steps every parameter equals the
-single-process one to 1e-12 in float64 and 1e-6 in float32 (the issue's bounds, parallel/parity.py). One spawned
+single-process one to 1e-12 in float64 and 1e-6 in float32 (parallel/training/parity.py). One spawned
 job per (world size, communicator) trains every (model, dtype, strategy), so process start-up is paid once.
 
 AdamW at lr 1e-3: its update g/√v is scale-free, so a relative rounding error in a nearly cancelling gradient
@@ -28,15 +28,15 @@ from gpuforge.models.vol2_llm import REFERENCE_MODELS as VOL2
 from gpuforge.models.vol2_llm import Block, TinyLlama, TinyLlamaConfig
 from gpuforge.models.vol4_multimodal import REFERENCE_MODELS as VOL4
 from gpuforge.models.vol4_multimodal import TinyCLIP, TransformerBlock
-from gpuforge.parallel.data_parallel import OURS, DataParallelTrainer
-from gpuforge.parallel.gathered_loss import DataParallelLoss
-from gpuforge.parallel.parity import FLOAT32_ISSUE_BOUND, TOLERANCE
+from gpuforge.parallel.training.data_parallel import OURS, DataParallelTrainer
+from gpuforge.parallel.training.gathered_loss import DataParallelLoss
+from gpuforge.parallel.training.parity import FLOAT32_SMALL_MODEL_BOUND, TOLERANCE
 from tests.parallel.dist_harness import run_distributed
 
 pytestmark = pytest.mark.distributed
 STEPS, ACCUM, MICRO_BATCH, LR, MAX_NORM = 20, 2, 4, 1e-3, 0.5
 DTYPES = ("float64", "float32")
-BOUND = {"float64": TOLERANCE["float64"], "float32": FLOAT32_ISSUE_BOUND}
+BOUND = {"float64": TOLERANCE["float64"], "float32": FLOAT32_SMALL_MODEL_BOUND}
 
 
 def _small_llama():

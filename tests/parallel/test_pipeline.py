@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
-from gpuforge.parallel.layout_checkpoint import full_name
-from gpuforge.parallel.pipeline import PipelineExecutor, pipeline_split, split_layers
-from gpuforge.parallel.pipeline_sim import measured_result, plot_timeline
+from gpuforge.parallel.checkpoint.layout import full_name
+from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split, split_layers
+from gpuforge.parallel.model_parallel.pipeline_sim import measured_result, plot_timeline
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, tiny_config
 

@@ -4,14 +4,14 @@ from fractions import Fraction
 
 import pytest
 
-from gpuforge.parallel.pipeline_schedule import (
+from gpuforge.parallel.model_parallel.pipeline_schedule import (
     Action,
     gpipe,
     interleaved_one_f_one_b,
     make_schedule,
     one_f_one_b,
 )
-from gpuforge.parallel.pipeline_sim import DeadlockError, plot_timeline, simulate
+from gpuforge.parallel.model_parallel.pipeline_sim import DeadlockError, plot_timeline, simulate
 
 SIZES = [(p, m) for p in range(1, 9) for m in range(1, 33)]
 

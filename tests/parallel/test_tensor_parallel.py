@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, lm_loss, make_batch
-from gpuforge.parallel.tensor_parallel import check_tp_config, tensor_parallelize
+from gpuforge.parallel.model_parallel.tensor_parallel import tensor_parallelize
+from gpuforge.parallel.model_parallel.tp_llama import check_tp_config
 from tests.parallel.dist_harness import run_distributed
 
 B, S = 4, 8
@@ -43,7 +44,7 @@ def shard_of(name, full, t, rank):
 
 def train_parity(comm, steps, sequence_parallel):
     """AdamW steps on the TP model and on one full model; max relative differences of loss, grads, params."""
-    from gpuforge.parallel.sequence_parallel import allreduce_sequence_parallel_grads
+    from gpuforge.parallel.model_parallel.sequence_parallel import allreduce_sequence_parallel_grads
 
     torch.manual_seed(0)
     ref = TinyLlama(tiny_config()).double()
@@ -203,8 +204,8 @@ def test_bad_tp_configs_name_the_dimension():
 
 def test_bad_dit_configs_and_row_bias_without_reduction():
     from gpuforge.models.vol3_generative import TinyDiT
-    from gpuforge.parallel.tensor_parallel import RowParallelLinear
-    from gpuforge.parallel.tensor_parallel_dit import check_dit_tp_config
+    from gpuforge.parallel.model_parallel.tp_dit import check_dit_tp_config
+    from gpuforge.parallel.model_parallel.tp_layers import RowParallelLinear
 
     with pytest.raises(ValueError, match=r"heads \(2\) must be divisible by the TP degree \(4\)"):
         check_dit_tp_config(TinyDiT(dim=32, heads=2), 4)

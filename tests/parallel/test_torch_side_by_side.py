@@ -8,8 +8,8 @@ are compared as in test_parity_models (`max_param_diff`: less the noise-driven k
 
 import pytest
 
-from gpuforge.parallel.data_parallel import OURS, THEIRS
-from gpuforge.parallel.parity import TOLERANCE
+from gpuforge.parallel.training.data_parallel import OURS, THEIRS
+from gpuforge.parallel.training.parity import TOLERANCE
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_parity_models import _train, max_param_diff
 

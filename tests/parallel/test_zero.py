@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
 from tests.parallel.dist_harness import TiedMLP, make_batches, run_distributed, shard
 
 pytestmark = pytest.mark.distributed
@@ -31,7 +31,8 @@ def _reference(world):
 def _zero_parity(comm, stage, offload=None):
     torch.manual_seed(0)
     model = TiedMLP()
-    opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm, stage=stage, offload=offload, lr=0.05)
+    opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm, zero_stage=stage, offload=offload,
+                                  lr=0.05)
     comm.ledger.clear()
     memory = None
     for step, (x, y) in enumerate(make_batches(STEPS, comm.world_size, PER_RANK)):
@@ -78,7 +79,7 @@ def _side_by_side(comm):
     torch.manual_seed(0)
     ours, theirs = TiedMLP(), TiedMLP()
     theirs.load_state_dict(ours.state_dict())
-    opt_ours = ZeroRedundancyOptimizer(ours.parameters(), torch.optim.AdamW, comm, stage=2, lr=0.05)
+    opt_ours = ZeroRedundancyOptimizer(ours.parameters(), torch.optim.AdamW, comm, zero_stage=2, lr=0.05)
     ddp_theirs = torch.nn.parallel.DistributedDataParallel(theirs)
     opt_theirs = TorchZero(theirs.parameters(), optimizer_class=torch.optim.AdamW, lr=0.05)
     losses = {"ours": [], "theirs": []}
@@ -99,8 +100,8 @@ def test_same_losses_as_torch_zero_redundancy_optimizer():
 
 
 def test_bad_input_is_rejected():
-    with pytest.raises(ValueError, match="stage must be 1 or 2"):
-        ZeroRedundancyOptimizer(TiedMLP().parameters(), torch.optim.SGD, comm=None, stage=3, lr=0.1)
+    with pytest.raises(ValueError, match="zero_stage: expected 1 or 2"):
+        ZeroRedundancyOptimizer(TiedMLP().parameters(), torch.optim.SGD, comm=None, zero_stage=3, lr=0.1)
     with pytest.raises(ValueError, match="offload must be None or 'cpu'"):
         ZeroRedundancyOptimizer(TiedMLP().parameters(), torch.optim.SGD, comm=None, offload="nvme", lr=0.1)
     split = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))]
@@ -112,7 +113,7 @@ def _mismatched_config(comm):
     torch.manual_seed(0)
     model = TiedMLP(h=8 + comm.rank) if comm.rank == 1 else TiedMLP()  # rank 1: other shapes and stage 2
     try:
-        ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm, stage=1 + comm.rank, lr=0.05)
+        ZeroRedundancyOptimizer(model.parameters(), torch.optim.AdamW, comm, zero_stage=1 + comm.rank, lr=0.05)
     except ValueError as exc:
         return str(exc)
     return None
@@ -121,5 +122,5 @@ def _mismatched_config(comm):
 def test_mismatched_configurations_raise_on_every_rank():
     for message in run_distributed(_mismatched_config, 2, comm_timeout=20):
         assert message is not None
-        assert "mismatched configurations between ranks (stage, numel, shapes differ)" in message
-        assert "rank 0: stage=1" in message and "rank 1: stage=2" in message
+        assert "mismatched configurations between ranks (zero_stage, numel, shapes differ)" in message
+        assert "rank 0: zero_stage=1" in message and "rank 1: zero_stage=2" in message

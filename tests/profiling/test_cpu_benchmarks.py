@@ -22,8 +22,8 @@ def test_vector_add_numba_simulator(benchmark):
 
 
 def test_pipeline_simulator_1f1b(benchmark):
-    from gpuforge.parallel.pipeline_schedule import one_f_one_b
-    from gpuforge.parallel.pipeline_sim import simulate
+    from gpuforge.parallel.model_parallel.pipeline_schedule import one_f_one_b
+    from gpuforge.parallel.model_parallel.pipeline_sim import simulate
 
     schedule = one_f_one_b(8, 32)
     result = benchmark.pedantic(simulate, args=(schedule,), **ROUNDS)

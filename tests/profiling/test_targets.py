@@ -1,4 +1,4 @@
-"""The issues' speed targets judged on records: nothing is measured on a CPU; on GPU-like synthetic records a
+"""The speed targets judged on records: nothing is measured on a CPU; on GPU-like synthetic records a
 target is met only when every matching shape reaches it, and rows it does not name never count."""
 
 from gpuforge.profiling import targets

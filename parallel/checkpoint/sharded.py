@@ -6,7 +6,7 @@
 
 `model`/`optimizer` are what the strategy built (DistributedDataParallel / FullyShardedDataParallel / a plain
 module; a torch optimizer or ZeroRedundancyOptimizer). What is written and how it is resharded on load (another
-world size, another layout) is checkpoint_state.py's; this module is the crash-safe protocol:
+world size, another layout) is state.py's; this module is the crash-safe protocol:
 
     root/latest                  one line: the name of the newest complete checkpoint
     root/step-00000004/          complete checkpoints: shard-<rank>.pt, rank0.pt, metadata.json
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from gpuforge.parallel import checkpoint_state
-from gpuforge.parallel.faults import fail_point
+from gpuforge.parallel.checkpoint import state as checkpoint_state
+from gpuforge.parallel.checkpoint.faults import fail_point
 
 FORMAT = "gpuforge-checkpoint/1"
 _STEP_DIR = re.compile(r"step-(\d+)$")

@@ -19,6 +19,20 @@ def shapes_fingerprint(tensors) -> int:
     return hash(tuple(s for t in tensors for s in (t.dim(), *t.shape))) % (1 << 62)
 
 
+def fingerprint(values) -> int:
+    """A hash of ints, floats, bools and dtypes that is the same in every process (str hashes are salted per
+    process, so strings are not accepted)."""
+    values = tuple(values)
+    if any(isinstance(v, str) for v in values):
+        raise TypeError("fingerprint: strings hash differently in every process; encode them first")
+    return hash(tuple(_encode(v) if isinstance(v, torch.dtype) else v for v in values)) % (1 << 62)
+
+
+def tensors_fingerprint(tensors) -> int:
+    """A process-independent hash of the tensors' shapes and dtypes (buffers, parameters)."""
+    return fingerprint(s for t in tensors for s in (t.dim(), *t.shape, t.dtype))
+
+
 def _encode(value) -> int:
     if isinstance(value, torch.dtype):
         return _DTYPES.index(value) if value in _DTYPES else len(_DTYPES)

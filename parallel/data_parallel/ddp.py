@@ -28,7 +28,9 @@ import contextlib
 import torch
 from torch import nn
 
-from gpuforge.parallel.ledger import MemoryLedger, optimizer_memory, tensor_bytes
+from gpuforge.parallel.comm.config_check import check_same_config, fingerprint, shapes_fingerprint, tensors_fingerprint
+from gpuforge.parallel.comm.ledger import MemoryLedger, optimizer_memory, tensor_bytes
+from gpuforge.parallel.data_parallel.flat import bind_grad
 
 _MB = 1024 * 1024
 
@@ -116,12 +118,7 @@ class DistributedDataParallel(nn.Module):
     # ------------------------------------------------------------------------------------------- hooks
     def _ensure_view(self, p) -> None:
         b, i = self._slot[id(p)]
-        view = self.buckets[b].view(i)
-        if p.grad is None:
-            view.zero_()
-        elif p.grad.data_ptr() != view.data_ptr():
-            view.copy_(p.grad)
-        p.grad = view
+        bind_grad(p, self.buckets[b].view(i))
 
     def _on_grad_ready(self, p) -> None:
         self._ensure_view(p)
@@ -251,14 +248,11 @@ class DistributedDataParallel(nn.Module):
                             grads=tensor_bytes(b.buffer for b in self.buckets))
 
     def _check_same_config(self) -> None:
-        shapes = [s for p in self.params for s in (p.dim(), *p.shape)]
-        desc = torch.tensor([len(self.params), sum(p.numel() for p in self.params), *self.caps,
-                             int(self.find_unused_parameters), hash(tuple(shapes)) % (1 << 62)],
-                            dtype=torch.int64, device=self.device)
-        lo, hi = desc.clone(), desc.clone()
-        self.comm.all_reduce(lo, op="min", group=self.group)
-        self.comm.all_reduce(hi, op="max", group=self.group)
-        if not torch.equal(lo, hi):
-            raise ValueError("DistributedDataParallel: mismatched configurations between ranks (parameter "
-                             "count/shapes, bucket caps or find_unused_parameters differ): "
-                             f"this rank {desc.tolist()}, min {lo.tolist()}, max {hi.tolist()}")
+        """Parameters (count, sizes, shapes, dtypes), buffers (shapes, dtypes), bucket caps and flags, equal on
+        every rank, or every rank raises (a dtype or buffer mismatch would otherwise abort one rank in gloo)."""
+        check_same_config(self.comm, self.group, "DistributedDataParallel", self.device, params=len(self.params),
+                          numel=sum(p.numel() for p in self.params), shapes=shapes_fingerprint(self.params),
+                          dtypes=fingerprint(p.dtype for p in self.params),
+                          buffers=tensors_fingerprint(self.module.buffers()), bucket_caps=fingerprint(self.caps),
+                          find_unused_parameters=self.find_unused_parameters,
+                          broadcast_buffers=self.broadcast_buffers)

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.parallel.config_check import check_same_config, shapes_fingerprint
-from gpuforge.parallel.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
-from gpuforge.parallel.mixed_precision import check_mixed_precision
-from gpuforge.parallel.zero import flat_views, flatten_padded
+from gpuforge.parallel.comm.config_check import check_same_config, shapes_fingerprint
+from gpuforge.parallel.comm.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
+from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
+from gpuforge.parallel.data_parallel.flat import flat_views, flatten_padded
+from gpuforge.parallel.data_parallel.mixed_precision import check_mixed_precision
+from gpuforge.parallel.data_parallel.wrappers import CONTAINERS, innermost
 
 
 class _Unit:
@@ -142,8 +144,9 @@ def _owned_parameters(root: torch.nn.Module, is_unit) -> dict[torch.nn.Module, l
 def _default_units(root: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks of the root's ModuleList / Sequential children (transformer layers); the other children stay in
     the root unit (so a weight tied between the embedding and the head is whole for the root's whole forward).
-    Without such containers: each top-level child."""
-    containers = [c for c in root.children() if isinstance(c, (torch.nn.ModuleList, torch.nn.Sequential))]
+    Without such containers: each top-level child. A parameterless wrapper is looked through (wrappers.py)."""
+    root = innermost(root)
+    containers = [c for c in root.children() if isinstance(c, CONTAINERS)]
     return [m for c in containers for m in c.children()] if containers else list(root.children())
 
 
@@ -238,11 +241,7 @@ class FullyShardedDataParallel(torch.nn.Module):
         sq = sum((g.pow(2).sum() for g in grads), torch.zeros((), dtype=self.shards[0].dtype,
                                                                  device=self.shards[0].device)).reshape(1)
         self.comm.all_reduce(sq, group=self.group)
-        norm = sq.sqrt()[0]
-        coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef)
-        return norm
+        return scale_to_max_norm_(grads, sq.sqrt()[0], max_norm)
 
     def memory(self, optimizer: torch.optim.Optimizer | None = None) -> MemoryLedger:
         """This rank's bytes now: any gathered units, frozen parameters and the shards (under mixed precision

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.parallel.comm import Communicator, Group
+from gpuforge.parallel.comm.communicator import Communicator, Group
 
 
 class GroupComm:

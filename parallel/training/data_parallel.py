@@ -1,6 +1,6 @@
-"""`DataParallelTrainer`: one training step — gradient accumulation over micro-batches, global-norm clipping,
-an optimizer step — for every data-parallel strategy, ours and PyTorch's, over a module whose
-`forward(*batch)` returns this rank's loss (`gathered_loss.DataParallelLoss`).
+"""`DataParallelTrainer`: the strategy factory and the Trainer (loop.py) of every data-parallel strategy, ours and
+PyTorch's, over a module whose `forward(*batch)` returns this rank's loss (`gathered_loss.DataParallelLoss`).
+Its step is gradient accumulation over micro-batches, global-norm clipping and an optimizer step.
 
     trainer = DataParallelTrainer("zero2", DataParallelLoss(model, loss_fn, comm), comm, lr=1e-2)
     loss, grad_norm = trainer.step(micro_batches, max_norm=1.0)
@@ -19,16 +19,18 @@ import contextlib
 
 import torch
 
-from gpuforge.parallel.ddp import DistributedDataParallel
-from gpuforge.parallel.fsdp import FullyShardedDataParallel
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.data_parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.data_parallel.fsdp import FullyShardedDataParallel
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.training.loop import Trainer
 
 OURS = ("ddp", "zero1", "zero2", "zero3")
+ZERO_STAGES = {"zero1": 1, "zero2": 2}
 THEIRS = {"ddp": "torch_ddp", "zero1": "torch_zero1", "zero2": "torch_zero2", "zero3": "torch_zero3"}
 STRATEGIES = ("single", *OURS, *THEIRS.values())
 
 
-class DataParallelTrainer:
+class DataParallelTrainer(Trainer):
     def __init__(self, strategy: str, module: torch.nn.Module, comm=None, *, lr: float, auto_wrap=(),
                  optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_options):
         if strategy not in STRATEGIES:
@@ -48,9 +50,9 @@ class DataParallelTrainer:
             params = self.forward.shard_parameters()
         elif strategy in ("torch_zero2", "torch_zero3"):
             _fully_shard(module, auto_wrap, reshard_after_forward=strategy == "torch_zero3")
-        if strategy in ("zero1", "zero2"):
-            self.optimizer = ZeroRedundancyOptimizer(params, optimizer_class, comm, stage=int(strategy[-1]), lr=lr,
-                                                     **optimizer_options)
+        if strategy in ZERO_STAGES:
+            self.optimizer = ZeroRedundancyOptimizer(params, optimizer_class, comm, zero_stage=ZERO_STAGES[strategy],
+                                                     lr=lr, **optimizer_options)
         elif strategy == "torch_zero1":
             from torch.distributed.optim import ZeroRedundancyOptimizer as TorchZero
 
@@ -58,10 +60,9 @@ class DataParallelTrainer:
         else:
             self.optimizer = optimizer_class(params, lr=lr, **optimizer_options)
 
-    def step(self, micro_batches, max_norm: float | None = None) -> tuple[float, float | None]:
-        """Accumulate over `micro_batches` (tuples of tensors), clip, step. Returns (this rank's loss, the
-        global gradient norm before clipping, or None without max_norm)."""
-        self.optimizer.zero_grad()
+    def forward_backward(self, micro_batches) -> float:
+        """Accumulate over `micro_batches` (tuples of tensors); each loss is divided by their number, so the
+        gradient is that of their mean. Returns this rank's loss."""
         total, last = 0.0, len(micro_batches) - 1
         for i, batch in enumerate(micro_batches):
             skip_sync = i < last and self.strategy in ("ddp", "torch_ddp", "torch_zero1")
@@ -69,21 +70,25 @@ class DataParallelTrainer:
                 loss = self.forward(*batch) / len(micro_batches)
             loss.backward()
             total += loss.item()
-        norm = None if max_norm is None else float(_full(self._clip(max_norm)))
-        self.optimizer.step()
-        return total, norm
+        return total
 
-    def _clip(self, max_norm: float) -> torch.Tensor:
-        if self.strategy in ("zero1", "zero2"):
-            return self.optimizer.clip_grad_norm_(max_norm)
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        if self.strategy in ZERO_STAGES:
+            norm = self.optimizer.clip_grad_norm_(max_norm)
+        elif self.strategy == "zero3":
+            norm = self.forward.clip_grad_norm_(max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        return _full(norm)
+
+    def gather_full_params(self) -> None:
+        """Rebuild every whole parameter in `module` (a collective under ZeRO-3: call on every rank)."""
         if self.strategy == "zero3":
-            return self.forward.clip_grad_norm_(max_norm)
-        return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+            self.forward.gather_full_params()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer, whole (a collective under the ZeRO-3 strategies: call on every rank)."""
-        if self.strategy == "zero3":
-            self.forward.gather_full_params()
+        self.gather_full_params()
         return {name: _full(t).detach().clone() for name, t in self.module.state_dict().items()}
 
 

@@ -30,30 +30,11 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.parallel.config_check import check_same_config, shapes_fingerprint
-from gpuforge.parallel.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
-from gpuforge.parallel.mixed_precision import check_mixed_precision, clear_grads
-
-
-def flatten_padded(params, tensors, padded: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """tensors (one per parameter, shaped like it, None = zeros) laid end to end in a zero-padded flat buffer
-    of `dtype` (default: the parameters')."""
-    flat = torch.zeros(padded, dtype=dtype or params[0].dtype, device=params[0].device)
-    offset = 0
-    for p, t in zip(params, tensors, strict=True):
-        if t is not None:
-            flat[offset:offset + p.numel()].copy_(t.reshape(-1))
-        offset += p.numel()
-    return flat
-
-
-def flat_views(params, flat: torch.Tensor) -> list[torch.Tensor]:
-    """Views of `flat`, one shaped like each parameter, in order."""
-    views, offset = [], 0
-    for p in params:
-        views.append(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
-    return views
+from gpuforge.parallel.comm.config_check import check_same_config, shapes_fingerprint
+from gpuforge.parallel.comm.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
+from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
+from gpuforge.parallel.data_parallel.flat import bind_grad, flat_views, flatten_padded
+from gpuforge.parallel.data_parallel.mixed_precision import check_mixed_precision, clear_grads
 
 
 def _distinct_bytes(tensors) -> int:
@@ -68,10 +49,10 @@ def _distinct_bytes(tensors) -> int:
 
 
 class ZeroRedundancyOptimizer:
-    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], comm, *, stage: int = 1,
+    def __init__(self, params, optimizer_class: type[torch.optim.Optimizer], comm, *, zero_stage: int = 1,
                  group=None, mixed_precision=None, offload: str | None = None, **defaults):
-        if stage not in (1, 2):
-            raise ValueError(f"stage must be 1 or 2 (stage 3 is FullyShardedDataParallel), got {stage}")
+        if zero_stage not in (1, 2):
+            raise ValueError(f"zero_stage: expected 1 or 2 (stage 3 is FullyShardedDataParallel), got {zero_stage!r}")
         if offload not in (None, "cpu"):
             raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
         self.params = [p for p in dict.fromkeys(params) if p.requires_grad]
@@ -89,12 +70,12 @@ class ZeroRedundancyOptimizer:
                             f"{self.param_dtype}; convert the model first (model.to({mp.param_dtype}))")
         self.reduce_dtype = self.param_dtype if mp is None else mp.reduce
         self.master_dtype = self.param_dtype if mp is None else torch.float32
-        self.comm, self.group, self.stage, self.offload = comm, group, stage, offload
+        self.comm, self.group, self.zero_stage, self.offload = comm, group, zero_stage, offload
         self.world, self.rank = comm.group_size(group), comm.group_rank(group)
         self.numel = sum(p.numel() for p in self.params)
         self.shard_size = -(-self.numel // self.world)
         self.padded = self.shard_size * self.world
-        check_same_config(comm, group, "ZeroRedundancyOptimizer", self.device, stage=stage, world=self.world,
+        check_same_config(comm, group, "ZeroRedundancyOptimizer", self.device, zero_stage=zero_stage, world=self.world,
                           numel=self.numel, shapes=shapes_fingerprint(self.params), param_dtype=self.param_dtype,
                           reduce_dtype=self.reduce_dtype, master_dtype=self.master_dtype, offload=bool(offload))
         src = group.ranks[0] if group is not None else 0
@@ -107,8 +88,8 @@ class ZeroRedundancyOptimizer:
             device="cpu" if offload else self.device, dtype=self.master_dtype, copy=True))
         self.optimizer = optimizer_class([self.shard], **defaults)
         self._grad_buffer = torch.zeros(self.padded, dtype=self.param_dtype, device=self.device) \
-            if stage == 1 else None
-        self._grad_views = flat_views(self.params, self._grad_buffer) if stage == 1 else []
+            if zero_stage == 1 else None
+        self._grad_views = flat_views(self.params, self._grad_buffer) if zero_stage == 1 else []
         self._shard_grad, self._grad_ready = None, False
 
     @property
@@ -130,11 +111,7 @@ class ZeroRedundancyOptimizer:
     def _stage1_buffer(self) -> torch.Tensor:
         """The gradient buffer, with any gradient autograd allocated outside it (first step) copied in."""
         for p, view in zip(self.params, self._grad_views, strict=True):
-            if p.grad is None:
-                view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():
-                view.copy_(p.grad)
-            p.grad = view
+            bind_grad(p, view)
         return self._grad_buffer
 
     @torch.no_grad()
@@ -142,7 +119,7 @@ class ZeroRedundancyOptimizer:
         """Average the local gradients across the group into this rank's shard gradient (once per step)."""
         if self._grad_ready:
             return
-        if self.stage == 1:
+        if self.zero_stage == 1:
             flat = self._stage1_buffer().to(self.reduce_dtype)
         else:
             flat = self._flatten([p.grad for p in self.params], self.reduce_dtype)
@@ -150,7 +127,7 @@ class ZeroRedundancyOptimizer:
                 p.grad = None
         shard_grad = torch.empty(self.shard_size, dtype=self.reduce_dtype, device=self.device)
         self.comm.reduce_scatter(shard_grad, flat, op="avg", group=self.group)
-        if self.stage == 1 and self.reduce_dtype == self.param_dtype:  # kept in the buffer: no second copy
+        if self.zero_stage == 1 and self.reduce_dtype == self.param_dtype:  # kept in the buffer: no second copy
             lo = self.rank * self.shard_size
             shard_grad = self._grad_buffer[lo:lo + self.shard_size].copy_(shard_grad)
         self._shard_grad, self._grad_ready = shard_grad, True
@@ -169,9 +146,7 @@ class ZeroRedundancyOptimizer:
         grad = self.master_grads()[0]
         sq = grad.pow(2).sum().reshape(1).to(self.device)
         self.comm.all_reduce(sq, group=self.group)
-        norm = sq.sqrt()[0]
-        grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grad.device))
-        return norm
+        return scale_to_max_norm_([grad], sq.sqrt()[0], max_norm)
 
     @torch.no_grad()
     def step(self, closure=None) -> None:
@@ -202,5 +177,5 @@ class ZeroRedundancyOptimizer:
                             master=master)
 
     def state_dict(self) -> dict:
-        return {"stage": self.stage, "world": self.world, "rank": self.rank, "numel": self.numel,
+        return {"zero_stage": self.zero_stage, "world": self.world, "rank": self.rank, "numel": self.numel,
                 "optimizer": self.optimizer.state_dict()}

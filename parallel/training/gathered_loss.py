@@ -23,8 +23,8 @@ from torch import nn
 
 from gpuforge.models._layers import to_model_dtype
 from gpuforge.models.vol4_multimodal import clip_loss_shard, contrastive_loss
-from gpuforge.parallel.group_comm import as_group_comm
-from gpuforge.parallel.tensor_parallel import gather_from_sp
+from gpuforge.parallel.comm import as_group_comm
+from gpuforge.parallel.model_parallel.tp_mappings import gather_from_sp
 
 
 def gathered_contrastive_loss(model, batch, comm, group=None):

@@ -1,7 +1,7 @@
 """`TorchComm`: the communicator on torch.distributed (gloo for CPU tensors, NCCL for CUDA tensors).
 
 Every call is launched with async_op=True and its `Work` polled with `is_completed()` against our deadline
-(see comm.py), so gloo and NCCL get the same timeout and flight-recorder behaviour. The process group's own
+(see communicator.py), so gloo and NCCL get the same timeout and flight-recorder behaviour. The process group's own
 timeout is set longer than ours, so ours fires first with the better message. gloo has no AVG reduction:
 avg is a sum divided by the group size when the work completes. gloo's reduce_scatter_tensor only runs
 inside `wait()` (its `is_completed()` stays False, so it cannot be polled against a deadline): on CPU tensors
@@ -19,7 +19,7 @@ import threading
 import torch
 import torch.distributed as dist
 
-from gpuforge.parallel.comm import Communicator, Group
+from gpuforge.parallel.comm.communicator import Communicator, Group
 
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
               "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}

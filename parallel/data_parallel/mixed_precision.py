@@ -4,7 +4,7 @@ an unsharded optimizer (`MixedPrecisionOptimizer`, what DDP pairs with) and fp16
 
     mp = MixedPrecision(param_dtype=torch.bfloat16)          # reduce_dtype defaults to param_dtype
     opt = ZeroRedundancyOptimizer(model.to(torch.bfloat16).parameters(), torch.optim.AdamW, comm,
-                                  stage=2, mixed_precision=mp, lr=1e-3)
+                                  zero_stage=2, mixed_precision=mp, lr=1e-3)
     fsdp = FullyShardedDataParallel(model, comm, mixed_precision=mp)   # float32 shards, bf16 gathered params
     scaler = LossScaler(comm)                                 # fp16: every rank skips the same steps
     scaler.scale(loss).backward(); scaler.unscale_(opt); opt.clip_grad_norm_(1.0); scaler.step(opt); scaler.update()

@@ -8,14 +8,16 @@ communication volume is unchanged while the activations outside the regions shri
 
 The norms' weights (and row-parallel biases) are replicated but now see only their rank's tokens, so their
 gradients are partial sums: `allreduce_sequence_parallel_grads` adds them over the TP group after the backward pass.
-The mappings (`gather_from_sp`, `reduce_scatter_to_sp`) live with f and g in `tensor_parallel`.
+The mappings (`gather_from_sp`, `reduce_scatter_to_sp`) live with f and g in `tp_mappings`.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from gpuforge.parallel.tensor_parallel import RowParallelLinear, TensorParallelLM, tensor_parallelize
+from gpuforge.parallel.model_parallel.tensor_parallel import tensor_parallelize
+from gpuforge.parallel.model_parallel.tp_layers import RowParallelLinear
+from gpuforge.parallel.model_parallel.tp_llama import TensorParallelLM
 
 
 def sequence_parallelize(model: nn.Module, comm, group=None) -> TensorParallelLM:

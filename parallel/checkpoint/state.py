@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpuforge.parallel.ddp import DistributedDataParallel
-from gpuforge.parallel.fsdp import FullyShardedDataParallel
-from gpuforge.parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.data_parallel.ddp import DistributedDataParallel
+from gpuforge.parallel.data_parallel.fsdp import FullyShardedDataParallel
+from gpuforge.parallel.data_parallel.wrappers import innermost
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
 
 
 @dataclass
@@ -67,9 +68,10 @@ def _names(module: torch.nn.Module) -> dict[int, str]:
 
 def layout_of(model, optimizer, rank: int, world: int) -> tuple[str, torch.nn.Module, list[FlatGroup]]:
     """(layout name, the user's module, its flat groups) for what a strategy built: `model` is the module the
-    training loop calls (DistributedDataParallel / FullyShardedDataParallel / plain), `optimizer` what steps."""
+    training loop calls (DistributedDataParallel / FullyShardedDataParallel / plain), `optimizer` what steps.
+    Names are those of the innermost module (a parameterless loss wrapper is looked through)."""
     if isinstance(optimizer, ZeroRedundancyOptimizer):
-        module = model.module if isinstance(model, DistributedDataParallel) else model
+        module = innermost(model.module if isinstance(model, DistributedDataParallel) else model)
         names = _names(module)
         group = FlatGroup([names[id(p)] for p in optimizer.params], [tuple(p.shape) for p in optimizer.params],
                           optimizer.optimizer, optimizer.rank * optimizer.shard_size, optimizer.shard_size,
@@ -80,12 +82,13 @@ def layout_of(model, optimizer, rank: int, world: int) -> tuple[str, torch.nn.Mo
                         f"{type(optimizer).__name__}")
     stepped = {id(p) for g in optimizer.param_groups for p in g["params"]}
     if isinstance(model, FullyShardedDataParallel):
-        names, me = _names(model.module), model.comm.group_rank(model.group)
+        module = innermost(model.module)
+        names, me = _names(module), model.comm.group_rank(model.group)
         groups = [FlatGroup([names[id(p)] for p in u.params], [tuple(p.shape) for p in u.params], optimizer,
                             me * u.shard_size, u.shard_size, shard=u.shard) for u in model.units]
-        expected, module = {id(u.shard) for u in model.units}, model.module
+        expected = {id(u.shard) for u in model.units}
     else:
-        module = model.module if isinstance(model, DistributedDataParallel) else model
+        module = innermost(model.module if isinstance(model, DistributedDataParallel) else model)
         named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
         numel = sum(p.numel() for _, p in named)
         size = -(-numel // world)

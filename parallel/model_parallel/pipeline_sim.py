@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpuforge.parallel.pipeline_schedule import Action
+from gpuforge.parallel.model_parallel.pipeline_schedule import Action
 
 _MESSAGE_OF = {"SEND_F": "RECV_F", "SEND_B": "RECV_B"}
 

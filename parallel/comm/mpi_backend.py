@@ -2,7 +2,7 @@
 
 CPU tensors go to MPI through the buffer protocol (`tensor.numpy()` shares memory). Every call uses MPI's
 non-blocking form (Iallreduce, Ireduce_scatter_block, Iallgather, Ibcast, Isend/Irecv, Ibarrier) and the
-request is polled with `Test()` against our deadline (see comm.py). Staging, undone when the call finishes:
+request is polled with `Test()` against our deadline (see communicator.py). Staging, undone when the call finishes:
 CUDA tensors are copied through the host (we do not assume a CUDA-aware MPI); float16/bfloat16 reductions
 run in float32 (MPI has no half types); bfloat16 data movement goes as raw 16-bit words.
 """
@@ -14,7 +14,7 @@ import os
 import torch
 from mpi4py import MPI
 
-from gpuforge.parallel.comm import Communicator, Group
+from gpuforge.parallel.comm.communicator import Communicator, Group
 
 _MPI_OPS = {"sum": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "product": MPI.PROD}
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpuforge.parallel.group_comm import as_group_comm
-from gpuforge.parallel.pipeline_schedule import make_schedule
-from gpuforge.parallel.pipeline_sim import Event
+from gpuforge.parallel.comm.group import as_group_comm
+from gpuforge.parallel.model_parallel.pipeline_schedule import make_schedule
+from gpuforge.parallel.model_parallel.pipeline_sim import Event
 
 
 def split_layers(n_layers: int, num_stages: int) -> list[range]:

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gpuforge.parallel.group_comm import GroupComm
-from gpuforge.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, copy_to_tp
+from gpuforge.parallel.comm import GroupComm
+from gpuforge.parallel.model_parallel.tp_layers import ColumnParallelLinear, RowParallelLinear
+from gpuforge.parallel.model_parallel.tp_mappings import copy_to_tp
 
 
 def check_dit_tp_config(model: nn.Module, t: int) -> None:

@@ -1,4 +1,5 @@
-"""One communicator interface for every parallel strategy, with two real implementations.
+"""One communicator interface for every parallel strategy, with two real implementations (torch_backend.py,
+mpi_backend.py) made by `init_comm` (factory.py):
 
     comm = init_comm("torch")        # torch.distributed: gloo on CPU, NCCL on GPU; env from torchrun
     comm = init_comm("mpi")          # mpi4py on MPI.COMM_WORLD (mpiexec -n N); GPU tensors staged via host
@@ -17,7 +18,7 @@ Interface (every strategy uses only this; ranks are GLOBAL ranks, as in torch.di
     g = comm.new_group(ranks)      # call on EVERY rank (as torch); g.ranks, g.size, g.rank_of(global_rank),
                                    # comm.group_rank(g) (this rank's index or -1), g.member(comm.rank)
     comm.group_size(group), comm.group_rank(group)
-    comm.ledger                    # CommLedger (parallel/ledger.py): op, group, bytes, step, seq per call;
+    comm.ledger                    # CommLedger (comm/ledger.py): op, group, bytes, step, seq per call;
                                    # the training loop advances comm.ledger.step
     comm.flight_recorder           # deque of the last N calls (CallRecord: seq, op, shape, state, times)
     comm.destroy()
@@ -37,7 +38,6 @@ metadata vector (op, sequence number, dtype, shape, root); if ranks disagree, ev
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections import deque
@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gpuforge.parallel.ledger import CommEntry, CommLedger
+from gpuforge.parallel.comm.ledger import CommEntry, CommLedger
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")
 _OP_CODES = {name: i for i, name in enumerate(
@@ -292,33 +292,3 @@ class Communicator:
 
 def _dtype_code(name: str) -> int:
     return _DTYPE_CODES.get(getattr(torch, name, None), 99)
-
-
-def init_comm(kind: str = "torch", *, backend: str | None = None, timeout: float | None = None,
-              debug: bool | None = None, flight_recorder_size: int = 32) -> Communicator:
-    """The communicator for this process: torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-    MASTER_PORT) for kind="torch", MPI.COMM_WORLD for kind="mpi"."""
-    timeout = float(os.environ.get("GPUFORGE_COMM_TIMEOUT", 300.0)) if timeout is None else timeout
-    debug = os.environ.get("GPUFORGE_COMM_DEBUG", "0") not in ("", "0") if debug is None else debug
-    opts = dict(timeout=timeout, debug=debug, flight_recorder_size=flight_recorder_size)
-    if kind == "torch":
-        from gpuforge.parallel.comm_torch import TorchComm
-
-        return TorchComm.from_env(backend=backend, **opts)
-    if kind == "mpi":
-        from gpuforge.parallel.comm_mpi import MPIComm
-
-        return MPIComm(**opts)
-    raise ValueError(f"kind must be 'torch' or 'mpi', got {kind!r}")
-
-
-def __getattr__(name):  # TorchComm / MPIComm without importing torch.distributed or mpi4py eagerly
-    if name == "TorchComm":
-        from gpuforge.parallel.comm_torch import TorchComm
-
-        return TorchComm
-    if name == "MPIComm":
-        from gpuforge.parallel.comm_mpi import MPIComm
-
-        return MPIComm
-    raise AttributeError(name)

@@ -11,7 +11,7 @@ names of pipeline stage k of the saving run ({"params": {name: tensor}, "exp_avg
 
 Saving (`save_layout_checkpoint`, every rank calls it): each rank all-gathers its ZeRO-1 shards of the
 master weights and AdamW state over the DP group and cuts them back into per-parameter tensors, each TP
-group all-gathers its TP shards, and one rank per stage writes that stage's part, through checkpoint.py's
+group all-gathers its TP shards, and one rank per stage writes that stage's part, through sharded.py's
 crash-safe protocol (`commit_checkpoint`: tmp dir, metadata last, rename, then the `latest` pointer).
 Loading (`load_layout_checkpoint` into a Trainer3D of any layout, `load_full_model` into one process's
 model and AdamW) slices every tensor for the new layout; padding rows get zeros, which AdamW keeps at zero.
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from gpuforge.parallel.checkpoint import commit_checkpoint, read_metadata
-from gpuforge.parallel.group_comm import GroupComm
-from gpuforge.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from gpuforge.parallel.zero import flat_views, flatten_padded
+from gpuforge.parallel.checkpoint.sharded import commit_checkpoint, read_metadata
+from gpuforge.parallel.comm.group import GroupComm
+from gpuforge.parallel.data_parallel.flat import flat_views, flatten_padded
+from gpuforge.parallel.model_parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 FORMAT = "gpuforge-full-model/1"
 MOMENTS = ("exp_avg", "exp_avg_sq")

@@ -1,0 +1,299 @@
+"""`python -m gpuforge train`: train a reference model with a parallel strategy, compare with one process.
+
+    python -m gpuforge train --model tinyllama --strategy zero2 --nproc 2 --steps 5     # hands over to torchrun
+    torchrun --nproc_per_node 2 -m gpuforge train --model tinyllama --strategy zero2 --steps 5
+    mpiexec -n 2 python -m gpuforge train --model tinyllama --strategy ddp --comm mpi --nproc 2
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 2 --max-restarts 3 -m gpuforge train \
+        --ckpt-dir ckpt --save-every 2 --steps 20
+
+Each rank trains on its slice of every global batch; at the end rank 0 trains the same model in one process
+on the whole batches and prints the largest parameter difference. A loss that couples the samples of a batch
+(TinyCLIP's contrastive loss) runs in its gathered form (training/gathered_loss.py), so it matches one process too.
+No process manager of our own: the environment comes from torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) or
+from mpiexec. `--nproc N` outside a launcher (no RANK in the environment, --comm torch) replaces this process by
+`torchrun --standalone --nproc_per_node N` running the same command; under mpiexec it is checked against the world
+size. (Under torchrun give the count to torchrun: its own parser rejects `--nproc` anywhere on the line as an
+ambiguous abbreviation of its --nproc-per-node.)
+
+Fault tolerance: with `--ckpt-dir DIR` the run saves a checkpoint (checkpoint/sharded.py) every `--save-every` steps and
+after the last one, and starts from the latest checkpoint in DIR when there is one, at any world size or
+strategy. A rank that dies makes torchrun (`--max-restarts`) restart the group, which resumes from there and
+ends with the parameters of a run without failure. GPUFORGE_FAIL_AT=step-N@R (checkpoint/faults.py) kills rank R at the
+start of step N, to try it. Give torchrun TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default (torch 2.13) the
+restarted workers share the first group's TCPStore and read its stale gloo/NCCL addresses, so the new group's
+init fails or hangs (pytorch/pytorch#135712; seen here in 1 of 4 restarts); rank 0 warns when it is missing.
+
+The data-parallel strategies (DATA_PARALLEL) train through `DataParallelTrainer` (data_parallel.py), the
+model-parallel ones (MODEL_PARALLEL: a TinyLlama over a dp × tp × pp mesh) through `Trainer3D`
+(trainer_3d.py); both step through loop.py's one loop. Without a launcher and without --nproc the command
+runs on 1 process (a world of one, still compared with the single-process reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gpuforge.models import reference_models
+from gpuforge.models.vol2_llm import TinyLlamaConfig
+from gpuforge.parallel.checkpoint.faults import fail_point
+from gpuforge.parallel.checkpoint.sharded import (
+    FORMAT,
+    latest_checkpoint,
+    load_checkpoint,
+    read_metadata,
+    save_checkpoint,
+)
+from gpuforge.parallel.comm import init_comm
+from gpuforge.parallel.model_parallel.mesh import check_layout
+from gpuforge.parallel.training import parity
+from gpuforge.parallel.training.data_parallel import OURS, DataParallelTrainer
+from gpuforge.parallel.training.gathered_loss import GATHERED_FORMS, DataParallelLoss
+from gpuforge.parallel.training.loop import run_steps
+from gpuforge.parallel.training.trainer_3d import single_process_losses, train_model_parallel
+
+MODEL_ALIASES = {"tinyllama": "tiny_llama", "tinymoe": "tiny_moe"}
+DATA_PARALLEL = OURS
+MODEL_PARALLEL = ("tp", "pp", "3d")
+STRATEGIES = DATA_PARALLEL + MODEL_PARALLEL
+
+
+def _positive(convert, expected: str):
+    """An argparse type: `convert(text)`, which must be > 0 and finite, else argparse's error naming the option."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return parse
+
+
+_positive_int = _positive(int, "a positive integer")
+_positive_float = _positive(float, "a positive finite number")
+
+
+def _trainable_models() -> dict:
+    """The reference models of every volume (gf.models.reference_models) that train: not the inference-only
+    ones, and not a coupled loss without a gathered data-parallel form."""
+    return {name: ref for name, ref in reference_models().items()
+            if not ref.inference_only and (not ref.coupled or ref.loss_fn in GATHERED_FORMS)}
+
+
+def reference_model(name):
+    """The trainable reference model by name or alias (tinyllama)."""
+    return _trainable_models()[MODEL_ALIASES.get(name, name)]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gpuforge train", description=__doc__.split("\n")[0], allow_abbrev=False)
+    p.add_argument("--model", default="tinyllama", choices=sorted(set(MODEL_ALIASES) | set(_trainable_models())))
+    p.add_argument("--strategy", default="ddp", choices=STRATEGIES)
+    p.add_argument("--comm", default="torch", choices=["torch", "mpi"])
+    p.add_argument("--nproc", type=_positive_int, default=None,
+                   help="world size: outside a launcher, run under torchrun with N processes; else checked")
+    p.add_argument("--steps", type=_positive_int, default=5)
+    p.add_argument("--batch", type=_positive_int, default=8, help="global batch size (divisible by the world size)")
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--clip", type=_positive_float, default=1.0, help="max global gradient norm")
+    p.add_argument("--dtype", default="float64", choices=["float64", "float32"])
+    p.add_argument("--device", default="cpu", choices=["cpu"] + (["cuda"] if torch.cuda.is_available() else []),
+                   help="cpu (gloo, MPI); cuda is offered only where torch sees a GPU")
+    p.add_argument("--tp", type=_positive_int, default=None, help="tensor-parallel degree (tp, 3d)")
+    p.add_argument("--pp", type=_positive_int, default=None, help="pipeline stages (pp, 3d)")
+    p.add_argument("--dp", type=_positive_int, default=None, help="data-parallel degree (3d; default: what is left)")
+    p.add_argument("--microbatches", type=_positive_int, default=2, help="pipeline micro-batches per step")
+    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"], help="pipeline schedule")
+    p.add_argument("--seq-len", type=_positive_int, default=32, help="sequence length (tp, pp, 3d)")
+    p.add_argument("--n-layers", type=_positive_int, default=None,
+                   help="TinyLlama layers (tp, pp, 3d; default: max(2, pp))")
+    p.add_argument("--ckpt-dir", default=None, help="save checkpoints here; resume from the latest one")
+    p.add_argument("--save-every", type=_positive_int, default=1, help="checkpoint every K steps (with --ckpt-dir)")
+    return p
+
+
+def parse_args(argv):
+    p = parser()
+    args = p.parse_args(argv)
+    if args.ckpt_dir is not None and args.strategy in MODEL_PARALLEL:
+        p.error(f"--ckpt-dir is for the data-parallel strategies {DATA_PARALLEL}, not {args.strategy!r}")
+    if args.ckpt_dir is not None:
+        _check_writable(p, Path(args.ckpt_dir))
+    return args
+
+
+def _check_writable(p: argparse.ArgumentParser, root: Path) -> None:
+    """--ckpt-dir must be a directory this process can create and write into: tried now, not at the first save."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        p.error(f"--ckpt-dir {root}: not a writable directory ({err.strerror})")
+
+
+def data_parallel_trainer(ref, strategy: str, comm, args) -> tuple[torch.nn.Module, DataParallelTrainer]:
+    """(model, trainer) of a reference model in --dtype, as `gpuforge train` builds them (seed 0)."""
+    torch.manual_seed(0)
+    model = ref.build().to(getattr(torch, args.dtype))
+    return model, DataParallelTrainer(strategy, DataParallelLoss(model, ref.loss_fn, comm), comm, lr=args.lr)
+
+
+def train_steps(ref, trainer: DataParallelTrainer, comm, args, losses=(), save=None) -> list[float]:
+    """Steps len(losses) .. args.steps − 1 of this rank's slices of the reference model's batches (one process:
+    comm None, the whole batches). save(steps_done, losses) after each --save-every-th step and after the last."""
+    rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
+
+    def before_step(step):
+        if comm is not None:
+            comm.ledger.step = step
+            fail_point(f"step-{step}", rank)
+
+    def after_step(done, losses):
+        if save is not None and (done == args.steps or done % args.save_every == 0):
+            save(done, losses)
+
+    return run_steps(trainer, lambda step: [tuple(t.chunk(world)[rank] for t in ref.make_batch(step, args.batch))],
+                     args.steps, max_norm=args.clip, losses=losses, before_step=before_step, after_step=after_step)
+
+
+# what a resumed run must share with the run that saved (the strategy and world size may change)
+RESUME_CONFIG = ("model", "batch", "lr", "clip", "dtype")
+
+
+def _checkpointing(args, trainer, comm):
+    """(rank 0's losses of the steps already done, save callback) for --ckpt-dir; ([], None) without it."""
+    if args.ckpt_dir is None:
+        return [], None
+    config = {k: getattr(args, k) for k in RESUME_CONFIG}
+    losses, path = [], latest_checkpoint(args.ckpt_dir)
+    if path is not None:
+        saved = read_metadata(path, FORMAT).get("extra", {}).get("config")
+        if saved != config:  # before loading: another model's shards would fail deep in the loader
+            raise SystemExit(f"gpuforge train: {path} was saved by a run with {saved}, this run has {config}; "
+                             "use another --ckpt-dir")
+        meta = load_checkpoint(path, trainer.forward, trainer.optimizer, comm)
+        losses = meta["extra"]["losses"]
+        if comm.rank == 0:
+            print(f"resumed from {path} after step {meta['step']}", flush=True)
+
+    def save(step, losses):
+        save_checkpoint(args.ckpt_dir, step, trainer.forward, trainer.optimizer, comm,
+                        extra={"config": config, "losses": losses})
+    return losses, save
+
+
+def _warn_if_restarts_share_the_store(rank: int) -> None:
+    """torchrun restarts with the agent's shared TCPStore reuse stale keys (see the module docstring)."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if rank == 0 and restarts > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        print("gpuforge train: warning: torchrun --max-restarts with a shared rendezvous store: a restarted group "
+              "can hang or fail at init (pytorch/pytorch#135712); launch torchrun with "
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)
+
+
+def _launch_under_torchrun(argv, nproc: int):
+    """Replace this process by torchrun running the same command on `nproc` local processes."""
+    rest, args = [], iter(argv)
+    for arg in args:
+        if arg == "--nproc":
+            next(args, None)  # its value
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc_per_node={nproc}", "-m", "gpuforge", "train", *rest])
+
+
+def _run_data_parallel(comm, args) -> int:
+    world = comm.world_size
+    if args.batch % world:
+        raise SystemExit(f"gpuforge train: --batch {args.batch} is not divisible by the world size {world}")
+    ref = reference_model(args.model)
+    model, trainer = data_parallel_trainer(ref, args.strategy, comm, args)
+    done, save = _checkpointing(args, trainer, comm)
+    losses = train_steps(ref, trainer, comm, args, done, save)
+    trainer.gather_full_params()  # sharded parameters: rebuilt whole for the comparison
+    ok = True
+    if comm.rank == 0:
+        single, single_trainer = data_parallel_trainer(ref, "single", None, args)
+        single_losses = train_steps(ref, single_trainer, None, args)
+        diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), single.parameters(), strict=True))
+        ok, line = parity.verdict("param - single-process param", diff, args.dtype)
+        print(f"strategy={args.strategy} comm={args.comm} world={world} steps={args.steps} "
+              f"dtype={args.dtype}\nrank-0 shard losses {[f'{x:.6f}' for x in losses]}\n"
+              f"single process      {[f'{x:.6f}' for x in single_losses]}\n"
+              f"ledger bytes (rank 0) = {comm.ledger.total_bytes()}\n{line}", flush=True)
+    comm.barrier()
+    return 0 if ok else 1
+
+
+def _run_model_parallel(comm, args) -> int:
+    """--strategy tp|pp|3d [--tp T --pp P --dp D --n-layers L]: unset degrees default to 1, except the one the
+    strategy names (the world size) and --dp (whatever is left); the TinyLlama gets max(2, pp) layers unless
+    --n-layers says. A configuration that cannot run exits with a message naming the option, on every rank,
+    before any process group is made. Rank 0 compares the losses with one process."""
+    if MODEL_ALIASES.get(args.model, args.model) != "tiny_llama":
+        raise SystemExit(f"gpuforge train: --strategy {args.strategy} trains the TinyLlama, not --model {args.model}")
+    world = comm.world_size
+    tp = args.tp if args.tp is not None else (world if args.strategy == "tp" else 1)
+    pp = args.pp if args.pp is not None else (world if args.strategy == "pp" else 1)
+    dp = args.dp if args.dp is not None else max(1, world // max(1, tp * pp))
+    n_layers = args.n_layers or max(2, pp)
+    try:
+        config = TinyLlamaConfig(n_layers=n_layers, max_seq_len=max(args.seq_len, 256))
+        check_layout(world, config, dp=dp, tp=tp, pp=pp, batch_size=args.batch, num_microbatches=args.microbatches)
+    except ValueError as e:
+        raise SystemExit(f"gpuforge train --strategy {args.strategy}: {e} (--dp {dp} --tp {tp} --pp {pp} "
+                         f"--n-layers {n_layers} --batch {args.batch} --microbatches {args.microbatches}, "
+                         f"world size {world})") from None
+    opts = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, max_norm=args.clip,
+                config=config, dtype=getattr(torch, args.dtype))
+    losses = train_model_parallel(comm, dp=dp, tp=tp, pp=pp, num_microbatches=args.microbatches,
+                                  schedule=args.schedule, **opts)
+    ok = True
+    if comm.rank == 0:
+        single = single_process_losses(**opts)
+        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
+        ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
+        print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} n_layers={n_layers} schedule={args.schedule} "
+              f"microbatches={args.microbatches} dtype={args.dtype}\n"
+              f"losses         {[f'{x:.6f}' for x in losses]}\n"
+              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
+    return 0 if ok else 1
+
+
+def _single_process_env() -> None:
+    """A world of one for torch.distributed when no launcher set the environment."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.comm == "torch" and "RANK" not in os.environ:
+        if args.nproc is not None and args.nproc > 1:
+            _launch_under_torchrun(argv, args.nproc)
+        _single_process_env()
+    comm = init_comm(args.comm)
+    try:
+        _warn_if_restarts_share_the_store(comm.rank)
+        if args.nproc is not None and args.nproc != comm.world_size:
+            raise SystemExit(f"gpuforge train: --nproc {args.nproc} but the launcher started {comm.world_size} "
+                             "processes")
+        run = _run_model_parallel if args.strategy in MODEL_PARALLEL else _run_data_parallel
+        return run(comm, args)
+    finally:
+        comm.destroy()

@@ -1,0 +1,125 @@
+"""`Trainer3D`: one rank's part of dp × tp × pp training of a TinyLlama (the same full model on every rank).
+
+It shards the model with tensor parallelism over the mesh's TP group, cuts it into pipeline stages over the PP
+group (run by a GPipe or 1F1B executor), and trains the stage with ZeRO-1 over the DP group
+(`ZeroRedundancyOptimizer(zero_stage=1, group=dp_group)`: each DP rank gets its slice of the global batch, the
+gradients are averaged over DP, and every DP rank keeps AdamW state for 1/dp of the stage's parameters).
+The global gradient norm for clipping counts every parameter of the full model exactly once. It is summed
+from the ZeRO shards of the DP-averaged gradient (each DP rank holds 1/dp of its stage's gradient; a 0/1
+mask over the shard says which elements count): the DP group sums the shards, the TP group the TP shards
+(replicated norm weights counted on TP rank 0 only), the PP group the stages (the tied embedding/head
+counted on the first stage only). The clipping factor scales the shard gradients the optimizer steps on.
+`train_model_parallel` runs it for the `tp`, `pp` and `3d` strategies of `gpuforge train`;
+`single_process_losses` is the same run in one process (the oracle).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, lm_loss, make_batch
+from gpuforge.parallel.comm import GroupComm
+from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
+from gpuforge.parallel.data_parallel.flat import flatten_padded
+from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.model_parallel.mesh import DeviceMesh
+from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split
+from gpuforge.parallel.model_parallel.tensor_parallel import tensor_parallelize
+from gpuforge.parallel.model_parallel.tp_llama import check_tp_config
+from gpuforge.parallel.training.data_parallel import DataParallelTrainer
+from gpuforge.parallel.training.gathered_loss import DataParallelLoss
+from gpuforge.parallel.training.loop import Trainer, run_steps
+
+
+class Trainer3D(Trainer):
+    """One rank's part of dp × tp × pp training of a TinyLlama (the same full model on every rank); a batch is
+    the global (inputs, targets)."""
+
+    def __init__(self, model: nn.Module, mesh: DeviceMesh, *, schedule: str = "1f1b",
+                 num_microbatches: int = 1, lr: float = 1e-3):
+        check_tp_config(model.config, mesh.tp)
+        self.mesh = mesh
+        self.tp = GroupComm(mesh.comm, mesh.tp_group)
+        self.pp = GroupComm(mesh.comm, mesh.pp_group)
+        self.dp = GroupComm(mesh.comm, mesh.dp_group)
+        sharded = tensor_parallelize(model, self.tp)
+        self.stage = pipeline_split(sharded, mesh.pp)[mesh.pp_index]
+        self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule,
+                                         num_microbatches=num_microbatches)
+        self.optimizer = ZeroRedundancyOptimizer(self.stage.parameters(), torch.optim.AdamW, mesh.comm, zero_stage=1,
+                                                 group=mesh.dp_group, lr=lr)
+        self._counted = self._counted_mask()
+
+    def _counted_once(self, name: str) -> bool:
+        if name == "head_weight" and not self.stage.is_first:
+            return False  # the tied weight is counted on the first stage
+        return self.tp.rank == 0 or not name.endswith("norm.weight")
+
+    def _counted_mask(self) -> torch.Tensor:
+        """1 where this rank's ZeRO shard holds a parameter counted in the global norm, else 0 (and padding)."""
+        zero = self.optimizer
+        names = {id(p): n for n, p in self.stage.named_parameters()}
+        ones = [torch.ones_like(p) if self._counted_once(names[id(p)]) else None for p in zero.params]
+        lo = zero.rank * zero.shard_size
+        return flatten_padded(zero.params, ones, zero.padded, torch.float64)[lo:lo + zero.shard_size]
+
+    def global_grad_norm(self) -> torch.Tensor:
+        """The 2-norm of the full model's DP-averaged gradient, from this rank's ZeRO shard of it."""
+        grad = self.optimizer.master_grads()[0]
+        sq = (grad.double().pow(2) * self._counted.to(grad.device)).sum().reshape(1)
+        for group in (self.dp, self.tp, self.pp):
+            group.all_reduce(sq)
+        return sq[0].sqrt()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return scale_to_max_norm_(self.optimizer.master_grads(), self.global_grad_norm(), max_norm)
+
+    def forward_backward(self, batch) -> float | None:
+        """This DP rank's slice of the global (inputs, targets) through the pipeline schedule. Returns the loss,
+        averaged over DP, on the last stage; None on the other stages."""
+        inputs, targets = batch
+        if inputs.shape[0] % self.mesh.dp:
+            raise ValueError(f"global batch size {inputs.shape[0]} is not divisible by dp={self.mesh.dp}")
+        x, y = (t.chunk(self.mesh.dp)[self.mesh.dp_index] for t in (inputs, targets))
+        loss = self.executor.step(x, y)
+        if loss is None:
+            return None
+        if self.mesh.dp > 1:
+            loss = self.dp.all_reduce(loss.detach().reshape(1).clone(), op="avg")[0]
+        return loss.item()
+
+
+def _tiny_llama(seed: int, seq_len: int, config, dtype: torch.dtype) -> TinyLlama:
+    torch.manual_seed(seed)
+    return TinyLlama(config or TinyLlamaConfig(max_seq_len=max(seq_len, 256))).to(dtype)
+
+
+def _batches(seed: int, batch_size: int, seq_len: int):
+    return lambda step: make_batch(seed * 100_003 + step, batch_size, seq_len)
+
+
+def train_model_parallel(comm, *, dp: int = 1, tp: int = 1, pp: int = 1, steps: int = 20, batch_size: int = 8,
+                         seq_len: int = 32, num_microbatches: int = 2, schedule: str = "1f1b", lr: float = 1e-3,
+                         max_norm: float | None = 1.0, seed: int = 0, config=None,
+                         dtype: torch.dtype = torch.float32) -> list[float]:
+    """Train a TinyLlama for `steps` steps on dp × tp × pp ranks (the `tp`, `pp` and `3d` strategies of
+    `gpuforge train`). Returns the losses (on every rank: broadcast from the last stage)."""
+    mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp)
+    trainer = Trainer3D(_tiny_llama(seed, seq_len, config, dtype), mesh, schedule=schedule,
+                        num_microbatches=num_microbatches, lr=lr)
+    losses = run_steps(trainer, _batches(seed, batch_size, seq_len), steps, max_norm=max_norm,
+                       before_step=lambda step: setattr(comm.ledger, "step", step))
+    out = torch.tensor([float("nan") if loss is None else loss for loss in losses], dtype=torch.float64)
+    if pp > 1:
+        comm.broadcast(out, src=mesh.pp_group.ranks[-1], group=mesh.pp_group)
+    return out.tolist()
+
+
+def single_process_losses(*, steps: int, batch_size: int, seq_len: int, lr: float, max_norm: float | None,
+                          seed: int = 0, config=None, dtype: torch.dtype = torch.float32) -> list[float]:
+    """The same run as `train_model_parallel` in one process (the oracle)."""
+    model = _tiny_llama(seed, seq_len, config, dtype)
+    trainer = DataParallelTrainer("single", DataParallelLoss(model, lambda m, batch: lm_loss(m(batch[0]), batch[1])),
+                                  lr=lr)
+    return run_steps(trainer, lambda step: [_batches(seed, batch_size, seq_len)(step)], steps, max_norm=max_norm)
