@@ -26,10 +26,12 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def newest_results(folder: Path) -> Path:
-    files = sorted(folder.glob("*/results.json"), key=lambda p: json.loads(p.read_text())["environment"]["date"])
-    if not files:
-        raise FileNotFoundError(f"no results file under {folder}")
-    return files[-1]
+    """The newest kernel benchmark results (files with an "environment", not the parallel step-time ones)."""
+    runs = [(payload["environment"]["date"], path) for path in folder.glob("*/results.json")
+            if "environment" in (payload := json.loads(path.read_text()))]
+    if not runs:
+        raise FileNotFoundError(f"no kernel benchmark results file under {folder}")
+    return max(runs)[1]
 
 
 def device_slug(env: dict) -> str:
