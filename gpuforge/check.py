@@ -32,9 +32,14 @@ def run_all(device: torch.device, ops: list[str] | None = None, log=print) -> li
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpuforge check", description=__doc__)
-    parser.add_argument("ops", nargs="*", help="ops to check (default: all)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    known = sorted(module.BACKENDS.op for module in op_modules())
+    parser.add_argument("ops", nargs="*", help=f"ops to check (default: all): {', '.join(known)}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        choices=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.ops) - set(known))
+    if unknown:
+        parser.error(f"unknown op(s) {', '.join(unknown)}; expected among {', '.join(known)}")
     results = run_all(torch.device(args.device), args.ops)
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")

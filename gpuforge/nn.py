@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from gpuforge.kernels._tensors import compute_dtype
 from gpuforge.kernels.flash_attention import flash_attention, visibility_mask
 from gpuforge.kernels.matmul import matmul
 from gpuforge.kernels.rms_norm import rms_norm
@@ -23,8 +24,9 @@ class RMSNorm(torch.nn.Module):
     """torch.nn.RMSNorm computed by gf.rms_norm (statistics in fp32, one fused kernel each way).
 
     normalized_shape may span several trailing dims: they are flattened into one, whose RMS is the same.
-    eps=None means torch.finfo(x.dtype).eps, as in torch. The output has x's dtype (the weight is cast to it);
-    `backend` (keyword only, not in torch's signature) picks the gf backend."""
+    eps=None means the epsilon of the compute type (float32 for float16/bfloat16 inputs), as in torch. The
+    output has x's dtype (the weight is cast to it); `backend` (keyword only, not in torch's signature) picks
+    the gf backend."""
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
                  elementwise_affine: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
@@ -55,7 +57,8 @@ class RMSNorm(torch.nn.Module):
             weight = self.weight.reshape(n).to(x.dtype)
         else:
             weight = torch.ones(n, dtype=x.dtype, device=x.device)
-        eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
+        # torch.nn.RMSNorm's eps=None is the epsilon of the type it computes in: float32 for fp16/bf16 inputs
+        eps = self.eps if self.eps is not None else torch.finfo(compute_dtype(x.dtype)).eps
         y = rms_norm(x.reshape(*x.shape[:x.dim() - k], n), weight, eps, backend=self.backend)
         return y.view(x.shape)
 
@@ -134,8 +137,14 @@ class Attention(torch.nn.Module):
                  window: tuple[int, int] | None = None, bias: bool = False, device=None, dtype=None,
                  backend: str = "auto") -> None:
         super().__init__()
+        for name, value in (("dim", dim), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim),
+                            ("max_seq_len", max_seq_len)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a positive int, got {value!r}")
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         head_dim = dim // n_heads if head_dim is None else head_dim
+        if head_dim < 1:
+            raise ValueError(f"head_dim: dim={dim} // n_heads={n_heads} is 0; give head_dim")
         if n_heads % n_kv_heads:
             raise ValueError(f"n_kv_heads: n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
         if head_dim % 2:
@@ -154,6 +163,8 @@ class Attention(torch.nn.Module):
     def rotate(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """RoPE on x (B, H, S, D) at absolute positions start_pos .. start_pos + S − 1."""
         s = x.shape[2]
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
         if start_pos + s > self.rope_cos.shape[0]:
             raise ValueError(f"x: positions up to {start_pos + s} exceed max_seq_len {self.rope_cos.shape[0]}")
         return rotate_interleaved(x, self.rope_cos[start_pos:start_pos + s], self.rope_sin[start_pos:start_pos + s])

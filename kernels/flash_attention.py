@@ -53,16 +53,19 @@ def visibility_mask(sq: int, sk: int, window_left: int, window_right: int, devic
     return visible
 
 
-def _probabilities(q, k, scale, window_left, window_right, lse=None):
-    """Softmax probabilities (and LSE) on (B, H, S, D) tensors in the compute dtype; K already per query head.
-    With `lse` given, recompute P = exp(S − lse) as the backward kernels do."""
+def _probabilities(q, k, scale, window_left, window_right):
+    """Softmax probabilities and LSE on (B, H, S, D) tensors in the compute dtype; K already per query head.
+
+    P is torch.softmax of the scores (exp(S − max) / Σ), not exp(S − LSE): with logits of size ~90 in float32
+    the rounding of the LSE alone (~3e-6 absolute) would put a relative error of 3e-6 on every probability,
+    5-14x SDPA's gradient error. The backward recomputes P the same way. A row that sees no key has P = 0 and
+    LSE −inf; a NaN input stays NaN."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     mask = visibility_mask(q.shape[-2], k.shape[-2], window_left, window_right, q.device)
     scores = scores.masked_fill(~mask, float("-inf"))
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1)
-    safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # rows that see no key: P = 0
-    return torch.exp(scores - safe[..., None]), lse
+    lse = torch.logsumexp(scores, dim=-1)
+    p = torch.where((lse == float("-inf"))[..., None], 0.0, torch.softmax(scores, dim=-1))
+    return p, lse
 
 
 def attention_math(q, k, v, scale, window_left, window_right):
@@ -76,12 +79,14 @@ def attention_math(q, k, v, scale, window_left, window_right):
 
 
 def attention_math_backward(dout, dlse, q, k, v, out, lse, scale, window_left, window_right):
+    """The gradients of attention_math for (dout, dlse); `lse` is part of every backend's contract but not read
+    here: P is recomputed by softmax (see _probabilities)."""
     ct = compute_dtype(q.dtype)
     batch, heads_kv, sk, d = k.shape
     group = q.shape[1] // heads_kv
     qc, do, oc = q.to(ct), dout.to(ct), out.to(ct)
     kc, vc = k.to(ct).repeat_interleave(group, 1), v.to(ct).repeat_interleave(group, 1)
-    p, _ = _probabilities(qc, kc, scale, window_left, window_right, lse=lse.to(ct))
+    p, _ = _probabilities(qc, kc, scale, window_left, window_right)
     delta = (do * oc).sum(-1) - dlse.to(ct)
     ds = p * (torch.matmul(do, vc.transpose(-1, -2)) - delta[..., None])
     dq = torch.matmul(ds, kc) * scale
@@ -242,7 +247,20 @@ _varlen_op.register_autograd(_backward_varlen, setup_context=_setup_varlen)
 # ----------------------------------------------------------------------------------------- public API
 
 
-def _window(window, causal: bool) -> tuple[int, int]:
+CAUSAL_ALIGNMENTS = ("bottom_right", "top_left")
+
+
+def _alignment(causal) -> str | None:
+    """None (not causal), "bottom_right" (True: the last query sees the last key, FlashAttention-2's rule) or
+    "top_left" (query i sees keys 0..i, SDPA's is_causal)."""
+    if causal is False or causal is True:
+        return "bottom_right" if causal else None
+    if isinstance(causal, str) and causal in CAUSAL_ALIGNMENTS:
+        return causal
+    raise ValueError(f"causal: expected a bool or one of {CAUSAL_ALIGNMENTS}, got {causal!r}")
+
+
+def _window(window, causal) -> tuple[int, int]:
     if window is None:
         left, right = -1, -1
     else:
@@ -250,9 +268,7 @@ def _window(window, causal: bool) -> tuple[int, int]:
                 or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
             raise ValueError(f"window: expected None or (left, right) ints >= -1 (-1: unbounded), got {window!r}")
         left, right = window
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    return left, (0 if causal else right)
+    return left, (0 if _alignment(causal) else right)
 
 
 def _scale(scale, head_dim: int) -> float:
@@ -285,20 +301,40 @@ def _check_flag(value, name: str) -> None:
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
 
 
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool | str = False,
                     scale: float | None = None, window: tuple[int, int] | None = None,
                     deterministic: bool = False, backend: str = "auto") -> torch.Tensor:
     """softmax(q·kᵀ·scale + mask)·v for q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); autograd for q, k and v.
 
-    scale defaults to 1/sqrt(D); causal and window=(left, right) align the last query with the last key."""
+    scale defaults to 1/sqrt(D). causal=True (or "bottom_right") and window=(left, right) align the last
+    query with the last key, as FlashAttention-2 does: with Sq < Sk, query i sees keys 0..i + Sk − Sq.
+    causal="top_left" is SDPA's is_causal: query i sees keys 0..i whatever Sk is. The two agree when Sq == Sk;
+    code ported from SDPA with Sq != Sk needs "top_left" (it takes no window)."""
     _check_qkv(q, k, v, 4, "(B, H, S, D)")
     if k.shape[0] != q.shape[0]:
         raise ValueError(f"k: expected batch {q.shape[0]} (that of q), got {k.shape[0]}")
     _check_flag(deterministic, "deterministic")
+    if _alignment(causal) == "top_left" and q.shape[2] != k.shape[2]:
+        if window is not None:
+            raise ValueError("window: is measured from the bottom-right diagonal; use causal=True with it, not "
+                             "causal='top_left'")
+        return _top_left_causal(q, k, v, scale=scale, deterministic=deterministic, backend=backend)
     left, right = _window(window, causal)
     out, _ = _attention_op(q, k, v, _scale(scale, q.shape[-1]), left, right, deterministic,
                            BACKENDS.select(backend, q.device, dtype=q.dtype))
     return out
+
+
+def _top_left_causal(q, k, v, **options) -> torch.Tensor:
+    """Top-left causal attention from bottom-right calls. Sq < Sk: keys Sq.. are never seen, so it is
+    bottom-right causal on the first Sq keys. Sq > Sk: the first Sk queries see keys 0..i (the square case),
+    the others see every key."""
+    sq, sk = q.shape[2], k.shape[2]
+    if sq < sk:
+        return flash_attention(q, k[:, :, :sq], v[:, :, :sq], causal=True, **options)
+    head = flash_attention(q[:, :, :sk], k, v, causal=True, **options)
+    tail = flash_attention(q[:, :, sk:], k, v, causal=False, **options)
+    return torch.cat((head, tail), dim=2)
 
 
 def _check_cu_seqlens(cu, name: str, q: torch.Tensor) -> None:
@@ -308,15 +344,47 @@ def _check_cu_seqlens(cu, name: str, q: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected (batch + 1,) offsets starting at 0, got shape {tuple(cu.shape)}")
 
 
+def check_varlen_offsets(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, max_q: int,
+                         max_k: int) -> None:
+    """The kernels' memory safety and coverage: offsets start at 0, never decrease, end at the packed length
+    (every row of q belongs to a sequence, so every output row is written), and no sequence is longer than
+    its max_seqlen (the grid is sized by it). Computed on the offsets' device, read back with one host sync;
+    skipped while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        return
+    dq, dk = cu_q.diff(), cu_k.diff()
+    first_q, first_k, min_q, min_k, long_q, long_k, last_q, last_k = torch.stack(
+        [cu_q[0], cu_k[0], dq.min(), dk.min(), dq.max(), dk.max(), cu_q[-1], cu_k[-1]]).tolist()
+    for name, first, shortest, longest, last, total, bound, bound_name in (
+            ("cu_seqlens_q", first_q, min_q, long_q, last_q, total_q, max_q, "max_seqlen_q"),
+            ("cu_seqlens_k", first_k, min_k, long_k, last_k, total_k, max_k, "max_seqlen_k")):
+        if first != 0:
+            raise ValueError(f"{name}: expected offsets starting at 0, got {name}[0] = {first}")
+        if shortest < 0:
+            raise ValueError(f"{name}: expected non-decreasing offsets, found a step of {shortest}")
+        if last != total:
+            raise ValueError(f"{name}: expected the last offset to be the packed length {total}, got {last}")
+        if longest > bound:
+            raise ValueError(f"{bound_name}: {bound} is less than the longest sequence, {longest} rows")
+
+
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                            cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
-                           causal: bool = False, scale: float | None = None, window: tuple[int, int] | None = None,
-                           deterministic: bool = False, backend: str = "auto") -> torch.Tensor:
+                           causal: bool | str = False, scale: float | None = None,
+                           window: tuple[int, int] | None = None, deterministic: bool = False,
+                           check_inputs: bool = True, backend: str = "auto") -> torch.Tensor:
     """Attention over sequences packed without padding: q (total_q, Hq, D), k/v (total_k, Hkv, D); sequence i
-    holds rows cu_seqlens_q[i]:cu_seqlens_q[i+1] (int32, as FlashAttention-2); max_seqlen_* bound the lengths."""
+    holds rows cu_seqlens_q[i]:cu_seqlens_q[i+1] (int32, as FlashAttention-2, any stride); max_seqlen_* bound
+    the lengths. causal aligns bottom-right in each sequence. check_inputs=True (the default) verifies the
+    offsets with one host sync (`check_varlen_offsets`); False skips it and makes the caller responsible."""
     _check_qkv(q, k, v, 3, "(total, H, D)")
     _check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q)
     _check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q)
+    if _alignment(causal) == "top_left":
+        raise ValueError("causal: flash_attention_varlen aligns each sequence bottom-right (as FlashAttention-2); "
+                         "'top_left' is for flash_attention")
+    _check_flag(check_inputs, "check_inputs")
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     if cu_seqlens_k.shape != cu_seqlens_q.shape:
         raise ValueError(f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)} (that of cu_seqlens_q), "
                          f"got {tuple(cu_seqlens_k.shape)}")
@@ -324,6 +392,8 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
     _check_flag(deterministic, "deterministic")
+    if check_inputs:
+        check_varlen_offsets(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k)
     left, right = _window(window, causal)
     out, _ = _varlen_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                         _scale(scale, q.shape[-1]), left, right, deterministic,

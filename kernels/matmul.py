@@ -14,6 +14,7 @@ fp32 exactly; the interpreters on a CPU compute fp32 exactly too.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -85,16 +86,29 @@ def _setup_context(ctx, inputs, output):
     ctx.backend = backend
 
 
+def _summed_product(x: torch.Tensor, y: torch.Tensor, shape: torch.Size, backend: str) -> torch.Tensor:
+    """x @ y summed down to `shape` (an operand broadcast over batch dims). When the sum over batches is
+    needed, the batched product runs on fp32 copies of fp16/bf16 operands (exact: their products fit fp32) and is
+    summed in fp32 before one rounding, as a single GEMM with fp32 accumulation would; rounding each batch's
+    product to fp16 first gave 4.7x torch's error."""
+    batch = torch.broadcast_shapes(x.shape[:-2], y.shape[:-2])
+    if tuple(batch) + tuple(shape[-2:]) == tuple(shape) or x.dtype == torch.float32:
+        return _matmul_op(x, y, backend).sum_to_size(shape)
+    wide = _matmul_op(x.float(), y.float(), backend)
+    return wide.sum_to_size(shape).to(x.dtype)
+
+
 def _backward(ctx, grad):
     a, b = ctx.saved_tensors
     grad_a = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_a = _matmul_op(grad, b.mT, ctx.backend).sum_to_size(a.shape)
+        grad_a = _summed_product(grad, b.mT, a.shape, ctx.backend)
     if ctx.needs_input_grad[1]:
         if b.dim() == 2:  # one GEMM over all rows: (K, batch·M) @ (batch·M, N) sums the batch on the fly
-            grad_b = _matmul_op(a.reshape(-1, a.shape[-1]).mT, grad.reshape(-1, grad.shape[-1]), ctx.backend)
+            rows = math.prod(a.shape[:-1])  # reshape(-1, K) cannot infer the rows when K = 0
+            grad_b = _matmul_op(a.reshape(rows, a.shape[-1]).mT, grad.reshape(rows, grad.shape[-1]), ctx.backend)
         else:
-            grad_b = _matmul_op(a.mT, grad, ctx.backend).sum_to_size(b.shape)
+            grad_b = _summed_product(a.mT, grad, b.shape, ctx.backend)
     return grad_a, grad_b, None
 
 

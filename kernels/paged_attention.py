@@ -65,19 +65,39 @@ def _(q, k_cache, v_cache, block_table, seq_lens, scale, backend):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-def _check_seq_lens(seq_lens: torch.Tensor, capacity: int) -> None:
-    """0 <= seq_lens <= max_blocks·block_size (one host sync; skipped while torch.compile traces)."""
+def check_paged_indices(block_table: torch.Tensor, seq_lens: torch.Tensor, num_blocks: int,
+                        block_size: int) -> None:
+    """The kernels' memory safety: 0 <= seq_lens <= max_blocks·block_size, and every page a sequence uses (the
+    first ceil(seq_lens[b] / block_size) entries of its row) lies in 0 .. num_blocks − 1. Entries past a
+    sequence's length are never read and may hold anything (−1 for unassigned, as serving allocators leave
+    them). All of it is computed on the tensors' device and read back with one host sync; skipped while
+    torch.compile traces (there the caller's tensors are trusted)."""
     if torch.compiler.is_compiling() or seq_lens.numel() == 0:
         return
-    lo, hi = torch.stack([seq_lens.min(), seq_lens.max()]).tolist()
+    capacity = block_table.shape[1] * block_size
+    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] \
+        < (seq_lens.long()[:, None] + block_size - 1) // block_size
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    lo, hi, n_bad = torch.stack([seq_lens.min().long(), seq_lens.max().long(), bad.sum()]).tolist()
     if lo < 0 or hi > capacity:
         raise ValueError(f"seq_lens: expected values in 0..{capacity} (block_table.shape[1] x block_size), "
                          f"got min {lo}, max {hi}")
+    if n_bad:
+        b, i = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"block_table: {n_bad} page number(s) used by seq_lens lie outside the cache's "
+                         f"0..{num_blocks - 1}; first at [{b}, {i}] = {int(block_table[b, i])} "
+                         f"(seq_lens[{b}] = {int(seq_lens[b])}, block_size {block_size})")
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                    seq_lens: torch.Tensor, *, scale: float | None = None, backend: str = "auto") -> torch.Tensor:
-    """softmax(q·Kᵀ·scale)·V per sequence over its seq_lens[b] cached tokens; returns q's shape."""
+                    seq_lens: torch.Tensor, *, scale: float | None = None, check_inputs: bool = True,
+                    backend: str = "auto") -> torch.Tensor:
+    """softmax(q·Kᵀ·scale)·V per sequence over its seq_lens[b] cached tokens; returns q's shape.
+
+    block_table and seq_lens may have any strides. check_inputs=True (the default) verifies that every page
+    the sequences use lies inside the cache and that seq_lens fits the table, with one host sync per call
+    (`check_paged_indices`); False skips that sync and makes the caller responsible: an out-of-range page
+    then reads outside the cache."""
     check_tensor(q, "q")
     if q.dim() not in (3, 4):
         raise ValueError(f"q: expected a (B, Hq, D) or (B, Hq, Sq, D) tensor, got shape {tuple(q.shape)}")
@@ -106,7 +126,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         scale = 1.0 / math.sqrt(head_dim)
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite float or None, got {scale!r}")
-    _check_seq_lens(seq_lens, block_table.shape[1] * k_cache.shape[1])
+    if not isinstance(check_inputs, bool):
+        raise TypeError(f"check_inputs: expected a bool, got {type(check_inputs).__name__}")
+    if check_inputs:
+        check_paged_indices(block_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
     return _paged_attention_op(q, k_cache, v_cache, block_table, seq_lens, float(scale),
                                BACKENDS.select(backend, q.device, dtype=q.dtype))
 

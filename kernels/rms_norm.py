@@ -162,8 +162,8 @@ def _check_inputs(x, weight, eps, residual) -> None:
         check_same_device(x=x, residual=residual)
         check_same_dtype(x=x, residual=residual)
         check_same_shape(x=x, residual=residual)
-    if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
-        raise ValueError(f"eps: expected a positive float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, int | float) or not 0 < eps < float("inf"):
+        raise ValueError(f"eps: expected a positive finite float, got {eps!r}")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,

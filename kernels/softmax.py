@@ -14,7 +14,7 @@ import torch
 
 from gpuforge.kernels._selfcheck import CheckCase, outputs_and_grads
 from gpuforge.kernels._tensors import as_rows, compute_dtype
-from gpuforge.kernels._validate import check_tensor
+from gpuforge.kernels._validate import FLOAT_DTYPES, check_tensor
 from gpuforge.kernels.cuda import softmax as cuda_softmax
 from gpuforge.kernels.cupy import softmax as cupy_softmax
 from gpuforge.kernels.dispatch import Implementation, Limits, OpBackends
@@ -103,12 +103,19 @@ def _check_dim(dim, x: torch.Tensor) -> None:
                          f"got {dim}")
 
 
-def softmax(x: torch.Tensor, dim: int = -1, *, backend: str = "auto") -> torch.Tensor:
+def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None, *,
+            backend: str = "auto") -> torch.Tensor:
     """Softmax of x over `dim`, fused and numerically stable (exp(x − max) / Σ exp(x − max), fp32 math).
 
-    x: float32/float16/bfloat16, any shape and strides. Returns x's shape and dtype; the result is contiguous
-    with `dim` last, i.e. a transposed view when dim is not the last dim. −inf entries get probability 0; a
-    row with every entry −inf gives NaN, as torch.softmax does. Differentiable (fused backward kernel)."""
+    x: float32/float16/bfloat16, any shape and strides. Returns x's shape and dtype (or `dtype`: x is cast to
+    it first, as torch.softmax's dtype argument does); the result is contiguous with `dim` last, i.e. a
+    transposed view when dim is not the last dim. −inf entries get probability 0; a row with every entry −inf
+    gives NaN, as torch.softmax does. Differentiable (fused backward kernel)."""
+    if dtype is not None:
+        if dtype not in FLOAT_DTYPES:
+            raise TypeError(f"dtype: expected None or one of float32/float16/bfloat16, got {dtype}")
+        check_tensor(x, "x", dtypes=None)
+        x = x.to(dtype)
     check_tensor(x, "x")
     _check_dim(dim, x)
     chosen = BACKENDS.select(backend, x.device, dtype=x.dtype)

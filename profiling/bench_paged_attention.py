@@ -1,7 +1,8 @@
 """paged_attention benchmark: the Triton flash-decoding kernels beside the torch reference path (gather the
 pages, then SDPA) on a decode step. Memory-bound: `bytes` is the KV cache read once (K and V of every cached
 token) plus q and the output, so the GB/s column is the fraction of the bandwidth needed to read the cache once.
-The speed target (H100/H200): batch 32, context 4K..32K, >= 70% of the copy bandwidth."""
+The speed target (H100/H200): batch 32, context 4K..32K, >= 70% of the copy bandwidth. The "triton unchecked"
+row skips the index check (check_inputs=False), so the two triton rows measure what the check costs."""
 
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
     fns = {"torch": gathered_sdpa}
     if backends.is_available("triton")[0] and backends.runs_on("triton", device):
         fns["triton"] = lambda *inputs: paged_attention(*inputs, backend="triton")
+        # the same kernels without the block-table range check: the difference is that check's cost
+        fns["triton unchecked"] = lambda *inputs: paged_attention(*inputs, check_inputs=False, backend="triton")
     cases = []
     for context in contexts:
         kv_bytes = 2 * batch * context * heads_kv * d * dtype.itemsize

@@ -51,11 +51,20 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 
 def check_weight(w: torch.Tensor, scale_dtype: torch.dtype) -> None:
+    """Every quantizer's input: a non-empty 2-D floating-point weight with real values, finite everywhere."""
     if not isinstance(w, torch.Tensor) or not w.dtype.is_floating_point or w.dim() != 2:
         raise TypeError(f"w: expected a 2-D floating-point tensor (out_features, in_features), got "
                         f"{getattr(w, 'dtype', type(w).__name__)} {tuple(getattr(w, 'shape', ()))}")
     if scale_dtype not in SCALE_DTYPES:
         raise TypeError(f"scale_dtype: expected float16 or bfloat16, got {scale_dtype}")
+    if w.device.type == "meta":
+        raise ValueError("w: a meta tensor has no values to quantize; materialise the weight first")
+    if w.numel() == 0:
+        raise ValueError(f"w: expected a non-empty weight, got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(f"w: expected finite values, found {bad} NaN/Inf; a NaN would vanish from its group and "
+                         "an Inf turn the group into NaN")
 
 
 def quantize_rtn(w: torch.Tensor, group_size: int = 128, symmetric: bool = True,

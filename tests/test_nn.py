@@ -63,3 +63,31 @@ def test_rms_norm_state_dict_round_trip_and_dtype():
 def test_rms_norm_rejects_wrong_trailing_dims():
     with pytest.raises(ValueError, match=r"x: expected trailing dims \(8,\)"):
         gf.nn.RMSNorm(8)(torch.randn(2, 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_default_eps_is_torchs_in_half_precision(dtype):
+    """eps=None is the epsilon of the compute type (float32), as torch.nn.RMSNorm's: with x = 1e-2·randn the
+    fp16/bf16 epsilon (1e-3, 8e-3) would change the output by up to ~3."""
+    x = (1e-2 * torch.randn(4, 64, generator=torch.Generator().manual_seed(0))).to(dtype)
+    ours = gf.nn.RMSNorm(64, backend="torch")(x)
+    theirs = torch.nn.RMSNorm(64, dtype=dtype)(x)
+    assert_close_rel(ours, theirs.detach(), 2 * REL_TOL[dtype])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dim=32, n_heads=0), "n_heads: expected a positive int, got 0"),
+    (dict(dim=32, n_heads=4, n_kv_heads=0), "n_kv_heads: expected a positive int, got 0"),
+    (dict(dim=2, n_heads=4), r"head_dim: dim=2 // n_heads=4 is 0"),
+    (dict(dim=32, n_heads=4, n_kv_heads=3), "n_kv_heads: n_heads=4 must be a multiple of n_kv_heads=3"),
+])
+def test_attention_rejects_bad_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gf.nn.Attention(**kwargs)
+
+
+def test_attention_rejects_a_negative_start_pos():
+    """A negative start_pos would index the RoPE table from its end (wrapping to the last positions)."""
+    attn = gf.nn.Attention(dim=32, n_heads=4, n_kv_heads=2, backend="torch")
+    with pytest.raises(ValueError, match="start_pos: expected an int >= 0, got -1"):
+        attn(torch.randn(1, 3, 32), start_pos=-1)

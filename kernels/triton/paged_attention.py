@@ -22,14 +22,15 @@ from gpuforge.kernels.triton._host import interpreted, operand
 def _paged_decode_split_kernel(
     q_ptr,  # (B, Hq, Sq, D) queries, unit stride along D
     k_cache_ptr, v_cache_ptr,  # (num_blocks, block_size, Hkv, D) pages, unit stride along D
-    block_table_ptr,  # (B, max_blocks) int32 page numbers
-    seq_lens_ptr,  # (B,) int32 tokens in the cache per sequence
+    block_table_ptr,  # (B, max_blocks) int32 page numbers, any strides
+    seq_lens_ptr,  # (B,) int32 tokens in the cache per sequence, any stride
     part_out_ptr,  # (B, Hq, Sq, num_splits, D) fp32 normalised partial outputs (contiguous)
     part_lse_ptr,  # (B, Hq, Sq, num_splits) fp32 log2-sum-exp of each split, -inf when it holds no token
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
-    stride_tb,
+    stride_tb, stride_tn,
+    stride_l,
     num_heads, group, num_new, head_dim, block_size, num_splits, scale_log2,
     PARTITION: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -47,7 +48,7 @@ def _paged_decode_split_kernel(
     d_ok = offs_d < head_dim
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + new[:, None] * stride_qs + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-    seq_len = tl.load(seq_lens_ptr + b)
+    seq_len = tl.load(seq_lens_ptr + b * stride_l)
     row_len = seq_len - (num_new - 1 - new)  # causal among the new tokens (bottom-right aligned)
     lo = split * PARTITION
     hi = tl.minimum(lo + PARTITION, seq_len)
@@ -57,7 +58,8 @@ def _paged_decode_split_kernel(
     for start in range(lo, hi, BLOCK_N):
         tokens = start + offs_n
         tok_ok = tokens < hi
-        page = tl.load(block_table_ptr + b * stride_tb + tokens // block_size, mask=tok_ok, other=0).to(tl.int64)
+        page = tl.load(block_table_ptr + b * stride_tb + (tokens // block_size) * stride_tn, mask=tok_ok,
+                       other=0).to(tl.int64)
         row = tokens % block_size
         kv_mask = tok_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + page[:, None] * stride_kb + row[:, None] * stride_kt + hk * stride_kh
@@ -132,7 +134,7 @@ def forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     _paged_decode_split_kernel[(batch, heads_kv, num_splits)](
         q, k_cache, v_cache, block_table, seq_lens, part_out, part_lse,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), *block_table.stride(), seq_lens.stride(0),
         heads_q, group, num_new, head_dim, block_size, num_splits, scale * LOG2E,
         PARTITION=partition, BLOCK_G=max(16, triton.next_power_of_2(group * num_new)), BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=num_warps)

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from gpuforge.parallel.checkpoint.sharded import commit_checkpoint, read_metadata
+from gpuforge.parallel.checkpoint.sharded import commit_checkpoint, load_file, read_metadata
 from gpuforge.parallel.comm.group import GroupComm
 from gpuforge.parallel.data_parallel.flat import flat_views, flatten_padded
 from gpuforge.parallel.model_parallel.tp_layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
-FORMAT = "gpuforge-full-model/1"
+FORMAT = "gpuforge-full-model/2"
 MOMENTS = ("exp_avg", "exp_avg_sq")
 TP_DIM = {"column": 0, "row": 1, "vocab": 0}  # the dimension a layout splits; "replicated" splits none
 
@@ -138,7 +138,7 @@ def _read(path, config) -> tuple[dict, dict, dict]:
     meta = read_metadata(path, FORMAT)
     if meta["config"] != dataclasses.asdict(config):
         raise ValueError(f"checkpoint config {meta['config']} differs from the model's {dataclasses.asdict(config)}")
-    parts = [torch.load(path / f"part-{s}.pt", weights_only=True) for s in range(meta["parts"])]
+    parts = [load_file(path / f"part-{s}.pt", meta, ("params", "step", "hyper")) for s in range(meta["parts"])]
     joined = {key: {k: v for part in parts for k, v in part[key].items()} for key in ("params", *MOMENTS)
               if key in parts[0]}
     return meta, joined.pop("params"), {"step": parts[0]["step"], "hyper": parts[0]["hyper"], **joined}
@@ -181,6 +181,9 @@ def load_full_model(path, model, optimizer: torch.optim.Optimizer) -> int:
     if set(named) != set(params):
         raise ValueError(f"checkpoint parameters {sorted(set(params) ^ set(named))} do not match the model's")
     for name, p in named.items():
+        if params[name].shape != p.shape:
+            raise ValueError(f"checkpoint: parameter {name} has shape {tuple(params[name].shape)} there, "
+                             f"{tuple(p.shape)} in the model")
         p.copy_(params[name])
     names = {id(p): n for n, p in named.items()}
     group = optimizer.param_groups[0]["params"]

@@ -12,13 +12,16 @@ world size, another layout) is state.py's; this module is the crash-safe protoco
     root/step-00000004/          complete checkpoints: shard-<rank>.pt, rank0.pt, metadata.json
     root/step-00000006.tmp/      a save in progress, or one a kill interrupted: never read, removed later
 
-1. every rank writes its files into <dir>.tmp; barrier; rank 0 fsyncs them and writes metadata.json LAST;
+1. every rank writes its files into <dir>.tmp; barrier; rank 0 fsyncs them, records each file's SHA-256 and
+   writes metadata.json LAST;
 2. rank 0 renames <dir>.tmp -> <dir> (atomic);
 3. rank 0 writes root/latest.tmp, fsyncs it and os.replace()s it onto root/latest (atomic);
 4. only then are the other directories removed, except the `keep` - 1 newest before the new one (leftover .tmp
    directories and unpublished ones of a later step go too).
 A kill before 3 leaves `latest` naming the previous checkpoint, which nothing has touched since it was
 published; from 3 on it names the new one, complete. So at every instant `latest` names a complete checkpoint.
+Loading verifies every file it reads against its recorded digest (a flipped byte is an error naming the file),
+the shapes against the model's, and the optimizer's class against the saving one's.
 Steps 1-2 (`write_directory_atomically`) and 1-4 (`commit_checkpoint`) are reusable for other layouts. The
 fault points ckpt-files-written, ckpt-before-metadata, ckpt-before-rename, ckpt-before-latest and
 ckpt-before-prune (faults.py) let tests kill a rank between the steps.
@@ -26,6 +29,8 @@ ckpt-before-prune (faults.py) let tests kill a rank between the steps.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -37,7 +42,7 @@ import torch
 from gpuforge.parallel.checkpoint import state as checkpoint_state
 from gpuforge.parallel.checkpoint.faults import fail_point
 
-FORMAT = "gpuforge-checkpoint/1"
+FORMAT = "gpuforge-checkpoint/2"
 _STEP_DIR = re.compile(r"step-(\d+)$")
 
 
@@ -72,10 +77,12 @@ def write_directory_atomically(path, comm, write_files, metadata: dict) -> Path:
     fail_point("ckpt-files-written", comm.rank)
     comm.barrier()
     if comm.rank == 0:
-        for f in tmp.iterdir():
+        digests = {}
+        for f in sorted(tmp.iterdir()):
             _fsync(f)
+            digests[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
         fail_point("ckpt-before-metadata", comm.rank)
-        _write_synced(tmp / "metadata.json", json.dumps(metadata, indent=1))
+        _write_synced(tmp / "metadata.json", json.dumps({**metadata, "files": digests}, indent=1))
         _fsync(tmp)
         fail_point("ckpt-before-rename", comm.rank)
         os.rename(tmp, path)
@@ -85,8 +92,15 @@ def write_directory_atomically(path, comm, write_files, metadata: dict) -> Path:
 
 
 def _latest_name(root: Path) -> str | None:
+    """The checkpoint directory name root/latest holds: a step-NNNNNNNN name inside root, nothing else (a
+    pointer to another directory, or a path, is refused)."""
     pointer = root / "latest"
-    return pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    if not _STEP_DIR.fullmatch(name):
+        raise ValueError(f"root: {pointer} must name a step-NNNNNNNN directory of {root}, got {name!r}")
+    return name
 
 
 def latest_checkpoint(root) -> Path | None:
@@ -149,19 +163,49 @@ def save_checkpoint(root, step: int, model, optimizer, comm, *, extra: dict | No
             torch.save(rank0, tmp / "rank0.pt")
 
     meta = {"format": FORMAT, "step": step, "world_size": comm.world_size, "layout": layout,
-            "groups": checkpoint_state.describe(groups), "extra": extra or {}}
+            "optimizer": checkpoint_state.optimizer_kind(groups), "groups": checkpoint_state.describe(groups),
+            "extra": extra or {}}
     return commit_checkpoint(root, step, comm, write_files, meta, keep=keep)
 
 
 def read_metadata(path: Path, expected_format: str) -> dict:
     """A complete checkpoint's metadata.json (written last, so its presence means complete), format checked."""
+    path = Path(path)
     meta_file = path / "metadata.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"path: {path} is not a complete checkpoint (no metadata.json)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format") != expected_format:
-        raise ValueError(f"path: {path} has format {meta.get('format')!r}, expected {expected_format!r}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{meta_file}: not a readable checkpoint metadata file ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{meta_file}: format {found!r}, expected {expected_format!r}")
+    if not isinstance(meta.get("files"), dict):
+        raise ValueError(f"{meta_file}: no file digests ('files'); not a {expected_format} checkpoint")
     return meta
+
+
+def load_file(path: Path, meta: dict, expected_keys: tuple[str, ...]) -> dict:
+    """torch.load (weights_only) of one checkpoint file after checking its SHA-256 against the metadata; every
+    failure (missing, corrupted, unreadable, wrong contents) is a ValueError naming the file."""
+    path = Path(path)
+    expected = meta["files"].get(path.name)
+    if expected is None:
+        raise ValueError(f"{path}: not listed in the checkpoint's metadata.json")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror})") from None
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"{path}: its SHA-256 differs from the one recorded at save time; the file is corrupted")
+    try:
+        content = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is reported with the file's name
+        raise ValueError(f"{path}: not a readable checkpoint file ({type(err).__name__}: {err})") from None
+    if not isinstance(content, dict) or not set(expected_keys) <= set(content):
+        raise ValueError(f"{path}: expected a dict with keys {list(expected_keys)}")
+    return content
 
 
 def load_checkpoint(path, model, optimizer, comm=None) -> dict:
@@ -172,11 +216,14 @@ def load_checkpoint(path, model, optimizer, comm=None) -> dict:
     meta = read_metadata(path, FORMAT)
     rank, world = (0, 1) if comm is None else (comm.rank, comm.world_size)
     _, module, groups = checkpoint_state.layout_of(model, optimizer, rank, world)
+    kind = checkpoint_state.optimizer_kind(groups)
+    if meta.get("optimizer") != kind:
+        raise ValueError(f"optimizer: the checkpoint {path} was saved with {meta.get('optimizer')}, this run steps "
+                         f"{kind}; its state cannot be loaded into another optimizer")
     # on the host: pieces saved from different GPUs are joined there, then copied to this rank's device
-    shards = [torch.load(path / f"shard-{r}.pt", map_location="cpu", weights_only=True)
-              for r in range(meta["world_size"])]
+    shards = [load_file(path / f"shard-{r}.pt", meta, ("pieces", "rng")) for r in range(meta["world_size"])]
     values, state = checkpoint_state.assemble(meta["groups"], shards)
-    rank0 = torch.load(path / "rank0.pt", map_location="cpu", weights_only=True)
+    rank0 = load_file(path / "rank0.pt", meta, ("scalars", "param_groups", "untrained"))
     checkpoint_state.restore(module, groups, values, state, rank0)
     if meta["world_size"] == world:
         torch.set_rng_state(shards[rank]["rng"])

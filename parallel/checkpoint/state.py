@@ -154,6 +154,12 @@ def export_rank0(module: torch.nn.Module, groups: list[FlatGroup]) -> dict:
     return {"scalars": scalars, "param_groups": hyper, "untrained": _untrained(module)}
 
 
+def optimizer_kind(groups: list[FlatGroup]) -> str:
+    """The class of the torch optimizer that steps the parameters (inside ZeRO: the one it wraps)."""
+    cls = type(groups[0].optimizer)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def describe(groups: list[FlatGroup]) -> list[dict]:
     """The groups' names and shapes, for metadata.json."""
     return [{"names": g.names, "shapes": [list(s) for s in g.shapes]} for g in groups]
@@ -240,10 +246,19 @@ def restore(module: torch.nn.Module, groups: list[FlatGroup], values: dict, stat
     if expected != values.keys():
         raise ValueError(f"checkpoint: parameters differ from the model's: only in the checkpoint "
                          f"{sorted(values.keys() - expected)}, only in the model {sorted(expected - values.keys())}")
+    for g in groups:
+        for name, shape in zip(g.names, g.shapes, strict=True):
+            if tuple(values[name].shape) != tuple(shape):
+                raise ValueError(f"checkpoint: parameter {name} has shape {tuple(values[name].shape)} there, "
+                                 f"{tuple(shape)} in the model")
     untrained, saved_untrained = _untrained(module), rank0["untrained"]
     if untrained.keys() != saved_untrained.keys():
         raise ValueError(f"checkpoint: buffers / frozen parameters {sorted(saved_untrained)} differ from the "
                          f"model's {sorted(untrained)}")
+    for name, t in untrained.items():
+        if tuple(saved_untrained[name].shape) != tuple(t.shape):
+            raise ValueError(f"checkpoint: {name} has shape {tuple(saved_untrained[name].shape)} there, "
+                             f"{tuple(t.shape)} in the model")
     for name, t in untrained.items():
         t.copy_(saved_untrained[name])
     for g in groups:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from gpuforge.parallel.comm.communicator import Communicator, Group
+from gpuforge.parallel.comm.config_check import check_same_config, tensors_fingerprint
 
 
 class GroupComm:
@@ -55,6 +56,16 @@ class GroupComm:
         out = torch.empty((front.shape[0] // self.size, *front.shape[1:]), dtype=t.dtype, device=t.device)
         self.comm.reduce_scatter(out, front, group=self._g())
         return out.movedim(0, dim)
+
+    def check_same_config(self, owner: str, device, **fields) -> None:
+        """config_check.check_same_config over this group (one all-gather): every rank raises on a mismatch."""
+        check_same_config(self.comm, self._g(), owner, device, **fields)
+
+    def check_same_module(self, owner: str, module: torch.nn.Module, **fields) -> None:
+        """The same, with the shapes and dtypes of every parameter and buffer of `module` in the fields."""
+        tensors = list(module.parameters()) + list(module.buffers())
+        device = tensors[0].device if tensors else torch.device("cpu")
+        self.check_same_config(owner, device, tensors=tensors_fingerprint(tensors), **fields)
 
     def isend(self, t: torch.Tensor, peer: int):
         """Non-blocking send to group rank `peer`; returns the Work to wait on."""

@@ -1,8 +1,9 @@
 """`TorchComm`: the communicator on torch.distributed (gloo for CPU tensors, NCCL for CUDA tensors).
 
 Every call is launched with async_op=True and its `Work` polled with `is_completed()` against our deadline
-(see communicator.py), so gloo and NCCL get the same timeout and flight-recorder behaviour. The process group's own
-timeout is set longer than ours, so ours fires first with the better message. gloo has no AVG reduction:
+(see communicator.py), so gloo and NCCL get the same timeout and flight-recorder behaviour. The process
+group's own timeout is ours plus PG_TIMEOUT_SLACK_S, so ours fires first with the better message and the
+teardown after a timeout waits at most that long. gloo has no AVG reduction:
 avg is a sum divided by the group size when the work completes. gloo's reduce_scatter_tensor only runs
 inside `wait()` (its `is_completed()` stays False, so it cannot be polled against a deadline): on CPU tensors
 reduce_scatter is an all-reduce of a copy of the input, then the rank's chunk is copied out. The ledger
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from gpuforge.parallel.comm.communicator import Communicator, Group
 
+PG_TIMEOUT_SLACK_S = 5.0
 _TORCH_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
               "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}
 
@@ -78,7 +80,9 @@ class TorchComm(Communicator):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            pg_timeout = datetime.timedelta(seconds=opts.get("timeout", 300.0) + 60)
+            # a little longer than ours, so ours fires first with the better message; not much longer, because
+            # tearing the group down after a timeout waits for the stuck collective until this one expires
+            pg_timeout = datetime.timedelta(seconds=opts.get("timeout", 300.0) + PG_TIMEOUT_SLACK_S)
             dist.init_process_group(backend, rank=rank, world_size=world, timeout=pg_timeout,
                                     device_id=device if device.type == "cuda" else None)
         return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, **opts)

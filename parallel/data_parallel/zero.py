@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.parallel.comm.config_check import check_same_config, shapes_fingerprint
+from gpuforge.parallel.comm.config_check import check_same_config, hyperparameters_fingerprint, shapes_fingerprint
 from gpuforge.parallel.comm.ledger import MemoryLedger, optimizer_state_bytes, tensor_bytes
 from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
 from gpuforge.parallel.data_parallel.flat import bind_grad, flat_views, flatten_padded
@@ -77,7 +77,8 @@ class ZeroRedundancyOptimizer:
         self.padded = self.shard_size * self.world
         check_same_config(comm, group, "ZeroRedundancyOptimizer", self.device, zero_stage=zero_stage, world=self.world,
                           numel=self.numel, shapes=shapes_fingerprint(self.params), param_dtype=self.param_dtype,
-                          reduce_dtype=self.reduce_dtype, master_dtype=self.master_dtype, offload=bool(offload))
+                          reduce_dtype=self.reduce_dtype, master_dtype=self.master_dtype, offload=bool(offload),
+                          hyperparameters=hyperparameters_fingerprint(optimizer_class, defaults))
         src = group.ranks[0] if group is not None else 0
         with torch.no_grad():
             for p in self.params:

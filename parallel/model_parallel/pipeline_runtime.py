@@ -97,9 +97,16 @@ class PipelineExecutor:
         if self.comm.size != stage.num_stages or self.comm.rank != stage.index:
             raise ValueError(f"stage {stage.index} of {stage.num_stages} needs a group of {stage.num_stages} ranks "
                              f"with it at rank {stage.index}; got rank {self.comm.rank} of {self.comm.size}")
+        config = stage.config
+        self.dtype = next(stage.parameters()).dtype
+        # every stage cut from the same model, run with the same schedule (a layer-count or hidden-size
+        # mismatch would otherwise hang in a receive of the wrong size)
+        self.comm.check_same_config("PipelineExecutor", next(stage.parameters()).device, schedule=schedule,
+                                    num_microbatches=num_microbatches, dtype=self.dtype,
+                                    **{k: getattr(config, k) for k in ("n_layers", "dim", "vocab_size", "n_heads",
+                                                                       "n_kv_heads", "hidden_dim")})
         self.actions = make_schedule(schedule, stage.num_stages, num_microbatches)[stage.index]
         self.activation_shape_fn = activation_shape_fn or (lambda tokens: (*tokens.shape, stage.config.dim))
-        self.dtype = next(stage.parameters()).dtype
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of the whole batch as m micro-batches. Returns the mean loss on the last

@@ -62,6 +62,7 @@ class ParallelMultiHeadAttention(nn.Module):
 def tensor_parallelize_dit(model: nn.Module, comm: GroupComm) -> nn.Module:
     """Shard a TinyDiT's blocks over `comm` in place; returns the model (same forward, same full output)."""
     check_dit_tp_config(model, comm.size)
+    comm.check_same_module("tensor_parallelize", model, blocks=len(model.blocks))
     for block in model.blocks:
         block.self_attn = ParallelMultiHeadAttention(block.self_attn, comm)
         block.cross_attn = ParallelMultiHeadAttention(block.cross_attn, comm)

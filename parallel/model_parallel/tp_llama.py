@@ -42,6 +42,11 @@ class TensorParallelLM(nn.Module):
         super().__init__()
         config = model.config
         check_tp_config(config, comm.size)
+        # the full model on every rank, same sizes and dtypes (a vocab or hidden-size mismatch would otherwise
+        # train silently or abort one rank inside a collective)
+        comm.check_same_module("tensor_parallelize", model, sequence_parallel=sequence_parallel,
+                               **{k: getattr(config, k) for k in ("vocab_size", "dim", "n_layers", "n_heads",
+                                                                  "n_kv_heads", "hidden_dim")})
         self.config, self.comm, self.sequence_parallel = config, comm, sequence_parallel
         reduce = "reduce_scatter" if sequence_parallel else "all_reduce"
         self.tok_embeddings = VocabParallelEmbedding.from_embedding(

@@ -14,7 +14,7 @@ import gpuforge as gf
 from gpuforge.kernels import backends
 from gpuforge.kernels import flash_attention as fa
 from gpuforge.kernels._selfcheck import outputs_and_grads
-from tests.helpers import assert_close_rel
+from tests.helpers import assert_close_rel, max_rel_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TRITON = backends.is_available("triton")[0] and backends.runs_on("triton", DEVICE)
@@ -436,3 +436,87 @@ def test_gpu_cuda_misaligned_rows_fall_back_to_baseline(dtype):
     ref_out, ref_lse = fa.attention_math(q.double(), k.double(), v.double(), 128 ** -0.5, -1, 0)
     assert_close_rel(out, ref_out, {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype], "out")
     assert_close_rel(lse, ref_lse, 1e-5, "lse")
+
+
+# --- varlen offsets: never read or leave rows outside the packed tensors -----------------------------------
+
+ATTENTION_BACKENDS = ["torch"] + (["triton"] if TRITON else [])
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("cu_q, max_q, match", [
+    ([0, 3, 9], 6, "cu_seqlens_q: expected the last offset to be the packed length 8, got 9"),  # past the end
+    ([0, 5, 8], 6, None),  # the valid layout, for contrast
+    ([0, 6, 3, 8], 6, "cu_seqlens_q: expected non-decreasing offsets, found a step of -3"),  # unsorted
+    ([0, 3, 6], 6, "cu_seqlens_q: expected the last offset to be the packed length 8, got 6"),  # rows 6, 7 unowned
+    ([1, 3, 8], 6, r"cu_seqlens_q: expected offsets starting at 0, got cu_seqlens_q\[0\] = 1"),
+    ([0, 5, 8], 4, "max_seqlen_q: 4 is less than the longest sequence, 5 rows"),  # understated maximum
+])
+def test_varlen_offsets_are_checked(backend, cu_q, max_q, match):
+    q, k = make((8, 2, 16)), make((8, 2, 16))
+    cu_q = torch.tensor(cu_q, dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0] + [8] * (len(cu_q) - 1), dtype=torch.int32, device=DEVICE)
+    call = lambda: gf.flash_attention_varlen(q, k, k, cu_q, cu_k, max_q, 8, backend=backend)  # noqa: E731
+    if match is None:
+        assert torch.isfinite(call()).all()
+    else:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+def test_varlen_strided_offsets(backend):
+    """cu_seqlens views with a stride (every other element of a longer tensor) are read as the values they hold."""
+    q, k, v = make((12, 2, 16)), make((10, 1, 16)), make((10, 1, 16))
+    cu_q = torch.tensor([0, -7, 5, -7, 12], dtype=torch.int32, device=DEVICE)[::2]
+    cu_k = torch.tensor([0, -7, 4, -7, 10], dtype=torch.int32, device=DEVICE)[::2]
+    assert cu_q.stride() == (2,)
+    got = gf.flash_attention_varlen(q, k, v, cu_q, cu_k, 7, 6, causal=True, backend=backend)
+    want = gf.flash_attention_varlen(q, k, v, cu_q.contiguous(), cu_k.contiguous(), 7, 6, causal=True,
+                                     backend="torch")
+    assert_close_rel(got, want.double(), FP32_TOL)
+
+
+# --- causal alignment: bottom-right (FlashAttention-2) and top-left (SDPA's is_causal) -----------------------
+
+@pytest.mark.parametrize("backend", ATTENTION_BACKENDS)
+@pytest.mark.parametrize("sq, sk", [(5, 11), (11, 5), (7, 7)])
+def test_top_left_causal_is_sdpa_is_causal(backend, sq, sk):
+    """causal="top_left" equals SDPA's is_causal=True (query i sees keys 0..i), forward and backward, also
+    when Sq != Sk, where it differs from causal=True."""
+    q, k, v, dout = make((1, 2, sq, 16)), make((1, 2, sk, 16)), make((1, 2, sk, 16)), make((1, 2, sq, 16))
+    got = run_with_grads(lambda *t: gf.flash_attention(*t, causal="top_left", backend=backend), q, k, v, dout)
+    sdpa = lambda *t: torch.nn.functional.scaled_dot_product_attention(*t, is_causal=True)  # noqa: E731
+    want = run_with_grads(sdpa, q.double(), k.double(), v.double(), dout.double())
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        assert_close_rel(g, w, FP32_TOL, name)
+    bottom_right = gf.flash_attention(q, k, v, causal=True, backend=backend)
+    assert torch.equal(bottom_right, got[0]) == (sq == sk)
+
+
+def test_causal_alignment_names_are_checked():
+    q = make((1, 1, 3, 8))
+    with pytest.raises(ValueError, match="causal: expected a bool or one of"):
+        gf.flash_attention(q, q, q, causal="upper_left")
+    with pytest.raises(ValueError, match="window: is measured from the bottom-right diagonal"):
+        gf.flash_attention(q, make((1, 1, 5, 8)), make((1, 1, 5, 8)), causal="top_left", window=(2, 0))
+    cu = torch.tensor([0, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="causal: flash_attention_varlen aligns each sequence bottom-right"):
+        gf.flash_attention_varlen(q[0].transpose(0, 1), q[0].transpose(0, 1), q[0].transpose(0, 1), cu, cu, 3, 3,
+                                  causal="top_left")
+
+
+def test_torch_backend_gradients_with_large_logits_match_sdpa():
+    """Logits of size ~90 in float32: the torch backend's gradients stay within 2x SDPA's own float32 error
+    (recomputing P as exp(S − LSE) put them at 5-14x)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, dout = (torch.randn(1, 2, 24, 32, generator=g) * s for s in (9.5, 9.5, 1.0, 1.0))
+    ours = run_with_grads(lambda *t: gf.flash_attention(*t, backend="torch"), q, k, v, dout)
+    sdpa32 = run_with_grads(torch.nn.functional.scaled_dot_product_attention, q, k, v, dout)
+    exact = run_with_grads(torch.nn.functional.scaled_dot_product_attention, q.double(), k.double(), v.double(),
+                           dout.double())
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(32)
+    assert scores.abs().max() > 60
+    for name, o, s, e in zip(("out", "dq", "dk", "dv"), ours, sdpa32, exact, strict=True):
+        ours_err, sdpa_err = max_rel_error(o, e), max_rel_error(s, e)
+        assert ours_err <= 2 * sdpa_err + 1e-7, f"{name}: {ours_err:.2e} vs SDPA {sdpa_err:.2e}"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import gpuforge as gf
 from gpuforge.kernels.matmul import BACKENDS
-from tests.helpers import REL_TOL_GPU_FP32_DOT, assert_close_rel
+from tests.helpers import REL_TOL_GPU_FP32_DOT, assert_close_rel, max_rel_error
 
 # Errors grow ~sqrt(K) · unit roundoff; these hold for K ≤ ~200 (fp16/bf16 round the output once).
 DTYPE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -249,3 +249,36 @@ def test_gpu_backward(backend, dtype):
     limit = 2 * tol(backend, dtype, a.device)  # dB sums over 384 rows
     assert_close_rel(a.grad, a64.grad, limit, "dA")
     assert_close_rel(b.grad, b64.grad, limit, "dB")
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_backward_with_k_zero(backend, device):
+    """(5, 0) @ (0, 10): the product is zeros and so are both gradients (the backward's reshape used to fail)."""
+    a = torch.randn(5, 0, device=device, requires_grad=True)
+    b = torch.randn(0, 10, device=device, requires_grad=True)
+    y = gf.matmul(a, b, backend=backend)
+    y.backward(torch.randn_like(y))
+    assert y.shape == (5, 10) and not y.any()
+    assert a.grad.shape == (5, 0) and b.grad.shape == (0, 10)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
+def test_fp16_backward_of_a_broadcast_operand_is_summed_in_fp32(backend, device):
+    """A (1, 10) operand broadcast over a (5, 5) batch: its gradient sums 25 products; within 2x torch's own fp16
+    error (the per-batch products rounded to fp16 before the sum gave 4.7x)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1, 10, generator=g).to(device=device, dtype=torch.float16)
+    b = torch.randn(5, 5, 10, 5, generator=g).to(device=device, dtype=torch.float16)
+    grad = torch.randn(5, 5, 1, 5, generator=g).to(device=device, dtype=torch.float16)
+
+    def grads(fn, x, y, dy):
+        x, y = x.detach().requires_grad_(), y.detach().requires_grad_()
+        fn(x, y).backward(dy)
+        return x.grad, y.grad
+
+    ours = grads(lambda x, y: gf.matmul(x, y, backend=backend), a, b, grad)
+    theirs = grads(torch.matmul, a, b, grad)
+    exact = grads(torch.matmul, a.double(), b.double(), grad.double())
+    for name, o, t, e in zip(("da", "db"), ours, theirs, exact, strict=True):
+        assert o.dtype == torch.float16
+        assert max_rel_error(o, e) <= 2 * max_rel_error(t, e) + 1e-4, name

@@ -143,3 +143,62 @@ def test_gpu_long_contexts(dtype):
     lens = [4096, 1, 3000, 8191, 517, 2048, 16, 12345]
     inputs = pa.random_paged_cache(8, 32, 8, 128, 16, lens, dtype, "cuda")
     assert_close_rel(gf.paged_attention(*inputs, backend="triton"), reference64(*inputs, 128 ** -0.5), TOL[dtype])
+
+
+# --- index tensors: never read outside the cache -----------------------------------------------------------
+
+PAGED_BACKENDS = ["torch"] + (["triton"] if TRITON else [])
+
+
+def _small_cache(num_blocks=5, block_size=4, lens=(7, 3)):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(len(lens), 4, 8, generator=g).to(DEVICE)
+    cache = torch.randn(num_blocks, block_size, 2, 8, generator=g).to(DEVICE)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32, device=DEVICE)
+    return q, cache, table, torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+@pytest.mark.parametrize("page", [5, -1, 1_000_000], ids=["one-past-the-end", "minus-one", "far-outside"])
+def test_a_page_outside_the_cache_is_an_error_not_a_read(backend, page):
+    q, cache, table, lens = _small_cache()
+    table[0, 1] = page  # sequence 0 has 7 tokens in pages of 4: it uses entry 1
+    with pytest.raises(ValueError, match=rf"block_table: 1 page number\(s\) .* outside the cache's 0..4; "
+                                         rf"first at \[0, 1\] = {page}"):
+        gf.paged_attention(q, cache, cache, table, lens, backend=backend)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+def test_unused_entries_may_hold_anything(backend):
+    """Entries past a sequence's pages are never read: −1 (unassigned) there is fine."""
+    q, cache, table, lens = _small_cache()
+    table[1, 1] = -1  # sequence 1 has 3 tokens: one page
+    out = gf.paged_attention(q, cache, cache, table, lens, backend=backend)
+    assert_close_rel(out, reference64(q, cache, cache, table.clamp(min=0), lens, 8 ** -0.5), 2e-5)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+def test_an_empty_cache_with_tokens_is_an_error(backend):
+    q, cache, table, lens = _small_cache()
+    with pytest.raises(ValueError, match="block_table: .* outside the cache's 0..-1"):
+        gf.paged_attention(q, cache[:0], cache[:0], table, lens, backend=backend)
+
+
+@pytest.mark.parametrize("backend", PAGED_BACKENDS)
+def test_strided_block_table_and_seq_lens(backend):
+    """A transposed block table and a strided seq_lens are read through their strides."""
+    q, cache, table, lens = _small_cache(num_blocks=6)
+    table_t = torch.tensor([[4, 2], [0, 5]], dtype=torch.int32, device=DEVICE).T  # rows [4, 0], [2, 5]
+    lens_strided = torch.tensor([7, 99, 3, 99], dtype=torch.int32, device=DEVICE)[::2]
+    assert table_t.stride() == (1, 2) and lens_strided.stride() == (2,)
+    out = gf.paged_attention(q, cache, cache, table_t, lens_strided, backend=backend)
+    want = reference64(q, cache, cache, table_t.contiguous(), lens_strided.contiguous(), 8 ** -0.5)
+    assert_close_rel(out, want, 2e-5)
+
+
+def test_check_inputs_is_a_bool_and_can_be_turned_off():
+    q, cache, table, lens = _small_cache()
+    with pytest.raises(TypeError, match="check_inputs: expected a bool"):
+        gf.paged_attention(q, cache, cache, table, lens, check_inputs=1)
+    out = gf.paged_attention(q, cache, cache, table, lens, check_inputs=False, backend="torch")
+    assert_close_rel(out, reference64(q, cache, cache, table, lens, 8 ** -0.5), 1e-6)

@@ -284,3 +284,14 @@ def test_benchmark_cases_compute_the_reference():
         assert set(case.fns) >= set(backend_params())
         for label, fn in case.fns.items():
             assert max_rel_error(fn(*inputs), want) <= BWD_TOL[case.dtype], (case.shape, label)
+
+
+def test_preferred_backend_without_the_dtype_falls_back(monkeypatch, device):
+    """GPUFORGE_BACKEND=numba is a preference: a bfloat16 input (numba has none) takes another backend under
+    backend="auto" instead of raising."""
+    monkeypatch.setenv("GPUFORGE_BACKEND", "numba")
+    x = torch.randn(3, 17, device=device, dtype=torch.bfloat16)
+    assert BACKENDS.select("auto", x.device, dtype=x.dtype) != "numba"
+    assert torch.allclose(gf.softmax(x).float(), torch.softmax(x.float(), -1), atol=1e-2)
+    if "numba" in BACKENDS.runnable(x.device):
+        assert BACKENDS.select("auto", x.device, dtype=torch.float32) == "numba"

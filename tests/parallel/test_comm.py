@@ -136,3 +136,39 @@ def test_bad_arguments_are_named():
     assert "must have one dtype" in errors[2]
     assert "contiguous" in errors[3]
     assert "src must be a global rank" in errors[4]
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "nan", "inf"])
+def test_comm_timeout_from_the_environment_is_checked(monkeypatch, value):
+    """GPUFORGE_COMM_TIMEOUT must be a positive number of seconds: 0 or −5 would make every collective time out
+    at once; the error names the variable (before any process group is made)."""
+    from gpuforge.parallel.comm import init_comm
+
+    monkeypatch.setenv("GPUFORGE_COMM_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"GPUFORGE_COMM_TIMEOUT: expected a positive number of seconds, got "
+                                         f"'{value}'"):
+        init_comm("torch")
+    with pytest.raises(ValueError, match="timeout: expected a positive number of seconds"):
+        init_comm("torch", timeout=0)
+
+
+def _teardown_after_timeout(comm):
+    """Rank 0 times out in an all-reduce rank 1 never joins, then tears the group down while rank 1 is still
+    busy; returns how long the teardown took."""
+    from gpuforge.parallel.comm import CommTimeoutError
+
+    if comm.rank == 1:
+        time.sleep(12)
+        return None
+    with pytest.raises(CommTimeoutError):
+        comm.all_reduce(torch.ones(4))
+    start = time.monotonic()
+    comm.destroy()
+    return time.monotonic() - start
+
+
+def test_teardown_after_a_timeout_does_not_wait_for_the_stuck_collective():
+    """The process group's own timeout is ours plus a few seconds, so destroying it after our timeout fired
+    waits at most those seconds (it used to wait until the peer returned, up to a minute)."""
+    teardown = run_distributed(_teardown_after_timeout, 2, comm_timeout=2)[0]
+    assert teardown < 7.0, f"teardown took {teardown:.1f}s"

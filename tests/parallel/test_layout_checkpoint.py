@@ -84,5 +84,5 @@ def test_incomplete_or_foreign_checkpoints_are_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="no metadata.json"):
         load_full_model(tmp_path, model, optimizer)
     (tmp_path / "metadata.json").write_text(json.dumps({"format": "zero-sharded"}))
-    with pytest.raises(ValueError, match="has format 'zero-sharded'"):
+    with pytest.raises(ValueError, match="metadata.json: format 'zero-sharded'"):
         load_full_model(tmp_path, model, optimizer)

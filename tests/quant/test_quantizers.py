@@ -58,3 +58,24 @@ def test_awq_stores_scales_and_computes_the_same_function():
     # the dequantized weight approximates W itself (the in_scales are divided back out)
     error = (dequantize_int4(q, torch.float64) - w.double()).abs().max()
     assert error < 0.5 * w.abs().max()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+@pytest.mark.parametrize("bad, match", [
+    (float("nan"), "w: expected finite values, found 1 NaN/Inf"),
+    (float("inf"), "w: expected finite values, found 1 NaN/Inf"),
+])
+def test_non_finite_weights_are_rejected(method, bad, match):
+    w, x = _layer_and_activations(0, n=8, k=64)
+    w[3, 5] = bad
+    with pytest.raises(ValueError, match=match):
+        quantize_int4(w, 32, method, None if method == "rtn" else x)
+
+
+@pytest.mark.parametrize("w, match", [
+    (torch.empty(0, 64), r"w: expected a non-empty weight, got shape \(0, 64\)"),
+    (torch.empty(8, 64, device="meta"), "w: a meta tensor has no values to quantize"),
+])
+def test_empty_and_meta_weights_are_rejected(w, match):
+    with pytest.raises(ValueError, match=match):
+        quantize_int4(w, 32)
