@@ -18,17 +18,25 @@ from gpuforge.kernels import _alloc
 from gpuforge.kernels.triton._host import interpreted, upcast_bf16_dot
 
 
-def configs(interpreter: bool) -> list[triton.Config]:
-    """Autotuning space on a GPU (tile shapes of the Triton tutorial's H100 sweep, plus deeper pipelines);
-    a single small config under the interpreter, where tuning would only cost time."""
+# BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps. 16-bit operands: the Triton tutorial's H100 sweep plus deeper
+# pipelines. fp32 (tf32) operands take twice the shared memory per stage and twice the registers per loaded
+# element: `gpuforge inspect` found five of the 16-bit tiles over the 227 KB per-block limit with fp32 (up to
+# 385 KB) and the 4-warp 128x128 ones spilling 56-376 B; these fp32 tiles halve BLOCK_K or the warps' share of
+# the accumulator so that every one fits sm_80's 163 KB without spills.
+TILES_16BIT = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4),
+               (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
+               (64, 64, 64, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2)]
+TILES_FP32 = [(128, 256, 32, 3, 8), (256, 128, 32, 3, 8), (128, 128, 32, 4, 8), (128, 64, 32, 4, 4),
+              (64, 128, 32, 4, 4), (64, 64, 32, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2)]
+
+
+def configs(interpreter: bool, dtype: torch.dtype = torch.float16) -> list[triton.Config]:
+    """Autotuning space on a GPU for operands of `dtype`; a single small config under the interpreter, where
+    tuning would only cost time."""
     if interpreter:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8},
                               num_warps=4, num_stages=1)]
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps
-        (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 4),
-        (128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 32, 4, 4),
-        (64, 64, 64, 4, 4), (64, 32, 32, 5, 2), (32, 64, 32, 5, 2),
-    ]
+    shapes = TILES_FP32 if dtype == torch.float32 else TILES_16BIT
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                           num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in shapes]
@@ -84,10 +92,10 @@ def _matmul_kernel(
 
 
 @functools.cache
-def _tuned(interpreter: bool):
-    """The kernel autotuned over `configs(interpreter)`, built at the first call (the interpreter switch is
-    known then, not at import)."""
-    return triton.autotune(configs=configs(interpreter), key=["M", "N", "K"])(_matmul_kernel)
+def _tuned(interpreter: bool, dtype: torch.dtype):
+    """The kernel autotuned over `configs(interpreter, dtype)`, built at the first call (the interpreter switch
+    is known then, not at import)."""
+    return triton.autotune(configs=configs(interpreter, dtype), key=["M", "N", "K"])(_matmul_kernel)
 
 
 def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -100,7 +108,7 @@ def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), batch
 
-    _tuned(interpreted())[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(),
+    _tuned(interpreted(), a.dtype)[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(),
                                 INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast_bf16_dot(a.dtype))
     return out
 
@@ -112,7 +120,7 @@ def compile_variants() -> list:
 
     out = []
     for dtype in ("float32", "float16", "bfloat16"):
-        for config in configs(interpreter=False):
+        for config in configs(interpreter=False, dtype=getattr(torch, dtype)):
             constexprs = {**config.kwargs, "INPUT_PRECISION": "tf32", "UPCAST_OPERANDS": False}
             pointers = {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype}
             sig = signature(_matmul_kernel, constexprs, pointers, ones=("stride_ak", "stride_bn", "stride_cn"))

@@ -18,28 +18,35 @@ import datetime
 import multiprocessing
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 
 CHUNK = 16  # variants per worker task
 
 
-def _count(module: str) -> int:
+def _selected(module: str, match: str) -> list:
     from gpuforge.profiling.static.triton_aot import module_variants
 
-    return len(module_variants(module))
+    pattern = re.compile(match)
+    return [v for v in module_variants(module) if pattern.search(f"{v.name} {v.label}")]
+
+
+def _count(task) -> int:
+    return len(_selected(*task))
 
 
 def _inspect(task) -> list[dict]:
-    module, start, stop, archs, use_cache = task
-    from gpuforge.profiling.static.triton_aot import inspect_variant, module_variants
+    module, match, start, stop, archs, use_cache = task
+    from gpuforge.profiling.static.triton_aot import inspect_variant
 
-    chosen = module_variants(module)[start:stop]
-    return [inspect_variant(v, cc, use_cache=use_cache) for v in chosen for cc in archs]
+    return [inspect_variant(v, cc, use_cache=use_cache) for v in _selected(module, match)[start:stop]
+            for cc in archs]
 
 
-def triton_records(ops, archs, jobs: int, use_cache: bool = True, log=print) -> list[dict]:
-    """Inspection records of every Triton variant of `ops` (all when empty) on `archs`, in worker processes."""
+def triton_records(ops, archs, jobs: int, use_cache: bool = True, match: str = "", log=print) -> list[dict]:
+    """Inspection records of every Triton variant of `ops` (all when empty) whose "kernel label" matches the
+    regular expression `match`, on `archs`, in worker processes."""
     from gpuforge.profiling.static.triton_aot import TRITON_MODULES
 
     os.environ["TRITON_INTERPRET"] = "0"  # the workers compile for real targets
@@ -47,8 +54,8 @@ def triton_records(ops, archs, jobs: int, use_cache: bool = True, log=print) -> 
     modules = [m for m in TRITON_MODULES if not ops or m in ops]
     context = multiprocessing.get_context("spawn")
     with context.Pool(jobs) as pool:
-        counts = pool.map(_count, modules)
-        tasks = [(m, i, min(i + CHUNK, n), archs, use_cache) for m, n in zip(modules, counts, strict=True)
+        counts = pool.map(_count, [(m, match) for m in modules])
+        tasks = [(m, match, i, min(i + CHUNK, n), archs, use_cache) for m, n in zip(modules, counts, strict=True)
                  for i in range(0, n, CHUNK)]
         records = []
         for done, chunk in enumerate(pool.imap(_inspect, tasks), 1):
@@ -61,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gpuforge inspect", description=__doc__.split("\n")[0])
     parser.add_argument("--ops", nargs="*", default=[], help="Triton kernel modules (default: all)")
     parser.add_argument("--arch", default="80,90,100", help="compute capabilities for Triton, comma-separated")
+    parser.add_argument("--match", default="", help="only Triton variants whose 'kernel label' matches this regex")
     parser.add_argument("--no-cuda", action="store_true", help="skip the CUDA C++ kernels")
     parser.add_argument("--no-cache", action="store_true", help="compile everything again")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling worker processes")
@@ -72,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from gpuforge.profiling.static.checks import problems
 
     archs = [int(a) for a in args.arch.split(",") if a]
-    records = triton_records(args.ops, archs, args.jobs, not args.no_cache, log=print if not args.quiet else
-                             (lambda *a, **k: None))
+    records = triton_records(args.ops, archs, args.jobs, not args.no_cache, args.match,
+                             log=print if not args.quiet else (lambda *a, **k: None))
     if not args.no_cuda:
         records += cuda_aot.extension_records() + cuda_aot.nvrtc_records()
     failing = [r for r in records if problems(r)]
