@@ -106,6 +106,7 @@ def _layout(full: torch.Tensor, query_kept: torch.Tensor, windows) -> MaskLayout
                       int(counts_k[1:].max()) if n_seg else 0)
 
 
+@torch.compiler.disable  # data-dependent sizes: run eagerly, one graph break, instead of a dozen traced pieces
 def gpuforge_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
                   mask_function=None, attention_mask: torch.Tensor | None = None, config=None, **kwargs) -> MaskLayout:
     """AttentionMaskInterface entry: HF's mask for this forward as a MaskLayout (see the module docstring)."""
