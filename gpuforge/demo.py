@@ -1,6 +1,7 @@
 """`python -m gpuforge demo` — the main job: the environment, the correctness check of every op on every
-backend that runs here, a quick benchmark of every op with its plots, and a short 2-process training run of
-each parallel strategy compared with single-process training. Exits non-zero if any part fails."""
+backend that runs here, a quick benchmark of every op with its plots, a tiny HuggingFace Llama patched by
+apply_gpuforge trained beside the unpatched one, and a short 2-process training run of each parallel strategy
+compared with single-process training. Exits non-zero if any part fails."""
 
 from __future__ import annotations
 
@@ -39,6 +40,12 @@ def run_bench(out_dir: Path) -> bool:
     from gpuforge.profiling import cli
 
     return cli.main(["all", "--quick", "--out", str(out_dir)]) == 0
+
+
+def run_hf() -> bool:
+    from gpuforge import hf_demo
+
+    return hf_demo.run()
 
 
 def training_strategies() -> list[str]:
@@ -83,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = [("environment", run_info), ("correctness check", run_check),
              ("quick benchmark", lambda: run_bench(args.out)),
+             ("HuggingFace Llama patched by apply_gpuforge vs unpatched", run_hf),
              (f"parallel training, {args.nproc} processes vs one", lambda: run_training(args.nproc, args.steps))]
     failed = []
     for title, part in parts:

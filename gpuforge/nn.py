@@ -26,11 +26,16 @@ class RMSNorm(torch.nn.Module):
     normalized_shape may span several trailing dims: they are flattened into one, whose RMS is the same.
     eps=None means the epsilon of the compute type (float32 for float16/bfloat16 inputs), as in torch. The
     output has x's dtype (the weight is cast to it); `backend` (keyword only, not in torch's signature) picks
-    the gf backend."""
+    the gf backend. `weight_offset` (keyword only) scales by weight_offset + weight instead of weight: Gemma
+    stores its norm weights as w − 1 (weight_offset=1.0, initialised to 0 so the scale starts at 1)."""
 
     def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
-                 elementwise_affine: bool = True, device=None, dtype=None, *, backend: str = "auto") -> None:
+                 elementwise_affine: bool = True, device=None, dtype=None, *, backend: str = "auto",
+                 weight_offset: float = 0.0) -> None:
         super().__init__()
+        if isinstance(weight_offset, bool) or not isinstance(weight_offset, (int, float)):
+            raise TypeError(f"weight_offset: expected a float, got {type(weight_offset).__name__}")
+        self.weight_offset = float(weight_offset)
         if isinstance(normalized_shape, int):
             normalized_shape = (normalized_shape,)
         self.normalized_shape = tuple(normalized_shape)
@@ -45,7 +50,7 @@ class RMSNorm(torch.nn.Module):
 
     def reset_parameters(self) -> None:
         if self.weight is not None:
-            torch.nn.init.ones_(self.weight)
+            torch.nn.init.constant_(self.weight, 1.0 - self.weight_offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k = len(self.normalized_shape)
@@ -53,7 +58,10 @@ class RMSNorm(torch.nn.Module):
             raise ValueError(f"x: expected trailing dims {self.normalized_shape} (normalized_shape), "
                              f"got shape {tuple(x.shape)}")
         n = math.prod(self.normalized_shape)
-        if self.weight is not None:
+        if self.weight is not None and self.weight_offset:
+            # the offset is added in fp32 (Gemma's own norm forms 1 + w in fp32), then cast to x's dtype for the op
+            weight = (self.weight.reshape(n).float() + self.weight_offset).to(x.dtype)
+        elif self.weight is not None:
             weight = self.weight.reshape(n).to(x.dtype)
         else:
             weight = torch.ones(n, dtype=x.dtype, device=x.device)
@@ -63,7 +71,8 @@ class RMSNorm(torch.nn.Module):
         return y.view(x.shape)
 
     def extra_repr(self) -> str:
-        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+        offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{offset}"
 
 
 class Linear(torch.nn.Linear):

@@ -1,6 +1,7 @@
-"""gpuforge with torch and without Triton or Numba (both optional extras): in a virtualenv that has torch, its
-dependencies and gpuforge but neither triton nor numba, every op runs with backend="torch" and "auto", gf.nn
-works, and every reference model trains a step.
+"""gpuforge with torch and without Triton, Numba or transformers (optional extras): in a virtualenv that has
+torch, its dependencies and gpuforge but no triton, numba or transformers, every op runs with backend="torch"
+and "auto", gf.nn works, every reference model trains a step, and gpuforge.integrations imports (its
+transformers module says transformers is missing).
 
 The virtualenv is real (`python -m venv`, its own interpreter and site-packages); rather than reinstalling
 torch (a minute), its site-packages links to the project venv's installed distributions of torch and its
@@ -89,6 +90,15 @@ SCRIPT = textwrap.dedent("""
             loss.backward()
             trained += 1
     gf.kernelize(reference_models()["tiny_llama"].build())
+    # transformers is an optional extra too: gpuforge and its integrations package import without it
+    import gpuforge.integrations
+    assert importlib.util.find_spec("transformers") is None
+    try:
+        import gpuforge.integrations.transformers
+    except ModuleNotFoundError as err:
+        assert err.name == "transformers", err
+    else:
+        raise AssertionError("gpuforge.integrations.transformers imported without transformers")
     print("ok", len(reference_models()), trained)
 """)
 
