@@ -8,16 +8,20 @@ the cross-entropy that of F.cross_entropy with ignore_index and label_smoothing 
 reduced as F.cross_entropy reduces: "mean" over the tokens that are not ignored (NaN when there are none, as
 torch), "sum", or "none" (N,).
 
-The tokens are processed in chunks of `chunk_size` rows: a chunk's logits (chunk_size × V, in hidden's dtype, as
-lm_head would give) are formed by one GEMM into a reused buffer, and a backend's row kernels turn them into the
-per-token loss and logsumexp (forward) or, in place, into their gradient (backward). The forward keeps only the
-per-token lse (N floats). The backward recomputes each chunk's logits and forms the gradients chunk by chunk:
-dhidden rows = dz @ weight, dweight += dzᵀ @ hidden rows (accumulated in fp32 for fp16/bf16 weights, in vocab
-slices no larger than the chunk buffer, so nothing V × H is allocated but the gradient itself), dbias += Σ dz.
-Recomputing costs one more GEMM than computing the gradients during the forward (as Liger-Kernel does); in
-exchange the gradients are formed only when a backward runs, for the inputs that need them, with the true
-incoming gradient (so reduction="none" and a scaled loss need no extra V × H product), and peak memory is the
-inputs, their gradients and one chunk.
+Forward, in chunks of `chunk_size` tokens: a chunk's logits (chunk_size × V, in hidden's dtype, as lm_head would
+give) are formed by one GEMM into a reused buffer, and a backend's row kernel turns them into each token's loss
+and logsumexp. Only the per-token lse (N floats) is kept for the backward.
+
+Backward, in blocks of vocabulary columns holding as many logits as a forward chunk (chunk_size·V / N columns):
+a block's logits for every token are recomputed by one GEMM, the backend turns them in place into their gradient
+dz (elementwise, given lse), and
+    dweight[block] = dzᵀ @ hidden      (one GEMM over all tokens: rounded once, as torch's own),
+    dbias[block] = Σ_tokens dz,         dhidden += dz @ weight[block]   (fp32, N × H: the only accumulator).
+So nothing V × H is allocated but dweight itself, and nothing N × V at all. Recomputing the logits costs one
+GEMM more than forming the gradients during the forward (Liger-Kernel's way); in exchange the gradients are
+formed only when a backward runs, only for the inputs that need them, with the true incoming gradient
+(reduction="none" and a scaled loss need no extra V × H product), and dweight of an fp16/bf16 weight needs no
+fp32 V × H accumulator.
 
 This module holds the functional API and its checks, the chunked driver (GEMMs in torch, the rows on the chosen
 backend), the torch.library ops (forward and backward, each with a fake) and autograd, the torch reference
@@ -37,10 +41,12 @@ from gpuforge.kernels.dispatch import Implementation, OpBackends
 
 REDUCTIONS = ("mean", "sum", "none")
 
-# Every backend works on one chunk of logits (rows, V), last dim contiguous, target int64 (rows,):
+# Every backend works on logits (rows, width) with a contiguous last dim, target int64 (rows,):
 #   forward(logits, target, ignore_index, label_smoothing, z_loss, softcap) -> (loss fp32 (rows,), lse fp32 (rows,))
-#   backward(logits, target, lse, grad, ignore_index, label_smoothing, z_loss, softcap) -> d logits, in the
-#       logits' dtype (it may overwrite `logits`); grad fp32 (rows,) is each token's incoming gradient.
+#       on whole rows (width = V);
+#   backward(logits, target, lse, grad, col_start, vocab, ignore_index, label_smoothing, z_loss, softcap) -> dz
+#       on the vocabulary columns col_start .. col_start + width, in the logits' dtype (it may overwrite
+#       `logits`); grad fp32 (rows,) is each token's incoming gradient.
 
 
 def _capped(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -58,12 +64,13 @@ def reference_forward(logits, target, ignore_index, label_smoothing, z_loss, sof
     return torch.where(valid, loss, 0.0).to(lse.dtype), lse
 
 
-def reference_backward(logits, target, lse, grad, ignore_index, label_smoothing, z_loss, softcap):
+def reference_backward(logits, target, lse, grad, col_start, vocab, ignore_index, label_smoothing, z_loss, softcap):
     z = _capped(logits, softcap)
+    dz = torch.exp(z - lse[:, None]).mul_((1 + 2 * z_loss * lse)[:, None]).sub_(label_smoothing / vocab)
     valid = target != ignore_index
-    dz = torch.exp(z - lse[:, None]).mul_((1 + 2 * z_loss * lse)[:, None]).sub_(label_smoothing / z.shape[-1])
-    rows = torch.arange(len(target), device=target.device)[valid]
-    dz[rows, target[valid]] -= 1 - label_smoothing
+    hit = valid & (target >= col_start) & (target < col_start + z.shape[-1])
+    rows = torch.arange(len(target), device=target.device)[hit]
+    dz[rows, target[hit] - col_start] -= 1 - label_smoothing
     dz.mul_(torch.where(valid, grad.to(dz.dtype), 0.0)[:, None])
     if softcap is not None:
         dz.mul_(1 - (z / softcap).square())
@@ -90,36 +97,28 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden_size: int) -> int:
 # --- the chunked driver ------------------------------------------------------------------------------------
 
 def _logits_into(buffer: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """rows @ weight.T (+ bias) written into the first len(rows) rows of the reused chunk buffer."""
-    out = buffer[:rows.shape[0]]
+    """rows @ weight.T (+ bias), (len(rows), len(weight)), written into the front of the flat reused buffer."""
+    out = buffer[:rows.shape[0] * weight.shape[0]].view(rows.shape[0], weight.shape[0])
     if bias is None:
         return torch.mm(rows, weight.T, out=out)
     return torch.addmm(bias, rows, weight.T, out=out)
 
 
-def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 accumulation and an fp32 result for fp16/bf16 operands."""
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()
-
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slice_rows: int) -> None:
-    """acc += a @ b. Same dtypes: one in-place GEMM. An fp32 acc of fp16/bf16 products: in slices of at most
-    slice_rows rows of a, so the fp32 temporary stays chunk-sized (a bf16 accumulator would round once per chunk:
-    √chunks times the error of one GEMM)."""
+def _add_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc fp32 (or float64) and a, b possibly fp16/bf16: the products accumulate in fp32."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-        return
-    for start in range(0, a.shape[0], slice_rows):
-        acc[start:start + slice_rows] += _matmul_fp32(a[start:start + slice_rows], b)
+    elif a.is_cuda:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
 def _forward_sweep(impl, hidden, weight, target, bias, options, chunk_size):
     n = hidden.shape[0]
     loss = hidden.new_empty((n,), dtype=compute_dtype(hidden.dtype))
     lse = torch.empty_like(loss)
-    buffer = hidden.new_empty((min(chunk_size, n), weight.shape[0]))
+    buffer = hidden.new_empty(min(chunk_size, n) * weight.shape[0])
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
         logits = _logits_into(buffer, hidden[start:end], weight, bias)
@@ -127,31 +126,33 @@ def _forward_sweep(impl, hidden, weight, target, bias, options, chunk_size):
     return loss, lse
 
 
+def block_columns(n_tokens: int, vocab: int, chunk_size: int) -> int:
+    """Vocabulary columns per backward block: as many logits as a forward chunk of chunk_size tokens."""
+    return vocab if n_tokens <= chunk_size else max(1, chunk_size * vocab // n_tokens)
+
+
 def _backward_sweep(impl, grad, hidden, weight, target, bias, lse, options, chunk_size, needs):
     """(dhidden, dweight, dbias), each an empty tensor where `needs` says it is not wanted."""
     need_dh, need_dw, need_db = needs
     n, vocab = hidden.shape[0], weight.shape[0]
-    dh = hidden.new_empty(hidden.shape if need_dh else (0,))
-    accum = compute_dtype(weight.dtype)
-    dw = weight.new_empty(weight.shape if need_dw else (0,), dtype=accum)
-    db = weight.new_empty((vocab,) if need_db else (0,), dtype=accum)
-    if need_dw or need_db:
-        dw.zero_()
-        db.zero_()
-    buffer = hidden.new_empty((min(chunk_size, n), vocab))
-    slice_rows = max(1, buffer.numel() // max(weight.shape[1], 1))
-    for start in range(0, n if any(needs) else 0, chunk_size):
-        end = min(start + chunk_size, n)
-        rows = hidden[start:end]
-        dz = impl.backward(_logits_into(buffer, rows, weight, bias), target[start:end], lse[start:end],
-                           grad[start:end], *options)
-        if need_dh:
-            torch.mm(dz, weight, out=dh[start:end])
+    accum = compute_dtype(hidden.dtype)
+    dh = torch.zeros(hidden.shape if need_dh else (0,), dtype=accum, device=hidden.device)
+    dw = weight.new_empty(weight.shape if need_dw else (0,))
+    db = weight.new_empty((vocab,) if need_db else (0,))
+    width = block_columns(n, vocab, chunk_size)
+    buffer = hidden.new_empty(n * min(width, vocab))
+    for start in range(0, vocab if any(needs) else 0, width):
+        end = min(start + width, vocab)
+        block = weight[start:end]
+        logits = _logits_into(buffer, hidden, block, bias[start:end] if bias is not None else None)
+        dz = impl.backward(logits, target, lse, grad, start, vocab, *options)
         if need_dw:
-            _accumulate(dw, dz.T, rows, slice_rows)
+            torch.mm(dz.T, hidden, out=dw[start:end])
         if need_db:
-            db += dz.sum(0, dtype=accum)
-    return dh, dw.to(weight.dtype), db.to(weight.dtype)
+            db[start:end] = dz.sum(0, dtype=accum)
+        if need_dh:
+            _add_matmul(dh, dz, block)
+    return dh.to(hidden.dtype), dw, db
 
 
 # --- torch.library ops -------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def _join_pairs(first: torch.Tensor, second: torch.Tensor, interleaved: bool) ->
 
 def _heads_view(table: torch.Tensor) -> torch.Tensor:
     """(S, R) or (B, S, R) as (B or 1, 1, S, R): broadcast over heads."""
-    return table.reshape(-1, 1, *table.shape[-2:])
+    return table.reshape(table.shape[0] if table.dim() == 3 else 1, 1, *table.shape[-2:])
 
 
 def _rotate_reference(x, cos, sin, interleaved: bool, inverse: bool) -> torch.Tensor:

@@ -1,14 +1,15 @@
-"""Triton cross-entropy rows for gf.fused_linear_cross_entropy: the loss of each token of a chunk of logits, and
-the gradient of the logits, written in place over them.
+"""Triton cross-entropy rows for gf.fused_linear_cross_entropy: the loss of each token of a chunk of tokens'
+logits, and, for a block of vocabulary columns of every token, the gradient of the logits written in place.
 
-One program per token streams its row of V logits in BLOCK_SIZE chunks (only a chunk in registers, so a 128K or
-256K vocabulary costs no more registers than a small one), in fp32 whatever the logits' dtype. With z the
+One program per token streams its row in BLOCK_SIZE chunks (only a chunk in registers, so a 128K or 256K
+vocabulary costs no more registers than a small one), in fp32 whatever the logits' dtype. With z the
 (optionally softcapped, z = cap·tanh(u/cap)) logits, t the target and ε the label smoothing:
-- forward: one pass keeps, per lane, a running max and a running Σ exp(z − max) (rescaled when the max grows,
-  as the online softmax does) and Σ z; then lse = logsumexp(z) and
+- forward (whole rows): one pass keeps, per lane, a running max and a running Σ exp(z − max) (rescaled when
+  the max grows, as the online softmax does) and Σ z; then lse = logsumexp(z) and
       loss = lse − (1 − ε)·z_t − (ε/V)·Σ z + z_loss·lse²      (0 where t = ignore_index);
-- backward: one pass writes  dz = g·(softmax(z)·(1 + 2·z_loss·lse) − ε/V − (1 − ε)·[j = t]),  times
-  1 − tanh² through the softcap, over the logits (the caller's chunk buffer), g the token's incoming gradient.
+- backward (columns col_start .. col_start + width of each row, lse known): one pass writes
+      dz = g·(softmax(z)·(1 + 2·z_loss·lse) − ε/V − (1 − ε)·[j = t]),  times 1 − tanh² through the softcap,
+  over the logits (the caller's block buffer), g the token's incoming gradient.
 """
 
 from __future__ import annotations
@@ -77,12 +78,14 @@ def _cross_entropy_fwd_kernel(
 
 @triton.jit
 def _cross_entropy_bwd_kernel(
-    logits_ptr,  # (rows, V) chunk of logits, last dim contiguous; overwritten with their gradient
+    logits_ptr,  # (rows, width) block of logits (vocabulary columns col_start ..), overwritten with their gradient
     logits_row_stride,
     target_ptr,  # int64 (rows,)
     lse_ptr,  # fp32 (rows,) from the forward
     grad_ptr,  # fp32 (rows,) incoming gradient of each token's loss
-    n_cols,
+    n_cols,  # the block's width
+    col_start,  # the block's first vocabulary column
+    vocab,  # V, for the smoothing term ε/V
     ignore_index,
     label_smoothing,
     z_loss,
@@ -98,7 +101,8 @@ def _cross_entropy_bwd_kernel(
     # an ignored token gets exactly zero, whatever its incoming gradient (inf for a mean over no tokens)
     g = tl.where(target != ignore_index, tl.load(grad_ptr + row), 0.0)
     p_scale = 1.0 + 2.0 * z_loss * lse
-    smooth = label_smoothing / n_cols
+    smooth = label_smoothing / vocab
+    target_col = target - col_start
     for start in range(0, n_cols, BLOCK_SIZE):
         offsets = start + cols
         mask = offsets < n_cols
@@ -106,7 +110,7 @@ def _cross_entropy_bwd_kernel(
         if HAS_SOFTCAP:
             capped = _tanh(z / softcap)
             z = softcap * capped
-        dz = tl.exp(z - lse) * p_scale - smooth - tl.where(offsets == target, 1.0 - label_smoothing, 0.0)
+        dz = tl.exp(z - lse) * p_scale - smooth - tl.where(offsets == target_col, 1.0 - label_smoothing, 0.0)
         dz = dz * g
         if HAS_SOFTCAP:
             dz = dz * (1.0 - capped * capped)
@@ -133,10 +137,10 @@ def forward(logits, target, ignore_index, label_smoothing, z_loss, softcap):
     return loss, lse
 
 
-def backward(logits, target, lse, grad, ignore_index, label_smoothing, z_loss, softcap):
+def backward(logits, target, lse, grad, col_start, vocab, ignore_index, label_smoothing, z_loss, softcap):
     rows, n_cols = logits.shape
-    if rows:
+    if rows and n_cols:
         _cross_entropy_bwd_kernel[(rows,)](
-            logits, logits.stride(0), target, lse, grad, n_cols, ignore_index, label_smoothing, z_loss,
-            softcap or 1.0, HAS_SOFTCAP=softcap is not None, **_launch_settings(n_cols))
+            logits, logits.stride(0), target, lse, grad, n_cols, col_start, vocab, ignore_index, label_smoothing,
+            z_loss, softcap or 1.0, HAS_SOFTCAP=softcap is not None, **_launch_settings(n_cols))
     return logits

@@ -112,7 +112,7 @@ def _rotate(q, k, cos, sin, interleaved: bool, backward: bool):
     if q_out.numel() + k_out.numel() == 0:
         return q_out, k_out
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    cos3, sin3 = (t.reshape(-1, seq, rot_dim) for t in (cos, sin))
+    cos3, sin3 = (t.reshape(t.shape[0] if t.dim() == 3 else 1, seq, rot_dim) for t in (cos, sin))
     cos3, sin3 = (t if t.stride(-1) == 1 else t.contiguous() for t in (cos3, sin3))
     if sin3.stride() != cos3.stride():
         cos3, sin3 = cos3.contiguous(), sin3.contiguous()
