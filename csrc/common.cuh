@@ -34,7 +34,7 @@
 // Declares the kernel's dynamic shared memory (sized by the launch) as `type name[]`. A macro so that the
 // SIMT emulator of the tests (tests/csrc/simt/simt.h), which defines it first, can give each launch a buffer.
 #ifndef GF_DYNAMIC_SHARED
-#define GF_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#define GF_DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) type name[]
 #endif
 
 namespace gpuforge {

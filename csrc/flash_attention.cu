@@ -139,7 +139,7 @@ flash_attention_fwd_mma_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) strid
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   constexpr int kChunks = kHeadDim / 8;      // 16-byte chunks per row
   constexpr int kTileElems = kFaBlockN * kHeadDim;
-  extern __shared__ __align__(128) unsigned char fa_smem_raw[];
+  GF_DYNAMIC_SHARED(unsigned char, fa_smem_raw);
   T* k_smem = reinterpret_cast<T*>(fa_smem_raw);  // [stage][kTileElems]
   T* v_smem = k_smem + kFaStages * kTileElems;
 

@@ -387,3 +387,39 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     else:
         dq.copy_(dq_acc)
     return dq, dk, dv
+
+
+def compile_variants() -> list:
+    """Every autotune configuration of the forward, dK/dV (with and without atomic dQ) and dQ kernels, and the
+    preprocess launch, for head dims padded to 32, 64, 128 and 256, per dtype, dense layout
+    (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    generic = ("num_heads", "num_heads_kv", "group", "head_dim", "window_left", "window_right")
+    floats = ("scale", "scale_log2")
+    out = []
+    for dtype in ("float16", "bfloat16", "float32"):
+        tensors = {name: dtype for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr", "dk_ptr",
+                                            "dv_ptr")}
+        tensors |= {name: "float32" for name in ("lse_ptr", "delta_ptr", "dlse_ptr", "dq_acc_ptr")}
+        tensors |= {"cu_q_ptr": "int32", "cu_k_ptr": "int32"}
+        for block_d in (32, 64, 128, 256):
+            families = [(_attn_fwd_kernel, FORWARD_TILES, {}), (_attn_bwd_dq_kernel, DQ_TILES, {})]
+            families += [(_attn_bwd_dkdv_kernel, DKDV_TILES, {"ATOMIC_DQ": atomic}) for atomic in (True, False)]
+            for kernel, tiles, flags in families:
+                for config in _configs(*tiles, interpreter=False):
+                    constexprs = {**config.kwargs, **flags, "IS_VARLEN": False, "BLOCK_D": block_d}
+                    pointers = {n: t for n, t in tensors.items() if n in kernel.arg_names}
+                    sig = signature(kernel, constexprs, pointers, generic=generic, floats=floats)
+                    tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
+                    label = f"{dtype} D{block_d} {tile} w{config.num_warps} s{config.num_stages}"
+                    label += "".join(f" {k}={v}" for k, v in flags.items())
+                    out.append(Variant("flash_attention", kernel, sig, constexprs, config.num_warps,
+                                       config.num_stages, label, tensor_cores=True,
+                                       async_copies=config.num_stages > 1))
+            constexprs = {"IS_VARLEN": False, "BLOCK_M": 64, "BLOCK_D": block_d}
+            pointers = {n: t for n, t in tensors.items() if n in _attn_bwd_preprocess_kernel.arg_names}
+            sig = signature(_attn_bwd_preprocess_kernel, constexprs, pointers, generic=generic)
+            out.append(Variant("flash_attention", _attn_bwd_preprocess_kernel, sig, constexprs, 4, 3,
+                               f"{dtype} D{block_d} BLOCK_M=64"))
+    return out

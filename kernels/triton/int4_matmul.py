@@ -116,3 +116,28 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
                               BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
                               num_stages=1 if interpreted() else 3)
     return out if split == 1 else out.sum(dim=0).to(x.dtype)
+
+
+def compile_variants() -> list:
+    """Each tile regime of `_tiles` (decode M <= 16 with split-K, M <= 64, prefill), for group sizes 32 and 128
+    and activations fp16/bf16/fp32 (kernels/triton/_variants.py). Decode at M = 1 is specialised by the JIT
+    (an int equal to 1), so it is its own variant."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    regimes = [("decode M=1", 1, 4096, 4096), ("decode M=16", 16, 4096, 4096), ("M=64", 64, 4096, 4096),
+               ("prefill", 2048, 4096, 4096)]
+    for dtype in ("float16", "bfloat16", "float32"):
+        for label, m, n, k in regimes:
+            block_m, block_n, warps, split = _tiles(m, n, k)
+            for group in (32, 128):
+                constexprs = {"GROUP_SIZE": group, "UPCAST_OPERANDS": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                              "BLOCK_K": _block_k(group, k), "SPLIT_K": split}
+                pointers = {"x_ptr": dtype, "qw_ptr": "uint8", "scales_ptr": "float16", "zeros_ptr": "uint8",
+                            "out_ptr": dtype if split == 1 else "float32"}
+                sig = signature(_int4_matmul_kernel, constexprs, pointers, ones=("M",) if m == 1 else ())
+                out.append(Variant("int4_matmul", _int4_matmul_kernel, sig, constexprs, warps, 3,
+                                   f"{dtype} {label} {block_m}x{block_n}x{constexprs['BLOCK_K']} g{group} "
+                                   f"split{split}",
+                                   tensor_cores=dtype != "float32" and block_m >= 64, async_copies=block_m >= 64))
+    return out

@@ -103,3 +103,21 @@ def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     _tuned(interpreted())[grid](a, b, out, m, n, k, *a.stride(), *b.stride(), *out.stride(),
                                 INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast_bf16_dot(a.dtype))
     return out
+
+
+def compile_variants() -> list:
+    """Every autotune configuration on a GPU, per dtype (fp32 as tf32), contiguous operands
+    (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        for config in configs(interpreter=False):
+            constexprs = {**config.kwargs, "INPUT_PRECISION": "tf32", "UPCAST_OPERANDS": False}
+            pointers = {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype}
+            sig = signature(_matmul_kernel, constexprs, pointers, ones=("stride_ak", "stride_bn", "stride_cn"))
+            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+            out.append(Variant("matmul", _matmul_kernel, sig, constexprs, config.num_warps, config.num_stages,
+                               f"{dtype} {tile} w{config.num_warps} s{config.num_stages}", tensor_cores=True,
+                               async_copies=config.num_stages > 1))
+    return out

@@ -142,3 +142,30 @@ def forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         part_out, part_lse, out, num_splits, head_dim,
         BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d, num_warps=num_warps)
     return out
+
+
+def compile_variants() -> list:
+    """The GPU tiling of `_tiling` for GQA groups x new tokens of 1..16, 17..32 and 33..64 rows (BLOCK_G) and
+    head dims up to 32, 64, 128 and 256, per dtype; the merge kernel for 1, 8 and 64 splits
+    (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    generic = ("stride_tn", "stride_l", "num_heads", "group", "num_new", "head_dim", "block_size", "num_splits")
+    for dtype in ("float16", "bfloat16", "float32"):
+        for block_d in (32, 64, 128, 256):
+            for block_g in (16, 32, 64):
+                constexprs = {"PARTITION": 512, "BLOCK_G": block_g, "BLOCK_N": 64, "BLOCK_D": block_d}
+                pointers = {"q_ptr": dtype, "k_cache_ptr": dtype, "v_cache_ptr": dtype, "block_table_ptr": "int32",
+                            "seq_lens_ptr": "int32", "part_out_ptr": "float32", "part_lse_ptr": "float32"}
+                sig = signature(_paged_decode_split_kernel, constexprs, pointers, generic=generic,
+                                floats=("scale_log2",))
+                out.append(Variant("paged_attention", _paged_decode_split_kernel, sig, constexprs, 4, 3,
+                                   f"{dtype} BLOCK_G={block_g} BLOCK_D={block_d}"))
+            for block_s in (1, 8, 64):
+                constexprs = {"BLOCK_S": block_s, "BLOCK_D": block_d}
+                pointers = {"part_out_ptr": "float32", "part_lse_ptr": "float32", "out_ptr": dtype}
+                sig = signature(_paged_decode_reduce_kernel, constexprs, pointers, generic=("num_splits", "head_dim"))
+                out.append(Variant("paged_attention", _paged_decode_reduce_kernel, sig, constexprs, 4, 3,
+                                   f"{dtype} BLOCK_S={block_s} BLOCK_D={block_d}"))
+    return out

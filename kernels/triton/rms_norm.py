@@ -130,3 +130,34 @@ def backward(dy, x, weight, rstd, dh, deterministic):
             num_warps=warps)
     return dx, sum_partials(partial, dw)
 
+
+
+def compile_variants() -> list:
+    """Every block the host wrappers can choose (next_power_of_2(n) up to the 64K the op's table allows), with
+    and without the fused residual (forward) and dh / atomics (backward), per dtype (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        for block in (1 << i for i in range(17)):
+            warps = _settings(block)[1]
+            for residual in (False, True):
+                constexprs = {"HAS_RESIDUAL": residual, "BLOCK_SIZE": block}
+                pointers = {"x_ptr": dtype, "res_ptr": dtype, "w_ptr": dtype, "y_ptr": dtype, "h_ptr": dtype,
+                            "rstd_ptr": "float32"}
+                sig = signature(_rms_norm_fwd_kernel, constexprs, pointers, floats=("eps",))
+                out.append(Variant("rms_norm", _rms_norm_fwd_kernel, sig, constexprs, warps, 3,
+                                   f"{dtype} BLOCK_SIZE={block} residual={residual}"))
+            for dh in (False, True):
+                for atomic in (False, True):
+                    constexprs = {"HAS_DH": dh, "ATOMIC": atomic, "BLOCK_SIZE": block}
+                    pointers = {"dy_ptr": dtype, "x_ptr": dtype, "w_ptr": dtype, "rstd_ptr": "float32",
+                                "dh_ptr": dtype, "dx_ptr": dtype, "dw_partial_ptr": "float32"}
+                    sig = signature(_rms_norm_bwd_kernel, constexprs, pointers, generic=("n_rows", "rows_per_program"))
+                    out.append(Variant("rms_norm", _rms_norm_bwd_kernel, sig, constexprs, warps, 3,
+                                       f"{dtype} BLOCK_SIZE={block} dh={dh} atomic={atomic}"))
+        constexprs = {"BLOCK_SIZE": SUM_BLOCK}
+        sig = signature(_sum_partials_kernel, constexprs, {"partial_ptr": "float32", "dw_ptr": dtype},
+                        generic=("n_partials",))
+        out.append(Variant("rms_norm", _sum_partials_kernel, sig, constexprs, 4, 3, f"{dtype} BLOCK_SIZE={SUM_BLOCK}"))
+    return out

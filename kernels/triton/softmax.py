@@ -161,3 +161,27 @@ def backward(dy: torch.Tensor, y: torch.Tensor, *, max_one_pass: int = MAX_ONE_P
     _launch(_softmax_bwd_kernel, _softmax_online_bwd_kernel, dx, (dy, dy.stride(0), y, dx), y.shape[-1],
             max_one_pass, online_block)
     return dx
+
+
+def compile_variants() -> list:
+    """Every block the host wrappers can choose (one-pass: next_power_of_2(n) up to MAX_ONE_PASS; online:
+    ONLINE_BLOCK), forward and backward, per dtype, with the GPU's warp count (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    def warps(block):
+        return max(1, min(32, block // 256))
+
+    out = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        forward = {"x_ptr": dtype, "y_ptr": dtype}
+        backward = {"dy_ptr": dtype, "y_ptr": dtype, "dx_ptr": dtype}
+        blocks = [1 << i for i in range(MAX_ONE_PASS.bit_length())]
+        launches = [(k, p, b) for b in blocks for k, p in ((_softmax_fwd_kernel, forward), (_softmax_bwd_kernel,
+                                                                                           backward))]
+        launches += [(k, p, ONLINE_BLOCK) for k, p in ((_softmax_online_fwd_kernel, forward),
+                                                       (_softmax_online_bwd_kernel, backward))]
+        for kernel, pointers, block in launches:
+            constexprs = {"BLOCK_SIZE": block}
+            out.append(Variant("softmax", kernel, signature(kernel, constexprs, pointers), constexprs, warps(block),
+                               3, f"{dtype} BLOCK_SIZE={block}"))
+    return out

@@ -39,3 +39,15 @@ def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         grid = (triton.cdiv(n, BLOCK_SIZE),)
         _vector_add_kernel[grid](a, b, out, n, BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return out
+
+
+def compile_variants() -> list:
+    """The one launch configuration, per dtype (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        constexprs = {"BLOCK_SIZE": BLOCK_SIZE}
+        sig = signature(_vector_add_kernel, constexprs, {"a_ptr": dtype, "b_ptr": dtype, "out_ptr": dtype})
+        out.append(Variant("vector_add", _vector_add_kernel, sig, constexprs, NUM_WARPS, 3, dtype))
+    return out

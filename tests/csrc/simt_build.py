@@ -1,10 +1,10 @@
 """Builds a C driver of tests/csrc/simt/ (csrc/ kernels + the SIMT emulator) into a shared library with g++.
 
 The kernels' own source is compiled, as C++20 with __CUDACC_RTC__ defined (which hides the host launchers and
-their <<<...>>> syntax, as for NVRTC) and -fno-strict-aliasing (CUDA code reads a uint4 through a T*, as nvcc
-allows). The one PTX instruction the emulator knows, `lop3.b32` with an immediate truth table, is rewritten
-into a call of simt::lop3 in a copy of the .cu files that use it; any other inline PTX stays and fails to
-assemble, so nothing is emulated silently."""
+their <<<...>>> syntax, as for NVRTC), __CUDA_ARCH__ = 800 (the sm_80 tensor-core paths compile) and
+-fno-strict-aliasing (CUDA code reads a uint4 through a T*, as nvcc allows). Every inline PTX statement is
+rewritten, in a copy of the files that hold one, into the call of its emulation (simt.h's lop3, ptx.h's
+mma.sync / ldmatrix / cp.async); an instruction without one fails the build, so nothing is emulated silently."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import ctypes
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,31 +22,119 @@ SIMT_DIR = ROOT / "tests" / "csrc" / "simt"
 CSRC_DIR = ROOT / "csrc"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/dtype.h
 
-_LOP3 = re.compile(r'asm\("lop3\.b32 %0, %1, %2, %3, (0x[0-9A-Fa-f]+);"\s*:\s*"=r"\((\w+)\)\s*:\s*'
-                   r'"r"\((\w+)\),\s*"r"\((\w+)\),\s*"r"\((\w+)\)\);')
+ASM = re.compile(r"\basm\s*(?:volatile\s*)?\(")
+STRING = re.compile(r'"((?:[^"\\]|\\.)*)"')
+OPERAND = re.compile(r'^\s*"([=+]?)(\w)"\s*\((.*)\)\s*$', re.S)
+SMEM_ADDRESS = re.compile(r"^smem_address\((.*)\)$", re.S)
+
+
+def _balanced(text: str, start: int) -> int:
+    """The index just past the parenthesis that closes the one opened before `start`."""
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    raise ValueError("unbalanced parentheses in an asm statement")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """text split at `sep` outside parentheses, brackets and string literals."""
+    parts, depth, quoted, current = [], 0, False, []
+    for i, ch in enumerate(text):
+        if ch == '"' and (i == 0 or text[i - 1] != "\\"):
+            quoted = not quoted
+        elif not quoted:
+            depth += {"(": 1, "[": 1, ")": -1, "]": -1}.get(ch, 0)
+            if ch == sep and depth == 0:
+                parts.append("".join(current))
+                current = []
+                continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def _emulated_call(template: str, operands: list[tuple[str, str]]) -> str:
+    """The simt:: call that does what the PTX `template` does, with operand i the C++ expression operands[i]."""
+    text = " ".join(template.replace("\\n", " ").split()).rstrip(";").strip()
+    op = lambda ref: operands[int(ref.strip().lstrip("%"))][1]  # noqa: E731
+    address = lambda ref: SMEM_ADDRESS.sub(r"\1", op(ref.strip().strip("[]")))  # noqa: E731
+    mnemonic, _, rest = text.partition(" ")
+    args = [a.strip() for a in _split_top(rest, ",")] if rest else []
+    if mnemonic == "lop3.b32":
+        return f"{op(args[0])} = simt::lop3<{args[4]}>({op(args[1])}, {op(args[2])}, {op(args[3])})"
+    if re.fullmatch(r"cp\.async\.c[ag]\.shared\.global", mnemonic):
+        src_size = op(args[3]) if len(args) > 3 else args[2]
+        return f"simt::cp_async({address(args[0])}, {op(args[1].strip('[]'))}, {args[2]}, {src_size})"
+    if mnemonic == "cp.async.commit_group":
+        return "simt::cp_async_commit()"
+    if mnemonic == "cp.async.wait_group":
+        return f"simt::cp_async_wait({op(args[0])})"
+    if mnemonic == "cp.async.wait_all":
+        return "simt::cp_async_commit(), simt::cp_async_wait(0)"
+    ld = re.fullmatch(r"ldmatrix\.sync\.aligned\.m8n8\.x([124])(\.trans)?\.shared\.b16", mnemonic)
+    if ld:
+        regs = [op(r) for r in _split_top(rest[rest.index("{") + 1:rest.index("}")], ",")]
+        target = address(rest[rest.index("[") + 1:rest.index("]")])
+        trans = "true" if ld.group(2) else "false"
+        return f"simt::ldmatrix<{ld.group(1)}, {trans}>({', '.join(regs)}, {target})"
+    mma = re.fullmatch(r"mma\.sync\.aligned\.m16n8k16\.row\.col\.f32\.(bf16|f16)\.\1\.f32", mnemonic)
+    if mma:
+        groups = re.findall(r"\{([^}]*)\}", rest)
+        d, a, b, c = ([op(r) for r in g.split(",")] for g in groups)
+        kind = "simt::Bf16" if mma.group(1) == "bf16" else "simt::F16"
+        return f"simt::mma_m16n8k16<{kind}>({', '.join(d + a + b + c)})"
+    raise ValueError(f"the SIMT emulator has no emulation of the PTX instruction {text!r}")
 
 
 def translate_ptx(source: str) -> str:
-    """`asm("lop3.b32 %0, %1, %2, %3, IMM;" : "=r"(d) : "r"(a), "r"(b), "r"(c));` -> `d = simt::lop3<IMM>(a, b, c);`"""
-    return _LOP3.sub(r"\2 = simt::lop3<\1>(\3, \4, \5);", source)
+    """Every `asm [volatile] ("TEMPLATE" : outputs : inputs);` statement -> the equivalent simt:: call
+    (ptx.h), operands passed through; an instruction without an emulation raises ValueError."""
+    out, pos = [], 0
+    for match in ASM.finditer(source):
+        if match.start() < pos:
+            continue
+        end = _balanced(source, match.end())
+        sections = _split_top(source[match.end():end - 1], ":")
+        template = "".join(STRING.findall(sections[0]))
+        operands = []
+        for section in sections[1:3]:
+            for spec in _split_top(section, ","):
+                if spec.strip():
+                    kind = OPERAND.match(spec)
+                    operands.append((kind.group(2), kind.group(3).strip()))
+        out.append(source[pos:match.start()])
+        out.append(_emulated_call(template, operands))
+        pos = end
+    out.append(source[pos:])
+    return "".join(out)
 
 
 def gxx_available() -> bool:
     return shutil.which("g++") is not None
 
 
-def build(driver: str, out_dir: Path) -> ctypes.CDLL:
-    """Compiles tests/csrc/simt/<driver>.cpp into out_dir/lib<driver>_simt.so and loads it."""
+def build(driver: str, out_dir: Path, mutate: Callable[[str, str], str] | None = None) -> ctypes.CDLL:
+    """Compiles tests/csrc/simt/<driver>.cpp into out_dir/lib<driver>_simt.so and loads it. `mutate(name, text)`
+    may change a copied csrc/ source first (the tests' mutation checks: a kernel made wrong must fail)."""
     translated = out_dir / "csrc"
     translated.mkdir(parents=True, exist_ok=True)
-    for cu in CSRC_DIR.glob("*.cu"):
-        text = cu.read_text()
-        if _LOP3.search(text):
-            (translated / cu.name).write_text(translate_ptx(text))
+    # every source is copied, translated where it holds inline PTX: a quoted #include resolves next to the
+    # including file first, so csrc/ itself must not be on the search path
+    for source in CSRC_DIR.iterdir():
+        if source.suffix in (".cu", ".cuh", ".h"):
+            text = source.read_text()
+            text = mutate(source.name, text) if mutate is not None else text
+            (translated / source.name).write_text(translate_ptx(text) if ASM.search(text) else text)
+    driver_text = (SIMT_DIR / f"{driver}.cpp").read_text()
+    driver_source = out_dir / f"{driver}.cpp"  # a driver may hold PTX of its own (probe kernels)
+    driver_source.write_text(translate_ptx(driver_text) if ASM.search(driver_text) else driver_text)
     lib = out_dir / f"lib{driver}_simt.so"
     subprocess.run(["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-D__CUDACC_RTC__",
-                    "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{SIMT_DIR}", f"-I{translated}", f"-I{CSRC_DIR}",
-                    str(SIMT_DIR / f"{driver}.cpp"), "-o", str(lib)], check=True)
+                    "-D__CUDA_ARCH__=800", "-include", str(SIMT_DIR / "ptx.h"),
+                    "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{SIMT_DIR}", f"-I{translated}",
+                    str(driver_source), "-o", str(lib)], check=True)
     return ctypes.CDLL(str(lib))
 
 

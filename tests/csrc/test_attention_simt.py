@@ -1,9 +1,12 @@
-"""csrc/flash_attention.cu's baseline forward and csrc/flash_attention_bwd.cu's backward, run on the CPU.
+"""csrc/flash_attention.cu's forwards (the row-per-warp baseline and the tensor-core FlashAttention-2 kernel)
+and csrc/flash_attention_bwd.cu's backward, run on the CPU.
 
 No GPU runs in CI, so the kernels' own code (not a Python re-telling of it) is compiled by g++ against the SIMT
 emulator in tests/csrc/simt/ (each CUDA thread a fiber, warp shuffles and barriers emulated) and its outputs
 and gradients are compared with the float64 math reference: every dtype, GQA ratios 1, 2 and 8, Sq != Sk,
-causal and windowed, odd lengths and head dims, rows that see no key, strided inputs, outputs poisoned."""
+causal and windowed, odd lengths and head dims, rows that see no key, strided inputs, outputs poisoned. The
+tensor-core kernel's mma.sync / ldmatrix / cp.async run in the emulator's PTX (ptx.h); a K fragment row moved by
+one in it must fail."""
 
 import ctypes
 
@@ -12,7 +15,7 @@ import torch
 
 from gpuforge.kernels import flash_attention as fa
 from tests.csrc.simt_build import DTYPE_CODES, ptr
-from tests.helpers import REL_TOL, assert_close_rel, poison_
+from tests.helpers import REL_TOL, assert_close_rel, max_rel_error, poison_
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,59 @@ def test_emulated_backward_agrees_with_autograd_of_the_math(simt):
     ref.backward(dout.double())
     for name, got, expected in zip(("dq", "dk", "dv"), (dq, dk, dv), (q64.grad, k64.grad, v64.grad), strict=True):
         assert_close_rel(got, expected, REL_TOL[torch.float32], name)
+
+
+def simt_forward_mma(lib, q, k, v, scale, left, right):
+    out = poison_(torch.empty_like(q, memory_format=torch.contiguous_format))
+    lse = poison_(torch.empty(q.shape[:3]))
+    status = lib.gf_simt_attention_forward_mma(DTYPE_CODES[q.dtype], ptr(q), ptr(k), ptr(v), ptr(out), ptr(lse),
+                                               ctypes.c_longlong(q.shape[0]), _params(q, k, v, left, right),
+                                               ctypes.c_float(scale))
+    assert status == 0
+    return out, lse
+
+
+# (B, Hq, Hkv, Sq, Sk, D, causal, window): D 64 and 128 (the kernel's), 64-row tiles crossed, GQA, Sq != Sk,
+# a sliding window, the first rows of a causal Sq > Sk seeing no key
+MMA_CASES = [
+    (1, 2, 1, 70, 130, 64, True, None),
+    (2, 4, 2, 33, 33, 128, False, None),
+    (1, 4, 2, 5, 90, 64, True, (20, 0)),
+    (1, 2, 2, 77, 40, 64, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-Sq{}-Sk{}-D{}-c{}-w{}".format(*c))
+def test_tensor_core_forward_matches_float64(simt, case, dtype):
+    b, hq, hkv, sq, sk, d, causal, window = case
+    left, right = fa._window(window, causal)
+    gen = torch.Generator().manual_seed(sum(case[:6]))
+    q, k, v = (torch.randn(b, h, s, d, generator=gen).to(dtype) for h, s in ((hq, sq), (hkv, sk), (hkv, sk)))
+    out, lse = simt_forward_mma(simt, q, k, v, d ** -0.5, left, right)
+    ref_out, ref_lse = fa.attention_math(q.double(), k.double(), v.double(), d ** -0.5, left, right)
+    assert_close_rel(out, ref_out, REL_TOL[dtype], f"out {case}")
+    assert torch.equal(lse.isinf(), ref_lse.isinf()), "rows that see no key must have LSE -inf"
+    assert_close_rel(lse.nan_to_num(neginf=0), ref_lse.nan_to_num(neginf=0), 1e-5, f"lse {case}")
+
+
+def test_a_k_fragment_row_moved_by_one_fails(tmp_path):
+    """The mutation check: the K operand's ldmatrix rows off by one give wrong scores, and a wrong output."""
+    from tests.csrc import simt_build
+
+    original = "const int k_row = (lane % 8) + 8 * (lane / 16), k_chunk = (lane / 8) % 2;"
+    mutated = "const int k_row = ((lane + 1) % 8) + 8 * (lane / 16), k_chunk = (lane / 8) % 2;"
+
+    def mutate(name, text):
+        if name == "flash_attention.cu":
+            assert original in text
+            return text.replace(original, mutated)
+        return text
+
+    lib = simt_build.build("attention", tmp_path, mutate)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 64, 64, generator=gen).to(torch.float16) for _ in range(3))
+    out, _ = simt_forward_mma(lib, q, k, v, 0.125, -1, -1)
+    ref, _ = fa.attention_math(q.double(), k.double(), v.double(), 0.125, -1, -1)
+    err = max_rel_error(out, ref)
+    assert err > 0.05, f"the mutated kernel still matches (error {err:.2e})"

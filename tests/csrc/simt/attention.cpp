@@ -1,5 +1,6 @@
-// C entry points that run csrc/flash_attention.cu's baseline forward and csrc/flash_attention_bwd.cu's backward
-// kernels on the CPU through the SIMT emulator (simt.h), for tests/csrc/test_attention_simt.py. The grids and
+// C entry points that run csrc/flash_attention.cu's forward kernels (the row-per-warp baseline and the
+// tensor-core FlashAttention-2 kernel) and csrc/flash_attention_bwd.cu's backward kernels on the CPU through the
+// SIMT emulator (simt.h, ptx.h), for tests/csrc/test_attention_simt.py. The grids and
 // the dispatch on head_dim mirror the launchers in those files (which g++ cannot compile: <<<...>>>).
 #include "driver.h"
 
@@ -69,5 +70,29 @@ extern "C" int gf_simt_attention_backward(int dtype, const void* q, const void* 
     simt::launch(keys, block, 0, gpuforge::flash_attention_bwd_dkdv_kernel<T, kPerLane>, qt, kt, vt, dot, lse,
                  delta, static_cast<T*>(dk), static_cast<T*>(dv), prm);
     return 0;
+  });
+}
+
+// The tensor-core forward (fp16/bf16, D 64 or 128; the caller meets the launcher's alignment preconditions).
+extern "C" int gf_simt_attention_forward_mma(int dtype, const void* q, const void* k, const void* v, void* out,
+                                             float* lse, long long batch, const long long* p, float scale) {
+  const AttentionParams prm = params(p, scale);
+  if (dtype == 0 || (prm.head_dim != 64 && prm.head_dim != 128)) return 1;
+  return simt_driver::with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      return 1;
+    } else {
+      auto run = [&](auto d) {
+        constexpr int kD = decltype(d)::value;
+        const size_t smem = 2 * gpuforge::kFaStages * gpuforge::kFaBlockN * kD * sizeof(T);
+        const dim3 grid{cdiv(prm.seqlen_q, gpuforge::kFaBlockM), static_cast<unsigned>(batch * prm.heads_q), 1};
+        simt::launch(grid, dim3{gpuforge::kFaThreads, 1, 1}, smem, gpuforge::flash_attention_fwd_mma_kernel<T, kD>,
+                     static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                     static_cast<T*>(out), lse, prm);
+        return 0;
+      };
+      return prm.head_dim == 64 ? run(Constant<64>{}) : run(Constant<128>{});
+    }
   });
 }

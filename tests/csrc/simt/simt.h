@@ -6,10 +6,11 @@
 // runs until it reaches a barrier (__syncthreads, __syncwarp, or a warp shuffle, which is a write of the lane's
 // value, a barrier, a read of the partner's and a second barrier), then the next fiber runs. A barrier opens
 // when every live thread of its warp or block has reached it; a thread that returns leaves its barriers, so
-// whole warps may exit early as they do on a GPU. Scheduling is deterministic. What it cannot run: inline PTX
-// (tensor cores, cp.async: kernels guarded by __CUDA_ARCH__ compile to empty bodies here) and code that relies
-// on warps running in lockstep without a shuffle or barrier between. The one PTX instruction it knows, lop3, is
-// rewritten into simt::lop3 by the test build (tests/csrc/simt_build.py) before g++ sees the source.
+// whole warps may exit early as they do on a GPU. Scheduling is deterministic. What it cannot run: code that
+// relies on warps running in lockstep without a shuffle or barrier between. Inline PTX is rewritten by the test
+// build (tests/csrc/simt_build.py) into calls of simt::lop3 and of the tensor-core and async-copy instructions
+// of ptx.h (mma.sync m16n8k16, ldmatrix, cp.async); the build defines __CUDA_ARCH__ as 800, so the sm_80 paths
+// compile; any other PTX fails the build.
 #pragma once
 
 #include <ucontext.h>
@@ -32,7 +33,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // GNU form: allowed among the decl-specifiers
 // extern __shared__ T name[] (csrc/common.cuh): the launch's dynamic shared memory, sized by simt::launch.
 #define GF_DYNAMIC_SHARED(type, name) type* const name = reinterpret_cast<type*>(simt::g_dynamic_shared.data())
 
@@ -47,19 +48,39 @@ struct Barrier {
   long generation = 0;
 };
 
+// One cp.async copy waiting for its group to complete (ptx.h): size bytes at dst, the first src_size from src.
+struct PendingCopy {
+  unsigned char* dst;
+  const unsigned char* src;
+  int size, src_size;
+};
+
+inline void land(const std::vector<PendingCopy>& copies) {
+  for (const PendingCopy& c : copies) {
+    std::memcpy(c.dst, c.src, c.src_size);
+    std::memset(c.dst + c.src_size, 0, c.size - c.src_size);
+  }
+}
+
 struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
   dim3 thread_idx;
   int warp = 0, lane = 0;
   bool done = false;
+  std::vector<PendingCopy> cp_open;                // cp.async copies not yet committed
+  std::vector<std::vector<PendingCopy>> cp_groups;  // committed groups, oldest first
 };
 
 struct Block {
+  struct Wide {
+    uint64_t words[8];
+  };
   std::vector<Fiber> fibers;
   std::vector<Barrier> warps;
   Barrier block;
   std::vector<uint64_t> slots;  // one shuffle slot per thread
+  std::vector<Wide> wide;       // one operand record per thread for warp-collective instructions (ptx.h)
   ucontext_t scheduler;
   int current = 0;
 };
@@ -113,6 +134,8 @@ inline std::function<void()>* g_body = nullptr;
 inline void fiber_main() {
   (*g_body)();
   Fiber& me = self();
+  for (const auto& group : me.cp_groups) land(group);  // copies in flight land even if never waited for
+  land(me.cp_open);
   me.done = true;
   leave(g_block->warps[me.warp]);
   leave(g_block->block);
@@ -134,6 +157,7 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... a
   b.fibers.resize(threads);
   b.warps.resize(threads / 32);
   b.slots.resize(threads);
+  b.wide.resize(threads);
   for (auto& f : b.fibers) f.stack.resize(64 * 1024);
   g_block = &b;
   for (unsigned bz = 0; bz < grid.z; ++bz)
@@ -150,6 +174,8 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... a
           f.warp = t / 32;
           f.lane = t % 32;
           f.done = false;
+          f.cp_open.clear();
+          f.cp_groups.clear();
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.data();
           f.context.uc_stack.ss_size = f.stack.size();
