@@ -49,6 +49,19 @@ def bands(rows: int, device: torch.device) -> int:
     return max(1, min(rows, 4 * _sm_count(device.index or 0)))
 
 
+def sum_partials_variants(op: str) -> list:
+    """The partial-row sum's one launch configuration per output dtype, for the compile_variants of the ops that
+    use it (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    constexprs = {"BLOCK_SIZE": SUM_BLOCK}
+    return [Variant(op, _sum_partials_kernel, signature(_sum_partials_kernel, constexprs,
+                                                        {"partial_ptr": "float32", "out_ptr": dtype},
+                                                        generic=("n_partials",)),
+                    constexprs, 4, 3, f"{dtype} BLOCK_SIZE={SUM_BLOCK}")
+            for dtype in ("float32", "float16", "bfloat16")]
+
+
 def sum_partials(partial: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (n,) = partial (n_partials, n) summed over its rows in fixed order (fp32, rounded once on store)."""
     n = partial.shape[1]

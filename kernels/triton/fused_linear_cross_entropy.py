@@ -144,3 +144,26 @@ def backward(logits, target, lse, grad, col_start, vocab, ignore_index, label_sm
             logits, logits.stride(0), target, lse, grad, n_cols, col_start, vocab, ignore_index, label_smoothing,
             z_loss, softcap or 1.0, HAS_SOFTCAP=softcap is not None, **_launch_settings(n_cols))
     return logits
+
+
+def compile_variants() -> list:
+    """Every block the host wrappers can choose (min(BLOCK, next_power_of_2(V))), with and without softcapping,
+    forward and backward, per logits dtype (kernels/triton/_variants.py). Vocabulary sizes, block offsets and
+    ignore_index are not assumed divisible by 16."""
+    from itertools import product
+
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    for dtype, block, softcap in product(("float32", "float16", "bfloat16"),
+                                         (1 << i for i in range(BLOCK.bit_length())), (False, True)):
+        constexprs = {"HAS_SOFTCAP": softcap, "BLOCK_SIZE": block}
+        warps = _launch_settings(block)["num_warps"]
+        for kernel in (_cross_entropy_fwd_kernel, _cross_entropy_bwd_kernel):
+            pointers = {name: ("int64" if name == "target_ptr" else dtype if name == "logits_ptr" else "float32")
+                        for name in kernel.arg_names if name.endswith("_ptr")}
+            sig = signature(kernel, constexprs, pointers, generic=("n_cols", "col_start", "vocab", "ignore_index"),
+                            floats=("label_smoothing", "z_loss", "softcap"))
+            out.append(Variant("fused_linear_cross_entropy", kernel, sig, constexprs, warps, 3,
+                               f"{dtype} BLOCK_SIZE={block} softcap={softcap}"))
+    return out

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from gpuforge.kernels import _alloc
 from gpuforge.kernels.triton._host import interpreted
-from gpuforge.kernels.triton._partials import bands, sum_partials
+from gpuforge.kernels.triton._partials import bands, sum_partials, sum_partials_variants
 
 
 @triton.jit
@@ -327,3 +327,36 @@ def backward(dy, x, weight, mean, rstd, dh, deterministic, *, max_one_pass: int 
                 dw_partial, db_partial, rows, n, rows_per_program, **common, BLOCK_SIZE=block,
                 num_warps=_num_warps(block))
     return dx, sum_partials(dw_partial, dw), sum_partials(db_partial, db)
+
+
+def compile_variants() -> list:
+    """Every block the host wrappers can choose (one-pass: next_power_of_2(n) up to MAX_ONE_PASS; streamed:
+    WIDE_BLOCK), with every combination of residual / weight / bias (forward) and weight / dh / atomics
+    (backward), per dtype, plus the partial-row sum (kernels/triton/_variants.py)."""
+    from itertools import product
+
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        forward = {"x_ptr": dtype, "res_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "y_ptr": dtype, "h_ptr": dtype,
+                   "mean_ptr": "float32", "rstd_ptr": "float32"}
+        backward = {"dy_ptr": dtype, "x_ptr": dtype, "w_ptr": dtype, "mean_ptr": "float32", "rstd_ptr": "float32",
+                    "dh_ptr": dtype, "dx_ptr": dtype, "dw_partial_ptr": "float32", "db_partial_ptr": "float32",
+                    "c1_ptr": "float32", "c2_ptr": "float32"}
+        launches = [(kernel, block) for block in (1 << i for i in range(MAX_ONE_PASS.bit_length()))
+                    for kernel in (_layer_norm_fwd_kernel, _layer_norm_bwd_kernel)]
+        launches += [(kernel, WIDE_BLOCK) for kernel in (_layer_norm_wide_fwd_kernel, _layer_norm_row_dots_kernel,
+                                                         _layer_norm_columns_bwd_kernel)]
+        for kernel, block in launches:
+            flags = [name for name in ("HAS_RESIDUAL", "HAS_WEIGHT", "HAS_BIAS", "HAS_DH", "ATOMIC")
+                     if name in kernel.arg_names]
+            for values in product((False, True), repeat=len(flags)):
+                constexprs = dict(zip(flags, values, strict=True)) | {"BLOCK_SIZE": block}
+                pointers = {k: v for k, v in (forward if "eps" in kernel.arg_names else backward).items()
+                            if k in kernel.arg_names}
+                sig = signature(kernel, constexprs, pointers, floats=("eps",), generic=("n_rows", "rows_per_program"))
+                label = f"{dtype} BLOCK_SIZE={block} " + " ".join(f"{k}={v}" for k, v in constexprs.items()
+                                                                  if k != "BLOCK_SIZE")
+                out.append(Variant("layer_norm", kernel, sig, constexprs, _num_warps(block), 3, label.strip()))
+    return out + sum_partials_variants("layer_norm")

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from gpuforge.kernels import _alloc
-from gpuforge.kernels.triton._partials import bands, sum_partials
+from gpuforge.kernels.triton._partials import bands, sum_partials, sum_partials_variants
 
 
 @triton.jit
@@ -156,8 +156,4 @@ def compile_variants() -> list:
                     sig = signature(_rms_norm_bwd_kernel, constexprs, pointers, generic=("n_rows", "rows_per_program"))
                     out.append(Variant("rms_norm", _rms_norm_bwd_kernel, sig, constexprs, warps, 3,
                                        f"{dtype} BLOCK_SIZE={block} dh={dh} atomic={atomic}"))
-        constexprs = {"BLOCK_SIZE": SUM_BLOCK}
-        sig = signature(_sum_partials_kernel, constexprs, {"partial_ptr": "float32", "dw_ptr": dtype},
-                        generic=("n_partials",))
-        out.append(Variant("rms_norm", _sum_partials_kernel, sig, constexprs, 4, 3, f"{dtype} BLOCK_SIZE={SUM_BLOCK}"))
-    return out
+    return out + sum_partials_variants("rms_norm")

@@ -132,3 +132,25 @@ def forward(q, k, cos, sin, interleaved):
 
 def backward(dq, dk, cos, sin, interleaved):
     return _rotate(dq, dk, cos, sin, interleaved, backward=True)
+
+
+def compile_variants() -> list:
+    """Head tiles of 1..MAX_BLOCK_H heads, pair blocks of head dims 32..256 (R/2 = 16..128), both layouts, forward
+    and backward, per dtype (kernels/triton/_variants.py). Head counts and the table's batch stride (0 for a
+    shared table) are not assumed divisible by 16."""
+    from itertools import product
+
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    blocks_h = [1 << i for i in range(MAX_BLOCK_H.bit_length())]
+    for dtype, block_h, half, interleaved, backward in product(("float32", "float16", "bfloat16"), blocks_h,
+                                                              (16, 32, 64, 128), (False, True), (False, True)):
+        constexprs = {"INTERLEAVED": interleaved, "BACKWARD": backward, "BLOCK_H": block_h, "BLOCK_HALF": half,
+                      "BLOCK_PASS": PASS_BLOCK}
+        pointers = {name: dtype for name in _rope_kernel.arg_names if name.endswith("_ptr")}
+        sig = signature(_rope_kernel, constexprs, pointers, generic=("table_stride_b", "n_q_heads", "n_k_heads"))
+        out.append(Variant("rope", _rope_kernel, sig, constexprs, 4, 3,
+                           f"{dtype} BLOCK_H={block_h} BLOCK_HALF={half} interleaved={interleaved} "
+                           f"backward={backward}"))
+    return out

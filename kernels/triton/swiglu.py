@@ -74,3 +74,17 @@ def backward(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[to
         _swiglu_bwd_kernel[(triton.cdiv(gate.numel(), BLOCK_SIZE),)](dy, gate, up, dgate, dup, gate.numel(),
                                                                      BLOCK_SIZE=BLOCK_SIZE, num_warps=NUM_WARPS)
     return dgate, dup
+
+
+def compile_variants() -> list:
+    """The one launch configuration of each kernel, per dtype (kernels/triton/_variants.py)."""
+    from gpuforge.kernels.triton._variants import Variant, signature
+
+    out = []
+    for dtype in ("float32", "float16", "bfloat16"):
+        constexprs = {"BLOCK_SIZE": BLOCK_SIZE}
+        for kernel in (_swiglu_fwd_kernel, _swiglu_bwd_kernel):
+            pointers = {name: dtype for name in kernel.arg_names if name.endswith("_ptr")}
+            out.append(Variant("swiglu", kernel, signature(kernel, constexprs, pointers), constexprs, NUM_WARPS, 3,
+                               dtype))
+    return out
