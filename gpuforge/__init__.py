@@ -6,14 +6,19 @@ from gpuforge import models, nn, parallel, quant
 from gpuforge.kernelize import kernelize
 from gpuforge.kernels import backends
 from gpuforge.kernels.flash_attention import flash_attention, flash_attention_varlen
+from gpuforge.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from gpuforge.kernels.int4_matmul import int4_matmul
+from gpuforge.kernels.layer_norm import layer_norm
 from gpuforge.kernels.matmul import matmul
 from gpuforge.kernels.paged_attention import paged_attention
 from gpuforge.kernels.rms_norm import rms_norm
+from gpuforge.kernels.rope import rope
 from gpuforge.kernels.softmax import softmax
+from gpuforge.kernels.swiglu import swiglu
 from gpuforge.kernels.vector_add import vector_add
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "flash_attention", "flash_attention_varlen", "int4_matmul", "kernelize", "matmul",
-           "models", "nn", "paged_attention", "parallel", "quant", "rms_norm", "softmax", "vector_add"]
+__all__ = ["backends", "flash_attention", "flash_attention_varlen", "fused_linear_cross_entropy", "int4_matmul",
+           "kernelize", "layer_norm", "matmul", "models", "nn", "paged_attention", "parallel", "quant", "rms_norm",
+           "rope", "softmax", "swiglu", "vector_add"]

@@ -6,10 +6,10 @@ that computes the same thing, sharing its parameters (so state dicts and optimiz
 
     _layers.RMSNorm   -> gf.nn.RMSNorm (gf.rms_norm)      _layers.Softmax -> gf.nn.Softmax (mask as −inf)
     _layers.Attention -> gf.nn.ScaledDotProductAttention (gf.flash_attention; with a mask, gf.softmax inside)
-    nn.Linear         -> gf.nn.Linear (gf.matmul + bias)
+    nn.LayerNorm      -> gf.nn.LayerNorm (gf.layer_norm)  nn.Linear       -> gf.nn.Linear (gf.matmul + bias)
 
-nn.LayerNorm has no gpuforge op yet and stays as it is; so do convolutions and the tied output head
-(F.linear on the embedding). The gpuforge ops take float32/float16/bfloat16, not float64.
+Convolutions and the tied output head (F.linear on the embedding) stay as they are. The gpuforge ops take
+float32/float16/bfloat16, not float64.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ def _rms_norm(ref: _layers.RMSNorm, backend: str) -> gfnn.RMSNorm:
     return module
 
 
+def _layer_norm(ref: nn.LayerNorm, backend: str) -> gfnn.LayerNorm:
+    module = gfnn.LayerNorm(ref.normalized_shape, ref.eps, ref.elementwise_affine, ref.bias is not None,
+                            device="meta", backend=backend)
+    module.weight, module.bias = ref.weight, ref.bias
+    return module
+
+
 def _linear(ref: nn.Linear, backend: str) -> gfnn.Linear:
     module = gfnn.Linear(ref.in_features, ref.out_features, ref.bias is not None, device="meta", backend=backend)
     module.weight, module.bias = ref.weight, ref.bias
@@ -35,6 +42,7 @@ def _linear(ref: nn.Linear, backend: str) -> gfnn.Linear:
 # op name -> (reference module type, builder of the gf.nn module sharing its parameters)
 SWAPS = {
     "rms_norm": (_layers.RMSNorm, _rms_norm),
+    "layer_norm": (nn.LayerNorm, _layer_norm),
     "softmax": (_layers.Softmax, lambda ref, backend: gfnn.Softmax(ref.dim, backend=backend)),
     "attention": (_layers.Attention, lambda ref, backend: gfnn.ScaledDotProductAttention(backend=backend)),
     "linear": (nn.Linear, _linear),

@@ -1,9 +1,10 @@
 """Drop-in torch.nn modules running gpuforge ops: the same constructor arguments and state-dict names as the
 torch module each one replaces, so `load_state_dict` works across the two. `gf.kernelize` builds on them.
 
-    RMSNorm  ↔ torch.nn.RMSNorm        Linear  ↔ torch.nn.Linear        Softmax ↔ torch.nn.Softmax (+ mask)
+    RMSNorm  ↔ torch.nn.RMSNorm        LayerNorm ↔ torch.nn.LayerNorm    Linear ↔ torch.nn.Linear
+    Softmax  ↔ torch.nn.Softmax (+ mask)
     ScaledDotProductAttention ↔ F.scaled_dot_product_attention (GQA, bottom-right causal, boolean mask)
-    Attention: QKV projections + RoPE + GQA on gf.flash_attention (the reference models' GQAttention layout)
+    Attention: QKV projections + gf.rope + GQA on gf.flash_attention (the reference models' GQAttention layout)
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 
 from gpuforge.kernels._tensors import compute_dtype
 from gpuforge.kernels.flash_attention import flash_attention, visibility_mask
+from gpuforge.kernels.layer_norm import layer_norm
 from gpuforge.kernels.matmul import matmul
 from gpuforge.kernels.rms_norm import rms_norm
-from gpuforge.kernels.rope import rope_angles, rotate_interleaved
+from gpuforge.kernels.rope import full_tables, rope, rope_angles
 from gpuforge.kernels.softmax import softmax
 
 
@@ -73,6 +75,31 @@ class RMSNorm(torch.nn.Module):
     def extra_repr(self) -> str:
         offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}{offset}"
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm (same constructor, initialisation and state dict) computed by gf.layer_norm: fp32
+    statistics, one fused kernel each way, deterministic weight and bias gradients.
+
+    normalized_shape may span several trailing dims: they are flattened into one, whose mean and variance are
+    the same. The output has x's dtype (weight and bias are cast to it); `backend` (keyword only, not in torch's
+    signature) picks the gf backend."""
+
+    def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None, *,
+                 backend: str = "auto") -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device=device, dtype=dtype)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
+            raise ValueError(f"x: expected trailing dims {tuple(self.normalized_shape)} (normalized_shape), "
+                             f"got shape {tuple(x.shape)}")
+        n = math.prod(self.normalized_shape)
+        weight, bias = (p.reshape(n).to(x.dtype) if p is not None else None for p in (self.weight, self.bias))
+        y = layer_norm(x.reshape(*x.shape[:x.dim() - k], n), weight, bias, self.eps, backend=self.backend)
+        return y.view(x.shape)
 
 
 class Linear(torch.nn.Linear):
@@ -165,25 +192,25 @@ class Attention(torch.nn.Module):
         self.wk = torch.nn.Linear(dim, n_kv_heads * head_dim, bias=bias, **factory)
         self.wv = torch.nn.Linear(dim, n_kv_heads * head_dim, bias=bias, **factory)
         self.wo = torch.nn.Linear(n_heads * head_dim, dim, bias=bias, **factory)
-        cos, sin = rope_angles(head_dim, max_seq_len, rope_theta)
-        self.register_buffer("rope_cos", cos.to(device), persistent=False)
-        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        # (max_seq_len, head_dim) tables in gf.rope's interleaved layout, fp32
+        cos, sin = full_tables(*rope_angles(head_dim, max_seq_len, rope_theta), interleaved=True)
+        self.register_buffer("rope_cos", cos.to(device=device, dtype=torch.float32), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device=device, dtype=torch.float32), persistent=False)
 
-    def rotate(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """RoPE on x (B, H, S, D) at absolute positions start_pos .. start_pos + S − 1."""
-        s = x.shape[2]
+    def rope_tables(self, start_pos: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (S, D) cos/sin rows of absolute positions start_pos .. start_pos + S − 1."""
         if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
             raise ValueError(f"start_pos: expected an int >= 0, got {start_pos!r}")
         if start_pos + s > self.rope_cos.shape[0]:
             raise ValueError(f"x: positions up to {start_pos + s} exceed max_seq_len {self.rope_cos.shape[0]}")
-        return rotate_interleaved(x, self.rope_cos[start_pos:start_pos + s], self.rope_sin[start_pos:start_pos + s])
+        return self.rope_cos[start_pos:start_pos + s], self.rope_sin[start_pos:start_pos + s]
 
     def forward(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotate(q, start_pos), self.rotate(k, start_pos)
+        q, k = rope(q, k, *self.rope_tables(start_pos, s), interleaved=True, backend=self.backend)
         out = flash_attention(q, k, v, causal=self.causal, window=self.window, backend=self.backend)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 

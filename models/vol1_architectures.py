@@ -7,8 +7,8 @@ its own statistics unless synchronised). TinyGCN: H' = σ(D^-1/2 (A + I) D^-1/2 
 coefficients softmax_j(LeakyReLU(aᵀ[W hᵢ ‖ W hⱼ])) masked to the neighbours of i (self-loop included). A
 graph batch is a set of independent graphs (a leading graph dim), so data parallelism splits whole graphs.
 
-gpuforge ops exercised: matmul (1×1 convs, the GCN/GAT feature transforms), rms_norm (the RMSNorm variant;
-LayerNorm stays torch), softmax with masks (GAT). Parallel strategies: DDP, PP (the ConvNeXt stages are a
+gpuforge ops exercised: matmul (1×1 convs, the GCN/GAT feature transforms), layer_norm or rms_norm (the
+norm variants), softmax with masks (GAT). Parallel strategies: DDP, PP (the ConvNeXt stages are a
 sequence).
 """
 

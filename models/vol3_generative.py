@@ -9,8 +9,8 @@ with the control image through a zero-initialised projection, added back through
 initialisation its output equals the frozen base model's exactly; it is registered over a briefly trained base
 (`pretrained_dit`) and learns from a control image carrying the layout.
 
-gpuforge ops exercised: flash_attention (non-causal, Sq ≠ Sk), matmul (LayerNorm stays torch). Parallel: DDP,
-TP, PP, ZeRO-3.
+gpuforge ops exercised: flash_attention (non-causal, Sq ≠ Sk), matmul, layer_norm (without affine parameters).
+Parallel: DDP, TP, PP, ZeRO-3.
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Offline data: gridworld episodes (reward 1 at the goal minus a step cost of 0.1,
 policies mixing optimal and random moves. At evaluation the return-to-go starts at the target return and
 each received reward is subtracted from it.
 
-gpuforge ops exercised: matmul, softmax (the policy), flash_attention (causal, the decision transformer).
+gpuforge ops exercised: matmul, softmax (the policy), flash_attention (causal, the decision transformer),
+layer_norm (its blocks).
 Parallel strategy: DDP.
 """
 

@@ -75,6 +75,37 @@ def test_rms_norm_default_eps_is_torchs_in_half_precision(dtype):
     assert_close_rel(ours, theirs.detach(), 2 * REL_TOL[dtype])
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("normalized_shape, kwargs", [(24, {}), ((3, 8), dict(eps=1e-6)),
+                                                      (24, dict(elementwise_affine=False)), (24, dict(bias=False))])
+def test_layer_norm_matches_torch(backend, normalized_shape, kwargs):
+    if backend == "triton" and not gf.backends.available()["triton"][0]:
+        pytest.skip("triton cannot run here")
+    torch.manual_seed(0)
+    theirs = torch.nn.LayerNorm(normalized_shape, **kwargs)
+    ours = gf.nn.LayerNorm(normalized_shape, **kwargs, backend=backend)
+    assert isinstance(ours, torch.nn.LayerNorm) and ours.state_dict().keys() == theirs.state_dict().keys()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = (3 * torch.randn(2, 5, 24) + 1).view(2, 5, *((24,) if normalized_shape == 24 else normalized_shape))
+    x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_theirs = ours(x_ours), theirs(x_theirs)
+    assert_close_rel(y_ours, y_theirs, REL_TOL[torch.float32])
+    dy = torch.randn_like(x)
+    y_ours.backward(dy)
+    y_theirs.backward(dy)
+    assert_close_rel(x_ours.grad, x_theirs.grad, 1e-5, "dx")
+    for (name, p_ours), p_theirs in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert_close_rel(p_ours.grad, p_theirs.grad, 1e-5, f"d{name}")
+
+
+def test_layer_norm_rejects_wrong_trailing_dims():
+    with pytest.raises(ValueError, match=r"x: expected trailing dims \(8,\)"):
+        gf.nn.LayerNorm(8)(torch.randn(2, 9))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dim=32, n_heads=0), "n_heads: expected a positive int, got 0"),
     (dict(dim=32, n_heads=4, n_kv_heads=0), "n_kv_heads: expected a positive int, got 0"),

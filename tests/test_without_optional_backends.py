@@ -74,7 +74,16 @@ SCRIPT = textwrap.dedent("""
         table, lens = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32), torch.tensor([20, 5], dtype=torch.int32)
         assert gf.paged_attention(torch.randn(2, 4, 16, generator=g), cache, cache, table, lens,
                                   backend=backend).shape == (2, 4, 16)
-    layers = [gf.nn.RMSNorm(33), gf.nn.Linear(33, 7), gf.nn.Softmax(-1)]
+        assert torch.allclose(gf.layer_norm(x, w, w, backend=backend),
+                              torch.nn.functional.layer_norm(x, (33,), w, w), atol=1e-5)
+        cos, sin = torch.ones(9, 8), torch.zeros(9, 8)  # angle 0: the identity
+        assert torch.equal(gf.rope(k, k, cos, sin, backend=backend)[0], k)
+        assert torch.allclose(gf.swiglu(x, x, backend=backend), torch.nn.functional.silu(x) * x, atol=1e-6)
+        target = torch.randint(0, 7, (5,), generator=g)
+        lm_head = torch.randn(7, 33, generator=g)
+        assert torch.allclose(gf.fused_linear_cross_entropy(x, lm_head, target, backend=backend),
+                              torch.nn.functional.cross_entropy(x @ lm_head.T, target), atol=1e-5)
+    layers = [gf.nn.RMSNorm(33), gf.nn.LayerNorm(33), gf.nn.Linear(33, 7), gf.nn.Softmax(-1)]
     for layer in layers:
         xr = x.clone().requires_grad_()
         layer(xr).sum().backward()

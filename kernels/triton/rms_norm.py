@@ -9,14 +9,12 @@ partial rows into one fp32 row with atomics (order varies from run to run, bits 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from gpuforge.kernels import _alloc
-from gpuforge.kernels.triton._host import interpreted
+from gpuforge.kernels.triton._partials import bands, sum_partials, sum_partials_variants
 
 
 @triton.jit
@@ -95,44 +93,10 @@ def _rms_norm_bwd_kernel(
         tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=mask)
 
 
-@triton.jit
-def _sum_partials_kernel(
-    partial_ptr,  # fp32 (n_partials, n) partial weight gradients
-    dw_ptr,  # output (n,) in the weight's dtype
-    n_partials,
-    n_cols,
-    BLOCK_SIZE: tl.constexpr,
-):
-    """Second pass: each program sums a BLOCK_SIZE slice of columns over all partial rows, top to bottom."""
-    cols = tl.program_id(0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    total = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
-    for p in range(0, n_partials):
-        total += tl.load(partial_ptr + p * n_cols + cols, mask=mask, other=0.0)
-    tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=mask)
-
-
-SUM_BLOCK = 256
-# Under the interpreter a few programs still exercise the band split and the second pass.
-INTERPRETER_PROGRAMS = 4
-
-
 def _settings(n: int) -> tuple[int, int]:
     """(BLOCK_SIZE, num_warps): ~8-16 elements per thread keeps loads 16-byte wide without spilling."""
     block = triton.next_power_of_2(n)
     return block, min(max(block // 256, 1), 16) if block >= 256 else 1
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _programs(rows: int, device: torch.device) -> int:
-    if device.type != "cuda" or interpreted():
-        return max(1, min(rows, INTERPRETER_PROGRAMS))
-    # a few bands per SM: enough to fill the GPU, few enough that the second pass reads little
-    return max(1, min(rows, 4 * _sm_count(device.index or 0)))
 
 
 def forward(x, weight, residual, eps):
@@ -153,7 +117,7 @@ def backward(dy, x, weight, rstd, dh, deterministic):
     rows, n = x.shape
     dx = _alloc.empty((rows, n), dtype=x.dtype, device=x.device)
     dw = _alloc.empty((n,), dtype=weight.dtype, device=x.device)
-    programs = _programs(rows, x.device)
+    programs = bands(rows, x.device)
     partial = _alloc.empty((programs if deterministic else 1, n), dtype=torch.float32, device=x.device)
     if not deterministic or not rows:
         partial.zero_()
@@ -164,8 +128,7 @@ def backward(dy, x, weight, rstd, dh, deterministic):
             dy, dy.stride(0), x, x.stride(0), weight, rstd, dh_arg, dh_arg.stride(0), dx, partial, rows, n,
             triton.cdiv(rows, programs), HAS_DH=dh is not None, ATOMIC=not deterministic, BLOCK_SIZE=block,
             num_warps=warps)
-    _sum_partials_kernel[(triton.cdiv(n, SUM_BLOCK),)](partial, dw, partial.shape[0], n, BLOCK_SIZE=SUM_BLOCK)
-    return dx, dw
+    return dx, sum_partials(partial, dw)
 
 
 
@@ -193,8 +156,4 @@ def compile_variants() -> list:
                     sig = signature(_rms_norm_bwd_kernel, constexprs, pointers, generic=("n_rows", "rows_per_program"))
                     out.append(Variant("rms_norm", _rms_norm_bwd_kernel, sig, constexprs, warps, 3,
                                        f"{dtype} BLOCK_SIZE={block} dh={dh} atomic={atomic}"))
-        constexprs = {"BLOCK_SIZE": SUM_BLOCK}
-        sig = signature(_sum_partials_kernel, constexprs, {"partial_ptr": "float32", "dw_ptr": dtype},
-                        generic=("n_partials",))
-        out.append(Variant("rms_norm", _sum_partials_kernel, sig, constexprs, 4, 3, f"{dtype} BLOCK_SIZE={SUM_BLOCK}"))
-    return out
+    return out + sum_partials_variants("rms_norm")

@@ -19,7 +19,8 @@ from pathlib import Path
 from gpuforge.profiling.static import sass
 from gpuforge.profiling.static.occupancy import ARCHS, occupancy
 
-TRITON_MODULES = ("vector_add", "softmax", "rms_norm", "matmul", "int4_matmul", "paged_attention", "flash_attention")
+TRITON_MODULES = ("vector_add", "softmax", "rms_norm", "matmul", "int4_matmul", "paged_attention", "flash_attention",
+                  "layer_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 CACHE = Path(os.environ.get("GPUFORGE_INSPECT_CACHE", Path.home() / ".cache" / "gpuforge" / "inspect"))
 
 

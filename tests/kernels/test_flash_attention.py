@@ -314,7 +314,7 @@ def test_gpu_half_precision_vs_sdpa(dtype, shape):
 
 
 def _rope_complex(t, start):
-    """RoPE as a complex rotation of the pairs (x[2i], x[2i+1]): independent of gf.nn.Attention.rotate."""
+    """RoPE as a complex rotation of the pairs (x[2i], x[2i+1]): independent of gf.rope and its tables."""
     d = t.shape[-1]
     pos = torch.arange(start, start + t.shape[2], dtype=torch.float64)
     angles = pos[:, None] * 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)

@@ -1,5 +1,5 @@
-"""kernelize: models with gpuforge ops swapped in give the plain models' outputs and gradients (fp32; on a
-CPU the Triton kernels run under the interpreter)."""
+"""kernelize: models with gpuforge ops swapped in (RMSNorm, LayerNorm, softmax, attention, linear layers) give the
+plain models' outputs and gradients (fp32; on a CPU the Triton kernels run under the interpreter)."""
 
 import copy
 
@@ -73,7 +73,7 @@ def test_dit_cross_attention():
 
 def test_unknown_op_is_rejected():
     with pytest.raises(ValueError, match="ops: expected names among"):
-        gf.kernelize(torch.nn.Linear(2, 2), ops=("layer_norm",))
+        gf.kernelize(torch.nn.Linear(2, 2), ops=("conv2d",))
 
 
 REGISTRY = gf.models.reference_models()
@@ -101,6 +101,7 @@ def test_every_reference_model_kernelized_gives_the_same_loss_and_gradients(name
         kernel_model = _compare(model, lambda m: ref.loss_fn(m, batch).reshape(1))
     assert any(isinstance(m, KernelLinear | KernelRMSNorm | KernelSoftmax | KernelAttention)
                for m in kernel_model.modules()), "kernelize swapped nothing"
+    assert not any(type(m) is torch.nn.LayerNorm for m in kernel_model.modules()), "a LayerNorm stayed torch"
 
 
 # ----------------------------------------------------------------------------------------------- GPU, fp16/bf16
