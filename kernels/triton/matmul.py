@@ -17,7 +17,6 @@ import triton.language as tl
 from gpuforge.kernels import _alloc
 from gpuforge.kernels.triton._host import interpreted, upcast_bf16_dot
 
-
 # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps. 16-bit operands: the Triton tutorial's H100 sweep plus deeper
 # pipelines. fp32 (tf32) operands take twice the shared memory per stage and twice the registers per loaded
 # element: `gpuforge inspect` found five of the 16-bit tiles over the 227 KB per-block limit with fp32 (up to
