@@ -8,13 +8,12 @@
     fused_linear_cross_entropy  a causal-LM forward that, given labels, computes the loss from the last hidden
                 states and lm_head's weight by gf.fused_linear_cross_entropy (the logits are never formed)
 
-Ops are looked up on the gpuforge package when called (`_op`), so an op that gpuforge does not have raises
-there, naming it; apply_gpuforge checks the same names before patching (`missing_ops`).
 """
 
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 
 import torch
@@ -23,23 +22,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOut
 
 import gpuforge
 from gpuforge import nn as gfnn
-
-
-def missing_ops(names) -> list[str]:
-    """The gpuforge names among `names` ("rope", "nn.LayerNorm", ...) that this gpuforge does not define."""
-    missing = []
-    for name in names:
-        owner, _, attr = name.rpartition(".")
-        if not hasattr(gfnn if owner == "nn" else gpuforge, attr):
-            missing.append(f"gf.{name}")
-    return missing
-
-
-def _op(name: str):
-    if missing_ops([name]):
-        raise NotImplementedError(f"gf.{name}: this gpuforge has no such op; the patch that calls it cannot run")
-    return getattr(gpuforge, name)
-
 
 # ------------------------------------------------------------------------------------------------ norms
 
@@ -78,7 +60,7 @@ def layer_norm_like(module: nn.LayerNorm, backend: str) -> nn.Module:
 def layer_norm_forward(backend: str):
     """forward(x) of a LayerNorm class with weight, bias and eps (a modelling module's own class), on gf.layer_norm."""
     def forward(self, x):
-        return _op("layer_norm")(x, self.weight, self.bias, self.eps, backend=backend)
+        return gpuforge.layer_norm(x, self.weight, self.bias, self.eps, backend=backend)
 
     return forward
 
@@ -93,19 +75,31 @@ def rope_function(backend: str):
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if unsqueeze_dim != 1:
             raise ValueError(f"unsqueeze_dim: gf.rope takes q/k as (B, H, S, D) (unsqueeze_dim=1), got {unsqueeze_dim}")
-        return _op("rope")(q, k, cos, sin, backend=backend)
+        return gpuforge.rope(q, k, cos, sin, backend=backend)
 
     return apply_rotary_pos_emb
 
 
+def _module_copy(globals_: dict, name: str, value) -> dict:
+    """The globals of a copy of the module that owns `globals_`, with `name` set to `value`, registered in
+    sys.modules under its own name: torch.compile finds a function's globals through sys.modules[__name__],
+    so a bare dict copy would be guarded (and traced) as HF's module."""
+    label = getattr(value, "__qualname__", type(value).__name__).replace(".", "_").replace("<", "").replace(">", "")
+    copy_name = f"{globals_['__name__']}__gpuforge_{name}_{label}_{id(value):x}"
+    module = types.ModuleType(copy_name)
+    module.__dict__.update({**globals_, "__name__": copy_name, name: value})
+    sys.modules[copy_name] = module
+    return module.__dict__
+
+
 def _rebound(function, name: str, value):
     """`function` (unwrapped from its decorators) with the module-level `name` resolved to `value`: the same
-    code and defaults, another globals dict. How one instance's attention forward calls gf.rope while every
-    other model of that type keeps HF's function."""
+    code and defaults, the globals of a module copy. How one instance's attention forward calls gf.rope while
+    every other model of that type keeps HF's function."""
     inner = inspect.unwrap(function)
     if name not in inner.__code__.co_names:
         raise ValueError(f"{inner.__qualname__}: does not call {name}; its rope cannot be patched")
-    rebound = types.FunctionType(inner.__code__, {**inner.__globals__, name: value}, inner.__name__,
+    rebound = types.FunctionType(inner.__code__, _module_copy(inner.__globals__, name, value), inner.__name__,
                                  inner.__defaults__, inner.__closure__)
     rebound.__kwdefaults__ = inner.__kwdefaults__
     rebound.__qualname__ = inner.__qualname__
@@ -135,7 +129,7 @@ def swiglu_mlp_forward(original, backend: str):
     def forward(self, x):
         if not _is_silu(self.act_fn):
             return original(self, x)
-        return self.down_proj(_op("swiglu")(self.gate_proj(x), self.up_proj(x), backend=backend))
+        return self.down_proj(gpuforge.swiglu(self.gate_proj(x), self.up_proj(x), backend=backend))
 
     return forward
 
@@ -146,7 +140,7 @@ def fused_swiglu_mlp_forward(original, backend: str):
         if not _is_silu(self.activation_fn):
             return original(self, x)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(_op("swiglu")(gate, up, backend=backend))
+        return self.down_proj(gpuforge.swiglu(gate, up, backend=backend))
 
     return forward
 
@@ -158,7 +152,7 @@ def swiglu_gate(original, backend: str):
         if not _is_silu(self.act_fn):
             return original(self, gate_up)
         gate, up = gate_up.chunk(2, dim=-1)
-        return _op("swiglu")(gate, up, backend=backend)
+        return gpuforge.swiglu(gate, up, backend=backend)
 
     return _apply_gate
 
@@ -193,7 +187,7 @@ def causal_lm_forward(original, load_balancing_loss=None, backend: str = "auto")
         if shift_labels is None:
             shift_labels = nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         num_items = kwargs.get("num_items_in_batch")
-        loss = _op("fused_linear_cross_entropy")(
+        loss = gpuforge.fused_linear_cross_entropy(
             hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, shift_labels.reshape(-1).to(hidden.device),
             bias=self.lm_head.bias, ignore_index=ignore_index,
             softcap=getattr(self.config, "final_logit_softcapping", None),

@@ -83,11 +83,10 @@ FAMILIES = {
 
 @dataclass(frozen=True)
 class Entry:
-    """One patch: the gpuforge names it calls, the family's classes it replaces (none: the entry does not apply
+    """One patch: the family's classes it replaces (none: the entry does not apply
     to that model type, for the reason `absent`), why a given config refuses it, and the two ways to apply it:
     on an instance (model, family, backend) and on the modelling module (module, family, backend)."""
 
-    ops: tuple[str, ...]
     targets: Callable[[Family], tuple[str, ...]]
     absent: str
     on_instance: Callable
@@ -204,16 +203,16 @@ def _loss_module(modelling, family, backend):
 
 
 ENTRIES = {
-    "rms_norm": Entry(("rms_norm", "nn.RMSNorm"), lambda f: f.rms_norm, "has no RMSNorm",
+    "rms_norm": Entry(lambda f: f.rms_norm, "has no RMSNorm",
                       _rms_norm_instance, _rms_norm_module),
-    "layer_norm": Entry(("layer_norm", "nn.LayerNorm"), lambda f: f.layer_norm, "has no LayerNorm",
+    "layer_norm": Entry(lambda f: f.layer_norm, "has no LayerNorm",
                         _layer_norm_instance, _layer_norm_module),
-    "rope": Entry(("rope",), lambda f: f.attention, "has no rotary attention", _rope_instance, _rope_module),
-    "swiglu": Entry(("swiglu",), lambda f: f.mlp + f.fused_mlp + f.experts, "has no SwiGLU MLP",
+    "rope": Entry(lambda f: f.attention, "has no rotary attention", _rope_instance, _rope_module),
+    "swiglu": Entry(lambda f: f.mlp + f.fused_mlp + f.experts, "has no SwiGLU MLP",
                     _swiglu_instance, _swiglu_module),
-    "attention": Entry(("flash_attention", "flash_attention_varlen"), lambda f: f.attention, "has no attention",
+    "attention": Entry(lambda f: f.attention, "has no attention",
                        _attention_instance, _attention_module, _attention_refuses),
-    "fused_linear_cross_entropy": Entry(("fused_linear_cross_entropy",), lambda f: (f.causal_lm,),
+    "fused_linear_cross_entropy": Entry(lambda f: (f.causal_lm,),
                                         "has no causal LM head", _loss_instance, _loss_module),
 }
 
@@ -244,9 +243,7 @@ def _plan(model_type: str, family: Family, flags: dict, config) -> dict[str, str
         if wanted is False:
             report[name] = "not patched: turned off"
             continue
-        missing = hf_layers.missing_ops(entry.ops)
-        reason = (f"gpuforge has no {', '.join(missing)}" if missing
-                  else None if entry.targets(family) else f"{model_type} {entry.absent}")
+        reason = None if entry.targets(family) else f"{model_type} {entry.absent}"
         if reason is None and config is not None:
             reason = entry.refuses(config)
         if reason is not None and wanted:
@@ -262,11 +259,9 @@ def apply_gpuforge(model: nn.Module | None = None, *, model_type: str | None = N
     """Patch a transformers model (`model`, in place) or the modelling module of `model_type` (models built from it
     afterwards) to compute with gpuforge ops; returns {entry: "patched" or "not patched: <why>"}.
 
-    Each entry flag is None (the default: patch when gpuforge has the op, the model type has the layer and its
-    config allows it; otherwise leave HF's layer and say why in the report), True (patch, or raise ValueError
-    naming what is missing: an op gpuforge does not have yet, a layer the model lacks, a config the op cannot
-    compute) or False (leave HF's layer). While gpuforge lacks an op (gf.layer_norm, gf.rope, gf.swiglu,
-    gf.fused_linear_cross_entropy until they land) the default leaves that entry out and True raises.
+    Each entry flag is None (the default: patch when the model type has the layer and its config allows it;
+    otherwise leave HF's layer and say why in the report), True (patch, or raise ValueError naming what is
+    missing: a layer the model lacks, a config the op cannot compute) or False (leave HF's layer).
 
     rms_norm: the RMSNorm modules become gf.nn.RMSNorm sharing their weights (Gemma's (1 + w) included).
     layer_norm: torch LayerNorms become gf.nn.LayerNorm. rope: the attention layers' apply_rotary_pos_emb calls
