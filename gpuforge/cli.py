@@ -1,4 +1,4 @@
-"""`python -m gpuforge {info,check,bench,inspect,train,demo}`: each subcommand lives in its own module and is
+"""`python -m gpuforge {info,check,bench,tune,inspect,train,demo}`: each subcommand lives in its own module and is
 imported only when asked for, so `gpuforge info` never pays for Triton or torch.distributed set-up."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "info": ("gpuforge.info", "device, driver, clocks and power (NVML) and the backends table"),
     "check": ("gpuforge.check", "correctness of every op on every backend that can run here"),
     "bench": ("gpuforge.profiling.cli", "microbenchmarks vs the PyTorch baselines (tables, JSON, plots)"),
+    "tune": ("gpuforge.tune", "time every backend at representative shapes; `auto` then picks the fastest"),
     "inspect": ("gpuforge.profiling.static.cli", "what a GPU would run: registers, spills, shared memory, SASS"),
     "train": ("gpuforge.parallel.training.cli", "parallel training vs one process (torchrun / mpiexec)"),
     "demo": ("gpuforge.demo", "the main job: info, check, a quick benchmark, parallel training runs"),

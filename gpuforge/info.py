@@ -1,5 +1,6 @@
 """`python -m gpuforge info`: the device (NVML: name, driver, memory, clocks, power), the torch build, and the
-backends table with the reason each unavailable backend cannot run."""
+backends table with the reason each unavailable backend cannot run, and where `auto` takes its choice from
+(measured tables or the documented rule)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import platform
 
 import torch
 
-from gpuforge.kernels import backends
+from gpuforge.kernels import auto_table, backends
 
 
 def lines() -> list[str]:
@@ -23,6 +24,8 @@ def lines() -> list[str]:
                        f"{snap['power_w']:.0f}/{snap['power_limit_w']:.0f} W, {snap['temperature_c']} C")
     else:
         out.append("GPU: none (torch.cuda.is_available() is False); kernels can run in the simulators")
+    name = backends.device_name(torch.device("cuda", 0)) if torch.cuda.is_available() else None
+    out.append(auto_table.describe(name))
     out.append("backends:")
     for name, (ok, reason) in backends.available().items():
         out.append(f"  {name:<7} {'yes' if ok else 'no ':<4} {reason}")

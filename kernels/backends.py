@@ -2,9 +2,11 @@
 
 `available()` probes each backend without initialising anything at import time. `select()` turns a
 `backend=` argument (or the GPUFORGE_BACKEND environment variable, a preference) into the backend that runs:
-`auto` takes, on a CUDA tensor, the first available backend of the op's documented order (a rule, not a
-measurement), and on a CPU tensor the torch reference. Named backends are strict: if they cannot run here
-the call raises and says why. Every environment variable is read when a call needs it, never at import.
+`auto` takes, on a CUDA tensor, the backend measured fastest for that op, dtype, shape bucket and device
+(auto_table.py: the user's tune cache, then a shipped table), else the first available backend of the op's
+documented order (a rule, not a measurement); on a CPU tensor, the torch reference. Named backends are
+strict: if they cannot run here the call raises and says why. Every environment variable is read when a call
+needs it, never at import.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 from collections.abc import Sequence
 
 import torch
+
+from gpuforge.kernels import auto_table
 
 BACKENDS = ("torch", "triton", "cuda", "cupy", "numba")
 # Backends whose kernels take CUDA memory; triton and numba also run on CPU tensors under their simulators.
@@ -107,6 +111,23 @@ def available() -> dict[str, tuple[bool, str]]:
     return {name: is_available(name) for name in BACKENDS}
 
 
+def preferred() -> str:
+    """GPUFORGE_BACKEND: the backend `auto` runs wherever it can ('auto' when unset)."""
+    name = os.environ.get("GPUFORGE_BACKEND", "auto")
+    _check_name(name, "GPUFORGE_BACKEND")
+    return name
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name, as the measured tables key it."""
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def _check_name(name: str, what: str) -> None:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{what}: expected 'auto' or one of {BACKENDS}, got {name!r}")
@@ -136,17 +157,21 @@ def constant_under_compile(fn):
 # Under torch.compile the choice is made once, at trace time, and baked into the graph as a constant.
 @constant_under_compile
 def select(op: str, backend: str, device: torch.device, implemented: Sequence[str],
-           auto_order: Sequence[str]) -> str:
-    """The backend that runs `op` on `device`, given the caller's `backend=` argument."""
+           auto_order: Sequence[str], entry_key: str | None = None) -> str:
+    """The backend that runs `op` on `device`, given the caller's `backend=` argument. `auto`: GPUFORGE_BACKEND
+    when set and usable; torch on CPU tensors; on CUDA tensors the measured entry `entry_key` of the tune cache
+    or the shipped table (auto_table.py), else the first of `auto_order` installed."""
     _check_name(backend, "backend")
     if backend == "auto":
-        preferred = os.environ.get("GPUFORGE_BACKEND", "auto")
-        _check_name(preferred, "GPUFORGE_BACKEND")
-        if preferred != "auto" and preferred in implemented and runs_on(preferred, device):
-            if is_available(preferred)[0]:
-                return preferred
+        preferred_name = preferred()
+        if preferred_name != "auto" and preferred_name in implemented and runs_on(preferred_name, device):
+            if is_available(preferred_name)[0]:
+                return preferred_name
         if device.type != "cuda":
             return "torch"
+        measured = None if entry_key is None else auto_table.TABLE.lookup(entry_key, device_name(device))
+        if measured is not None and measured[0] in implemented and is_available(measured[0])[0]:
+            return measured[0]
         for candidate in auto_order:
             if candidate in implemented and is_available(candidate)[0]:
                 return candidate

@@ -1,4 +1,5 @@
-"""Per-op backend table: which backends implement an op, what each one rejects, and the `auto` order on GPUs.
+"""Per-op backend table: which backends implement an op, what each one rejects, and how `auto` picks on GPUs
+(measured tables first, then the op's `auto_order`: auto_table.py).
 
 Every backend of an op is one object with the same two functions, `forward(...)` and (when the op has a
 backward kernel) `backward(...)`, with the signatures the op's face module documents: a module under
@@ -14,13 +15,13 @@ over a backend whose limits exclude the input, and a backend named in the call r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-from gpuforge.kernels import backends
+from gpuforge.kernels import auto_table, backends
 
 
 class Implementation(NamedTuple):
@@ -52,7 +53,7 @@ class Limits:
 class OpBackends:
     op: str
     loaders: Mapping[str, Callable[[], Any]]  # backend name -> () -> object with forward (and backward)
-    auto_order: tuple[str, ...]  # on CUDA tensors: the documented rule `auto` follows (not a measurement)
+    auto_order: tuple[str, ...]  # on CUDA tensors: the rule `auto` follows where nothing was measured
     limits: Mapping[str, Limits] = field(default_factory=dict)
 
     def rejects(self, backend: str, dtype: torch.dtype | None = None, width: int | None = None) -> str | None:
@@ -63,12 +64,23 @@ class OpBackends:
         return self.rejects(backend, dtype, width) is None
 
     def select(self, backend: str, device: torch.device, *, dtype: torch.dtype | None = None,
-               width: int | None = None) -> str:
-        """The backend that runs this op on `device` for inputs of `dtype` and last dim `width`."""
+               width: int | None = None, shape: Sequence[int] = (), run: Callable[[str], Any] | None = None) -> str:
+        """The backend that runs this op on `device` for inputs of `dtype` and last dim `width`. For CUDA tensors
+        `auto` reads the measured tables at (op, dtype, bucket of `shape`, device) first (auto_table.py); with
+        GPUFORGE_AUTOTUNE=1 and no entry yet, it times `run(backend)` for every candidate and records the
+        fastest (eager calls only: under torch.compile the tables are read, never written)."""
         candidates = tuple(b for b in self.loaders if self.supports(b, dtype, width))
         order = tuple(b for b in self.auto_order if b in candidates)
+        entry_key = None
+        if backend == "auto" and device.type == "cuda":
+            name = backends.device_name(device)
+            entry_key = auto_table.key(self.op, dtype, shape, name)
+            if (run is not None and auto_table.autotune_on() and not torch.compiler.is_compiling()
+                    and backends.preferred() == "auto"
+                    and (auto_table.measuring_anew() or auto_table.TABLE.lookup(entry_key, name) is None)):
+                auto_table.measure(entry_key, [b for b in candidates if backends.is_available(b)[0]], run)
         chosen = backends.select(self.op, backend, device, candidates if backend == "auto" else tuple(self.loaders),
-                                 order)
+                                 order, entry_key)
         reason = self.rejects(chosen, dtype, width)
         if reason is not None:
             error = TypeError if self.rejects(chosen, dtype) else ValueError

@@ -320,8 +320,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                              "causal='top_left'")
         return _top_left_causal(q, k, v, scale=scale, deterministic=deterministic, backend=backend)
     left, right = _window(window, causal)
-    out, _ = _attention_op(q, k, v, _scale(scale, q.shape[-1]), left, right, deterministic,
-                           BACKENDS.select(backend, q.device, dtype=q.dtype))
+    chosen = BACKENDS.select(backend, q.device, dtype=q.dtype, shape=(*q.shape, k.shape[1], k.shape[2]),
+                             run=lambda b: flash_attention(q, k, v, causal=causal, scale=scale, window=window,
+                                                           deterministic=deterministic, backend=b))
+    out, _ = _attention_op(q, k, v, _scale(scale, q.shape[-1]), left, right, deterministic, chosen)
     return out
 
 

@@ -281,7 +281,12 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     check_targets(target, weight.shape[0], ignore_index)
     n = hidden.shape[0]
     chunk = chunk_size if chunk_size is not None else default_chunk_size(n, *weight.shape)
-    chosen = BACKENDS.select(backend, hidden.device, dtype=hidden.dtype, width=weight.shape[0])
+    options = {"ignore_index": ignore_index, "label_smoothing": label_smoothing, "z_loss": z_loss,
+               "softcap": softcap, "reduction": reduction, "chunk_size": chunk_size}
+    chosen = BACKENDS.select(backend, hidden.device, dtype=hidden.dtype, width=weight.shape[0],
+                             shape=(n, *weight.shape),
+                             run=lambda b: fused_linear_cross_entropy(hidden, weight, target, bias, **options,
+                                                                      backend=b))
     loss, _ = _flce_op(hidden, weight, target, bias, ignore_index, float(label_smoothing), float(z_loss),
                        float(softcap) if softcap is not None else None, chunk, chosen)
     if reduction == "none":

@@ -98,7 +98,8 @@ def int4_matmul(x: torch.Tensor, qweight: Int4Weight, *, backend: str = "auto") 
     """x (..., K) @ Wᵀ -> (..., N) in x's dtype, W (N, K) the int4 weight `qweight`. x: float16/bfloat16
     (float32 on the torch and triton backends), any strides. Differentiable with respect to x."""
     _check(x, qweight)
-    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype)
+    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype, shape=(x.numel() // max(x.shape[-1], 1), *qweight.shape),
+                             run=lambda b: int4_matmul(x, qweight, backend=b))
     if qweight.in_scales is not None:
         x = (x.float() / qweight.in_scales).to(x.dtype)
     return _int4_matmul_op(x, qweight.qweight, qweight.scales, qweight.zeros, qweight.group_size, chosen)

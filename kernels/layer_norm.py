@@ -194,7 +194,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.
     `residual` (x's shape, dtype, device) it computes h = x + residual first and returns (layer_norm(h), h).
     Autograd for x, weight, bias and residual; `deterministic=False` lets dw/db use atomics."""
     _check_inputs(x, weight, bias, eps, residual)
-    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype, width=x.shape[-1])
+    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype, width=x.shape[-1], shape=(x.numel(), x.shape[-1]),
+                             run=lambda b: layer_norm(x, weight, bias, eps, residual=residual,
+                                                      deterministic=deterministic, backend=b))
     if residual is None:
         return _layer_norm_op(x, weight, bias, float(eps), chosen, bool(deterministic))[0]
     y, h, _, _ = _add_layer_norm_op(x, residual, weight, bias, float(eps), chosen, bool(deterministic))

@@ -134,7 +134,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> torch.
     check_same_device(a=a, b=b)
     check_same_dtype(a=a, b=b)
     _check_shapes(a, b)
-    return _matmul_op(a, b, BACKENDS.select(backend, a.device, dtype=a.dtype))
+    rows = a.numel() // a.shape[-1] if a.shape[-1] else a.shape[-2]
+    chosen = BACKENDS.select(backend, a.device, dtype=a.dtype, shape=(rows, b.shape[-1], a.shape[-1]),
+                             run=lambda name: matmul(a, b, backend=name))
+    return _matmul_op(a, b, chosen)
 
 
 # Max relative error vs float64 per dtype for K ≤ ~100 (fp32: tf32 on GPU for Triton).

@@ -174,7 +174,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, *,
     `residual` (x's shape, dtype, device) it computes h = x + residual first and returns (rms_norm(h), h).
     Autograd for x, weight and residual; `deterministic=False` lets the weight gradient use atomics."""
     _check_inputs(x, weight, eps, residual)
-    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype, width=x.shape[-1])
+    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype, width=x.shape[-1], shape=(x.numel(), x.shape[-1]),
+                             run=lambda b: rms_norm(x, weight, eps, residual=residual, deterministic=deterministic,
+                                                    backend=b))
     if residual is None:
         return _rms_norm_op(x, weight, float(eps), chosen, bool(deterministic))[0]
     y, h, _ = _add_rms_norm_op(x, residual, weight, float(eps), chosen, bool(deterministic))

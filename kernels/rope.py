@@ -199,7 +199,8 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     apply_rotary_pos_emb; True: pairs (2i, 2i+1). Returns contiguous tensors of q's and k's shapes. Autograd
     for q and k (a rotation by −angle), and for cos/sin when they require it."""
     _check_inputs(q, k, cos, sin, interleaved)
-    chosen = BACKENDS.select(backend, q.device, dtype=q.dtype)
+    chosen = BACKENDS.select(backend, q.device, dtype=q.dtype, shape=(*q.shape, k.shape[1]),
+                             run=lambda b: rope(q, k, cos, sin, interleaved=interleaved, backend=b))
     return _rope_op(q, k, cos, sin, interleaved, chosen)
 
 

@@ -118,7 +118,8 @@ def softmax(x: torch.Tensor, dim: int = -1, dtype: torch.dtype | None = None, *,
         x = x.to(dtype)
     check_tensor(x, "x")
     _check_dim(dim, x)
-    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype)
+    chosen = BACKENDS.select(backend, x.device, dtype=x.dtype, shape=(x.numel(), x.shape[dim] if x.dim() else 1),
+                             run=lambda b: softmax(x, dim, backend=b))
     if x.dim() == 0:
         return _softmax_op(x.reshape(1), chosen).reshape(())
     return _softmax_op(x.movedim(dim, -1), chosen).movedim(-1, dim)

@@ -87,7 +87,9 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
     check_same_device(gate=gate, up=up)
     check_same_dtype(gate=gate, up=up)
     check_same_shape(gate=gate, up=up)
-    return _swiglu_op(gate, up, BACKENDS.select(backend, gate.device, dtype=gate.dtype))
+    chosen = BACKENDS.select(backend, gate.device, dtype=gate.dtype, shape=(gate.numel(),),
+                             run=lambda b: swiglu(gate, up, backend=b))
+    return _swiglu_op(gate, up, chosen)
 
 
 def swiglu_float64(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

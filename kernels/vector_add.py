@@ -65,7 +65,9 @@ def vector_add(a: torch.Tensor, b: torch.Tensor, *, backend: str = "auto") -> to
     check_same_device(a=a, b=b)
     check_same_dtype(a=a, b=b)
     check_same_shape(a=a, b=b)
-    return _vector_add_op(a, b, BACKENDS.select(backend, a.device, dtype=a.dtype))
+    chosen = BACKENDS.select(backend, a.device, dtype=a.dtype, shape=(max(a.numel(), b.numel()),),
+                             run=lambda name: vector_add(a, b, backend=name))
+    return _vector_add_op(a, b, chosen)
 
 
 def selfcheck_cases(device: torch.device) -> list[CheckCase]:

@@ -3,11 +3,15 @@
 On a machine without a CUDA GPU, Triton kernels run under the interpreter and numba.cuda kernels under the
 simulator: both switches are read when the kernel modules are first imported, so they are set here, before
 any test imports gpuforge's kernels. Tests marked `gpu` are skipped, with the reason, when there is no GPU.
+`auto`'s tune cache is a fresh file per session, never the user's (GPUFORGE_TUNE_CACHE).
 """
 
 import os
+import tempfile
 
 import torch
+
+os.environ["GPUFORGE_TUNE_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="gpuforge-tests-"), "tune.json")
 
 GPU_PRESENT = torch.cuda.is_available()
 
