@@ -118,16 +118,6 @@ def preferred() -> str:
     return name
 
 
-@functools.cache
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
-def device_name(device: torch.device) -> str:
-    """The CUDA device's name, as the measured tables key it."""
-    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _check_name(name: str, what: str) -> None:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"{what}: expected 'auto' or one of {BACKENDS}, got {name!r}")
@@ -154,13 +144,25 @@ def constant_under_compile(fn):
     return fn
 
 
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+@constant_under_compile
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name, as the measured tables key it."""
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # Under torch.compile the choice is made once, at trace time, and baked into the graph as a constant.
 @constant_under_compile
 def select(op: str, backend: str, device: torch.device, implemented: Sequence[str],
-           auto_order: Sequence[str], entry_key: str | None = None) -> str:
+           auto_order: Sequence[str], dtype: torch.dtype | None = None, shape: tuple[int, ...] = ()) -> str:
     """The backend that runs `op` on `device`, given the caller's `backend=` argument. `auto`: GPUFORGE_BACKEND
-    when set and usable; torch on CPU tensors; on CUDA tensors the measured entry `entry_key` of the tune cache
-    or the shipped table (auto_table.py), else the first of `auto_order` installed."""
+    when set and usable; torch on CPU tensors; on CUDA tensors the measured entry for (op, dtype, bucket of
+    `shape`, device) in the tune cache or the shipped table (auto_table.py), else the first of `auto_order`
+    installed."""
     _check_name(backend, "backend")
     if backend == "auto":
         preferred_name = preferred()
@@ -169,7 +171,8 @@ def select(op: str, backend: str, device: torch.device, implemented: Sequence[st
                 return preferred_name
         if device.type != "cuda":
             return "torch"
-        measured = None if entry_key is None else auto_table.TABLE.lookup(entry_key, device_name(device))
+        name = device_name(device)
+        measured = auto_table.TABLE.lookup(auto_table.key(op, dtype, shape, name), name)
         if measured is not None and measured[0] in implemented and is_available(measured[0])[0]:
             return measured[0]
         for candidate in auto_order:

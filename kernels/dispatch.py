@@ -71,16 +71,15 @@ class OpBackends:
         fastest (eager calls only: under torch.compile the tables are read, never written)."""
         candidates = tuple(b for b in self.loaders if self.supports(b, dtype, width))
         order = tuple(b for b in self.auto_order if b in candidates)
-        entry_key = None
-        if backend == "auto" and device.type == "cuda":
+        shape = tuple(int(d) for d in shape)
+        if (backend == "auto" and device.type == "cuda" and run is not None and not torch.compiler.is_compiling()
+                and auto_table.autotune_on() and backends.preferred() == "auto"):
             name = backends.device_name(device)
             entry_key = auto_table.key(self.op, dtype, shape, name)
-            if (run is not None and auto_table.autotune_on() and not torch.compiler.is_compiling()
-                    and backends.preferred() == "auto"
-                    and (auto_table.measuring_anew() or auto_table.TABLE.lookup(entry_key, name) is None)):
+            if auto_table.measuring_anew() or auto_table.TABLE.lookup(entry_key, name) is None:
                 auto_table.measure(entry_key, [b for b in candidates if backends.is_available(b)[0]], run)
         chosen = backends.select(self.op, backend, device, candidates if backend == "auto" else tuple(self.loaders),
-                                 order, entry_key)
+                                 order, dtype, shape)
         reason = self.rejects(chosen, dtype, width)
         if reason is not None:
             error = TypeError if self.rejects(chosen, dtype) else ValueError
