@@ -262,14 +262,14 @@ def test_cupy_plan_picks_the_launcher_kernels(kind, dtype, vectorized):
 
 
 def test_softmax_cu_compiles_under_nvrtc_with_every_cupy_instantiation():
-    from tests.csrc.test_nvrtc import CSRC, CUDA_INCLUDE, NVRTC, compile_with_nvrtc
+    from gpuforge.profiling.static import nvrtc
 
-    if NVRTC is None or not (CUDA_INCLUDE / "cuda_fp16.h").exists():
+    if not nvrtc.available():
         pytest.skip("needs the nvidia-cuda-nvrtc wheel and CUDA headers (the dev extra)")
     names = cupy_kernel_names()
-    status, log, lowered = compile_with_nvrtc(CSRC / "softmax.cu", names, "sm_90a")
-    assert status == 0, log
-    assert all(lowered.get(name) for name in names)
+    build = nvrtc.compile_source(nvrtc.CSRC / "softmax.cu", names, "sm_90a")
+    assert build.status == 0, build.log
+    assert all(build.lowered.get(name) for name in names)
 
 
 def test_benchmark_cases_compute_the_reference():
