@@ -1,14 +1,19 @@
 """Pipeline schedules as pure functions: for each stage, the ordered list of actions it performs in one step.
 
-An action is a forward or backward of one micro-batch (`F`, `B`), or moving a boundary tensor to or from a
-neighbouring stage: `SEND_F`/`RECV_F` carry activations downstream, `SEND_B`/`RECV_B` carry activation
-gradients upstream. Sends are non-blocking (posted, then waited for at the end of the step); receives block.
-Under those semantics both schedules below are deadlock-free, which `pipeline_sim.simulate` checks.
+An action is a forward or backward of one micro-batch (`F`, `B`; zero-bubble schedules split the backward into
+`B`, the input gradient, and `W`, the weight gradient), or moving a boundary tensor to or from a neighbouring
+stage: `SEND_F`/`RECV_F` carry activations downstream, `SEND_B`/`RECV_B` carry activation gradients upstream.
+Sends are non-blocking (posted, then waited for at the end of the step); receives block, and messages between
+two stages are matched in order (no tags), which `pipeline_sim` checks along with deadlock-freedom.
 
 - GPipe: all forwards, then all backwards; every stage holds all m micro-batches' activations at the peak.
 - 1F1B (PipeDream-Flush, Megatron's default): stage s runs min(p - s - 1, m) warm-up forwards, then alternates
   one forward and one backward, then drains the remaining backwards; it holds at most p - s micro-batches.
 Both have the same bubble, (p - 1) / (m + p - 1) of the step at equal per-stage costs.
+- Interleaved 1F1B: v model chunks per stage, bubble (p - 1) / (v·m + p - 1).
+- ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): 1F1B with B and W apart and W deferred into the
+  bubbles, at most p micro-batches held per stage (1F1B's peak); at F = B = W the bubble is
+  (p - 1) / (3m + p - 1), a third of 1F1B's (p - 1)·3 units of idle time per stage.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-COMPUTE_OPS = ("F", "B")
+COMPUTE_OPS = ("F", "B", "W")
 COMM_OPS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 
 
@@ -135,12 +140,76 @@ def interleaved_one_f_one_b(num_stages: int, num_microbatches: int, num_chunks: 
     return schedule
 
 
-SCHEDULES: dict[str, Callable[[int, int], list[list[Action]]]] = {
-    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_one_f_one_b}
+def _zb_h1_order(p: int, m: int) -> list[list[tuple[str, int]]]:
+    """Each stage's (op, micro-batch) order, list-scheduled at unit costs (F = B = W = 1, free links): a stage
+    that is free runs its next B if the gradient has arrived, else its next F if the input has arrived and it
+    holds fewer than p micro-batches (forward run, W not yet), else its oldest pending W, else it waits."""
+    done = {}  # (op, stage, mb) -> end time
+    clock, nxt = [0] * p, [{"F": 0, "B": 0, "W": 0} for _ in range(p)]
+    orders: list[list[tuple[str, int]]] = [[] for _ in range(p)]
+    inf = float("inf")
+
+    def ready(s: int, op: str) -> float:
+        n = nxt[s]
+        mb = n[op]
+        if mb == m:
+            return inf
+        if op == "F":
+            if n["F"] - n["W"] >= p:
+                return inf
+            return 0 if s == 0 else done.get(("F", s - 1, mb), inf)
+        if op == "B":
+            if mb >= n["F"]:
+                return inf
+            return done[("F", s, mb)] if s == p - 1 else done.get(("B", s + 1, mb), inf)
+        return done[("B", s, mb)] if mb < n["B"] else inf
+
+    for _ in range(3 * m * p):
+        best = None
+        for s in range(p):
+            when = {op: max(clock[s], ready(s, op)) for op in ("B", "F", "W")}
+            start = min(when.values())
+            op = next(op for op in ("B", "F", "W") if when[op] == start)
+            if best is None or start < best[0]:
+                best = (start, s, op)
+        start, s, op = best
+        done[(op, s, nxt[s][op])] = clock[s] = start + 1
+        orders[s].append((op, nxt[s][op]))
+        nxt[s][op] += 1
+    return orders
 
 
-def make_schedule(name: str, num_stages: int, num_microbatches: int) -> list[list[Action]]:
-    """The schedule `name` ("gpipe", "1f1b", "interleaved-1f1b") for `num_stages` and `num_microbatches`."""
+def zero_bubble_h1(num_stages: int, num_microbatches: int) -> list[list[Action]]:
+    """ZB-H1: the backward split into B (input gradient, sent upstream at once) and W (weight gradient),
+    W deferred to fill the bubbles; at most p micro-batches held per stage, as in 1F1B's first stage."""
+    _check(num_stages, num_microbatches)
+    p = num_stages
+    schedule = []
+    for s, order in enumerate(_zb_h1_order(p, num_microbatches)):
+        actions = []
+        for op, mb in order:
+            if op == "F":
+                actions += _forward(s, p, mb)
+            elif op == "B":
+                actions += _backward(s, p, mb)
+            else:
+                actions.append(Action("W", mb))
+        schedule.append(actions)
+    return schedule
+
+
+SCHEDULES: dict[str, Callable[..., list[list[Action]]]] = {
+    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_one_f_one_b, "zb-h1": zero_bubble_h1}
+CHUNKED = ("interleaved-1f1b",)  # the schedules that run several model chunks per stage
+
+
+def make_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> list[list[Action]]:
+    """The schedule `name` (one of SCHEDULES) for `num_stages`, `num_microbatches` and, for the interleaved
+    schedule, `num_chunks` model chunks per stage (the others run one)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+    if name in CHUNKED:
+        return SCHEDULES[name](num_stages, num_microbatches, num_chunks)
+    if num_chunks != 1:
+        raise ValueError(f"num_chunks: schedule {name!r} runs one model chunk per stage, got {num_chunks}")
     return SCHEDULES[name](num_stages, num_microbatches)
