@@ -12,8 +12,8 @@ two stages are matched in order (no tags), which `pipeline_sim` checks along wit
 Both have the same bubble, (p - 1) / (m + p - 1) of the step at equal per-stage costs.
 - Interleaved 1F1B: v model chunks per stage, bubble (p - 1) / (v·m + p - 1).
 - ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): 1F1B with B and W apart and W deferred into the
-  bubbles, at most p micro-batches held per stage (1F1B's peak); at F = B = W the bubble is
-  (p - 1) / (3m + p - 1), a third of 1F1B's (p - 1)·3 units of idle time per stage.
+  bubbles, at most p micro-batches held per stage (1F1B's peak); at F = B = W and m >= p the bubble is
+  (p - 1) / (3m + p - 1): p - 1 idle units per stage, a third of 1F1B's 3(p - 1) (its B being B + W).
 """
 
 from __future__ import annotations
@@ -140,60 +140,29 @@ def interleaved_one_f_one_b(num_stages: int, num_microbatches: int, num_chunks: 
     return schedule
 
 
-def _zb_h1_order(p: int, m: int) -> list[list[tuple[str, int]]]:
-    """Each stage's (op, micro-batch) order, list-scheduled at unit costs (F = B = W = 1, free links): a stage
-    that is free runs its next B if the gradient has arrived, else its next F if the input has arrived and it
-    holds fewer than p micro-batches (forward run, W not yet), else its oldest pending W, else it waits."""
-    done = {}  # (op, stage, mb) -> end time
-    clock, nxt = [0] * p, [{"F": 0, "B": 0, "W": 0} for _ in range(p)]
-    orders: list[list[tuple[str, int]]] = [[] for _ in range(p)]
-    inf = float("inf")
-
-    def ready(s: int, op: str) -> float:
-        n = nxt[s]
-        mb = n[op]
-        if mb == m:
-            return inf
-        if op == "F":
-            if n["F"] - n["W"] >= p:
-                return inf
-            return 0 if s == 0 else done.get(("F", s - 1, mb), inf)
-        if op == "B":
-            if mb >= n["F"]:
-                return inf
-            return done[("F", s, mb)] if s == p - 1 else done.get(("B", s + 1, mb), inf)
-        return done[("B", s, mb)] if mb < n["B"] else inf
-
-    for _ in range(3 * m * p):
-        best = None
-        for s in range(p):
-            when = {op: max(clock[s], ready(s, op)) for op in ("B", "F", "W")}
-            start = min(when.values())
-            op = next(op for op in ("B", "F", "W") if when[op] == start)
-            if best is None or start < best[0]:
-                best = (start, s, op)
-        start, s, op = best
-        done[(op, s, nxt[s][op])] = clock[s] = start + 1
-        orders[s].append((op, nxt[s][op]))
-        nxt[s][op] += 1
-    return orders
-
-
 def zero_bubble_h1(num_stages: int, num_microbatches: int) -> list[list[Action]]:
-    """ZB-H1: the backward split into B (input gradient, sent upstream at once) and W (weight gradient),
-    W deferred to fill the bubbles; at most p micro-batches held per stage, as in 1F1B's first stage."""
+    """ZB-H1: 1F1B's warm-up (p - s - 1 forwards on stage s), then one F and one B per micro-batch, B (the input
+    gradient) sent upstream at once and W (the weight gradient) run s micro-batches late, then the remaining
+    B's, each followed by a W, then the remaining W's. Stage s holds at most (p - s - 1) + 1 + s = p
+    micro-batches (1F1B's first stage), and the late W's of the later stages fill the cool-down bubble."""
     _check(num_stages, num_microbatches)
-    p = num_stages
+    p, m = num_stages, num_microbatches
     schedule = []
-    for s, order in enumerate(_zb_h1_order(p, num_microbatches)):
+    for s in range(p):
+        warmup = min(p - s - 1, m)
         actions = []
-        for op, mb in order:
-            if op == "F":
+        for mb in range(warmup):
+            actions += _forward(s, p, mb)
+        done_b = done_w = 0
+        for mb in range(warmup, m + warmup):
+            if mb < m:
                 actions += _forward(s, p, mb)
-            elif op == "B":
-                actions += _backward(s, p, mb)
-            else:
-                actions.append(Action("W", mb))
+            actions += _backward(s, p, done_b)
+            done_b += 1
+            if done_b - done_w > s:
+                actions.append(Action("W", done_w))
+                done_w += 1
+        actions += [Action("W", mb) for mb in range(done_w, m)]
         schedule.append(actions)
     return schedule
 
