@@ -7,7 +7,8 @@ embedding/head stored once, AdamW's moments (exp_avg, exp_avg_sq) in the same sh
 the master weights (ZeRO's float32 shard under mixed precision) as the parameters. `part-<k>.pt` holds the
 names of pipeline stage k of the saving run ({"params": {name: tensor}, "exp_avg": ..., "exp_avg_sq": ...,
 "step", "hyper"}); the parts are disjoint and their union is the full model, whatever the new layout.
-`metadata.json` (written last): format, training step, number of parts, the saving layout, the config.
+`metadata.json` (written last): format, training step, number of parts, the saving layout, the config and the
+caller's `extra` (JSON; `gpuforge train` keeps its losses there).
 
 Saving (`save_layout_checkpoint`, every rank calls it): each rank all-gathers its ZeRO-1 shards of the
 master weights and AdamW state over the DP group and cuts them back into per-parameter tensors, each TP
@@ -104,7 +105,7 @@ def _hyper(optimizer) -> dict:
 # ----------------------------------------------------------------------------------------------- save
 
 
-def save_layout_checkpoint(root, trainer, step: int, *, keep: int = 2) -> Path:
+def save_layout_checkpoint(root, trainer, step: int, *, keep: int = 2, extra: dict | None = None) -> Path:
     """Write the full model and AdamW state of a Trainer3D as root/step-<step> (every rank calls this);
     `checkpoint.latest_checkpoint(root)` finds the newest. Returns the checkpoint directory."""
     mesh, stage, zero = trainer.mesh, trainer.stage, trainer.optimizer
@@ -125,7 +126,7 @@ def save_layout_checkpoint(root, trainer, step: int, *, keep: int = 2) -> Path:
             torch.save(part, tmp / f"part-{mesh.pp_index}.pt")
 
     meta = {"format": FORMAT, "step": step, "parts": mesh.pp, "layout": {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp},
-            "config": dataclasses.asdict(stage.config)}
+            "config": dataclasses.asdict(stage.config), "extra": extra or {}}
     return commit_checkpoint(root, step, mesh.comm, write_files, meta, keep=keep)
 
 

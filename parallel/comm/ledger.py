@@ -9,7 +9,9 @@ algorithm: all_reduce 2(n−1)/n·B, reduce_scatter and all_gather (n−1)/n·B,
 
 `MemoryLedger` is what each strategy's `memory()` returns: this rank's bytes of model parameters, gradients,
 master weights (the optimizer's own copy: float32 under mixed precision) and optimizer state, plus what
-CPU offload moved to the host (`offloaded`, not in `total`). `zero_formula_bytes` gives the ZeRO paper's
+CPU offload moved to the host (`offloaded`, not in `total`), and, where measured, the activations a forward
+keeps for its backward (`activations`, not in `total` either: the ZeRO formula counts model states only;
+models/activation_checkpointing.saved_activation_bytes measures them). `zero_formula_bytes` gives the ZeRO paper's
 numbers for mixed-precision Adam (K = 12: fp32 master, momentum and variance):
 DDP 16Ψ, stage 1 4Ψ + 12Ψ/N, stage 2 2Ψ + 14Ψ/N, stage 3 16Ψ/N.
 """
@@ -104,6 +106,7 @@ class MemoryLedger:
     optimizer_state: int
     master: int = 0
     offloaded: int = 0
+    activations: int = 0
 
     @property
     def total(self) -> int:

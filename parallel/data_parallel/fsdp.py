@@ -25,7 +25,12 @@ the master weights, and the optimizer's state is float32); each all-gather sends
 reduce-scattered in `reduce_dtype` and accumulated into the float32 shard gradient. Frozen parameters are
 cast to `param_dtype`; buffers and inputs are the caller's. Per rank: 4S shard + 4S gradient + 8S Adam
 state = 16Ψ/N. fp16 loss scaling: `LossScaler` over the optimizer of the shards.
-At construction one small all-gather checks every rank has the same configuration. Not done: CPU offload.
+CPU offload (`offload="cpu"`, torch FSDP's `CPUOffload(offload_params=True)`): the shards, their gradients
+and so the optimizer's state live on the host between uses; each all-gather first copies the shard to the
+device, each reduce-scatter's result is copied back to the host, and the optimizer steps on the host (the
+same arithmetic). `memory()` reports those bytes as `offloaded`; `host_traffic` counts the bytes copied
+each way ("to_device", "to_host"). At construction one small all-gather checks every rank has the same
+configuration.
 """
 
 from __future__ import annotations
@@ -44,8 +49,9 @@ class _Unit:
     """One wrapped module: its own trainable parameters as views of a flat buffer, and this rank's shard."""
 
     def __init__(self, module: torch.nn.Module, params: list[torch.nn.Parameter], comm, group, scheduler,
-                 mixed_precision, *, is_root: bool):
+                 mixed_precision, *, is_root: bool, offload: bool = False):
         self.module, self.params, self.comm, self.group, self.scheduler = module, params, comm, group, scheduler
+        self.offload = offload
         param_dtype = params[0].dtype if mixed_precision is None else mixed_precision.param_dtype
         self.reduce_dtype = param_dtype if mixed_precision is None else mixed_precision.reduce
         world, rank = comm.group_size(group), comm.group_rank(group)
@@ -56,7 +62,8 @@ class _Unit:
             first = flatten_padded(params, [p.detach() for p in params], self.padded)
             comm.broadcast(first, src=group.ranks[0] if group is not None else 0, group=group)
             lo = rank * self.shard_size
-            self.shard = torch.nn.Parameter(first[lo:lo + self.shard_size].clone())
+            shard = first[lo:lo + self.shard_size]
+            self.shard = torch.nn.Parameter(shard.to("cpu", copy=True) if offload else shard.clone())
             # a storage of our own (`first` may have been exported to MPI), in the parameters' compute dtype
             self.flat = first.to(param_dtype, copy=True)
             for p, view in zip(params, flat_views(params, self.flat), strict=True):
@@ -83,7 +90,11 @@ class _Unit:
                 self.flat.untyped_storage().resize_(self._full_bytes)
             # gather into a temporary under MPI: a buffer exported to MPI (tensor.numpy()) can't be resized later
             full = torch.empty_like(self.flat) if self.comm.kind == "mpi" else self.flat
-            shard = self.shard.detach().to(self.flat.dtype)  # the shard itself when no cast is needed
+            if self.offload:  # host -> device, then the all-gather on the device
+                shard = self.shard.detach().to(self.flat.device, self.flat.dtype, copy=True)
+                self.scheduler.host_traffic["to_device"] += shard.numel() * shard.element_size()
+            else:
+                shard = self.shard.detach().to(self.flat.dtype)  # the shard itself when no cast is needed
             self._in_flight = (self.comm.all_gather(full, shard, group=self.group, async_op=async_op), full, shard)
             if async_op:
                 return
@@ -111,7 +122,9 @@ class _Unit:
         flat_grad = flatten_padded(self.params, [p.grad for p in self.params], self.padded, self.reduce_dtype)
         shard_grad = torch.empty(self.shard_size, dtype=self.reduce_dtype, device=flat_grad.device)
         self.comm.reduce_scatter(shard_grad, flat_grad, op="avg", group=self.group)
-        shard_grad = shard_grad.to(self.shard.dtype)
+        if self.offload:
+            self.scheduler.host_traffic["to_host"] += shard_grad.numel() * shard_grad.element_size()
+        shard_grad = shard_grad.to(self.shard.device, self.shard.dtype, copy=self.offload)
         self.shard.grad = shard_grad if self.shard.grad is None else self.shard.grad.add_(shard_grad)
         for p in self.params:
             p.grad = None
@@ -151,10 +164,13 @@ def _default_units(root: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class FullyShardedDataParallel(torch.nn.Module):
-    def __init__(self, module: torch.nn.Module, comm, *, auto_wrap=None, group=None, mixed_precision=None):
+    def __init__(self, module: torch.nn.Module, comm, *, auto_wrap=None, group=None, mixed_precision=None,
+                 offload: str | None = None):
         super().__init__()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if offload not in (None, "cpu"):
+            raise ValueError(f"offload must be None or 'cpu', got {offload!r}")
         devices = {p.device for p in module.parameters()}
         if len(devices) > 1:
             raise ValueError(f"module: all parameters must be on one device, got {sorted(map(str, devices))}")
@@ -184,14 +200,16 @@ class FullyShardedDataParallel(torch.nn.Module):
                           units=len(owners), numel=sum(p.numel() for p in trainable),
                           shapes=shapes_fingerprint(trainable), dtype=trainable[0].dtype,
                           param_dtype=trainable[0].dtype if mp is None else mp.param_dtype,
-                          reduce_dtype=trainable[0].dtype if mp is None else mp.reduce)
+                          reduce_dtype=trainable[0].dtype if mp is None else mp.reduce, offload=bool(offload))
+        self.offload, self.host_traffic = offload, {"to_device": 0, "to_host": 0}
         with torch.no_grad():
             for p in module.parameters():
                 if not p.requires_grad:
                     if mp is not None and p.is_floating_point():
                         p.data = p.data.to(mp.param_dtype)
                     comm.broadcast(p.data, src=group.ranks[0] if group is not None else 0, group=group)
-        self.units = [_Unit(m, ps, comm, group, self, mp, is_root=m is module) for m, ps in owners.items()]
+        self.units = [_Unit(m, ps, comm, group, self, mp, is_root=m is module, offload=offload is not None)
+                      for m, ps in owners.items()]
         self.shards = torch.nn.ParameterList([u.shard for u in self.units])
         # the order units were used in, per phase: the last complete pass and the one being recorded
         self._order = {"forward": [], "backward": []}
@@ -240,16 +258,22 @@ class FullyShardedDataParallel(torch.nn.Module):
         grads = [s.grad for s in self.shards if s.grad is not None]
         sq = sum((g.pow(2).sum() for g in grads), torch.zeros((), dtype=self.shards[0].dtype,
                                                                  device=self.shards[0].device)).reshape(1)
+        sq = sq.to(self.comm.device)  # from the host under offload
         self.comm.all_reduce(sq, group=self.group)
-        return scale_to_max_norm_(grads, sq.sqrt()[0], max_norm)
+        return scale_to_max_norm_(grads, sq.sqrt()[0].to(self.shards[0].device), max_norm)
 
     def memory(self, optimizer: torch.optim.Optimizer | None = None) -> MemoryLedger:
         """This rank's bytes now: any gathered units, frozen parameters and the shards (under mixed precision
-        the float32 shards are reported as `master`); shard gradients; the optimizer's state when given."""
+        the float32 shards are reported as `master`); shard gradients; the optimizer's state when given.
+        Under offload the shards, their gradients and the optimizer state are on the host: `offloaded`."""
         gathered = sum(u.flat.untyped_storage().nbytes() for u in self.units)
         frozen = tensor_bytes(p for p in self.module.parameters() if not p.requires_grad)
         shards = tensor_bytes(self.shards)
+        grads = tensor_bytes(s.grad for s in self.shards if s.grad is not None)
+        state = 0 if optimizer is None else optimizer_state_bytes(optimizer)
+        if self.offload:
+            return MemoryLedger(params=gathered + frozen, grads=0, optimizer_state=0,
+                                offloaded=shards + grads + state)
         master = 0 if self.mixed_precision is None else shards
-        return MemoryLedger(params=gathered + frozen + shards - master, master=master,
-                            grads=tensor_bytes(s.grad for s in self.shards if s.grad is not None),
-                            optimizer_state=0 if optimizer is None else optimizer_state_bytes(optimizer))
+        return MemoryLedger(params=gathered + frozen + shards - master, master=master, grads=grads,
+                            optimizer_state=state)

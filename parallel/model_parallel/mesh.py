@@ -9,7 +9,7 @@ training/trainer_3d.py.
 
 from __future__ import annotations
 
-from gpuforge.parallel.model_parallel.pipeline_runtime import split_layers
+from gpuforge.parallel.model_parallel.pipeline_runtime import check_schedule, split_chunks
 from gpuforge.parallel.model_parallel.tp_llama import check_tp_config
 
 
@@ -23,11 +23,12 @@ def check_degrees(world_size: int, *, dp: int, tp: int, pp: int) -> None:
 
 
 def check_layout(world_size: int, config, *, dp: int, tp: int, pp: int, batch_size: int,
-                 num_microbatches: int) -> None:
+                 num_microbatches: int, schedule: str = "1f1b", num_chunks: int = 1) -> None:
     """Raise ValueError for a 3D configuration that cannot run (before any process group is made)."""
     check_degrees(world_size, dp=dp, tp=tp, pp=pp)
     check_tp_config(config, tp)
-    split_layers(config.n_layers, pp)
+    split_chunks(config.n_layers, pp, num_chunks)
+    check_schedule(schedule, pp, num_microbatches, num_chunks)
     if num_microbatches < 1 or batch_size % (dp * num_microbatches):
         raise ValueError(f"batch size {batch_size} must be divisible by dp·microbatches = {dp}·{num_microbatches}")
 

@@ -1,15 +1,20 @@
 """Pipeline parallelism on real processes: split a TinyLlama into stages and run a schedule with send/recv.
 
-`pipeline_split(model, num_stages)` cuts the transformer blocks into contiguous, nearly equal runs; the first
-stage also owns the token embedding, the last the final norm, the (tied) output head and the loss. The tied
-weight therefore lives on two stages: after the backward pass the first and last stage exchange its gradient
-and both add it (Megatron's embedding group), so their copies stay equal.
+`pipeline_split(model, num_stages, num_chunks=1)` cuts the transformer blocks into num_stages · num_chunks
+contiguous, nearly equal runs, the virtual stages; stage s holds virtual stages c·p + s for c < num_chunks
+(its model chunks; one chunk except under interleaved 1F1B, where the layers must divide evenly). The first
+virtual stage also owns the token embedding, the last the final norm, the (tied) output head and the loss.
+The tied weight therefore lives on two stages: after the backward pass the first and last stage exchange its
+gradient and both add it (Megatron's embedding group), so their copies stay equal.
 
 `PipelineExecutor(stage, comm, schedule, num_microbatches)` executes this stage's action list from
 `pipeline_schedule`: activations go downstream and activation gradients upstream through the communicator
 (sends non-blocking, waited for at the end of the step: gloo's blocking send would wait for its receive and
 1F1B would deadlock), the loss is computed on the last stage only, each micro-batch's loss is divided by m,
-so the gradients equal single-process gradient accumulation over the m micro-batches of the batch.
+so the gradients equal single-process gradient accumulation over the m micro-batches of the batch. Under
+ZB-H1 a backward is B then W (pipeline_backward.py); the first virtual stage cuts its graph after the
+embedding (its B ends at the embedding output, its W computes the embedding's gradient from there), so a
+weight tied between embedding and head is never reached twice by one W.
 The stage's rank in `comm` is its stage index.
 """
 
@@ -22,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpuforge.parallel.comm.group import as_group_comm
-from gpuforge.parallel.model_parallel.pipeline_schedule import make_schedule
+from gpuforge.parallel.model_parallel.pipeline_backward import Recorded, SplitBackward, direct_parameters
+from gpuforge.parallel.model_parallel.pipeline_schedule import CHUNKED, SCHEDULES, make_schedule
 from gpuforge.parallel.model_parallel.pipeline_sim import Event
 
 
@@ -39,18 +45,36 @@ def split_layers(n_layers: int, num_stages: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
 
 
+def split_chunks(n_layers: int, num_stages: int, num_chunks: int = 1) -> list[list[range]]:
+    """For each stage, the layer runs of its chunks (virtual stages c·num_stages + s). Several chunks need
+    n_layers divisible by num_stages · num_chunks: the interleaved schedule assumes equal virtual stages."""
+    if not isinstance(num_chunks, int) or num_chunks < 1:
+        raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
+    if num_chunks > 1 and n_layers % (num_stages * num_chunks):
+        raise ValueError(f"n_layers ({n_layers}) must be divisible by pp · virtual stages = {num_stages} · "
+                         f"{num_chunks} for the interleaved schedule")
+    runs = split_layers(n_layers, num_stages * num_chunks)
+    return [[runs[c * num_stages + s] for c in range(num_chunks)] for s in range(num_stages)]
+
+
 class PipelineStage(nn.Module):
-    """Stage `index` of `num_stages`: embedding (first), its blocks, norm + tied head + loss (last).
+    """Stage `index` of `num_stages` with `num_chunks` model chunks: embedding (first virtual stage), its
+    blocks, norm + tied head + loss (last virtual stage).
 
     `model` is a TinyLlama or a `TensorParallelLM` (3D: each stage is also tensor-parallel)."""
 
-    def __init__(self, model: nn.Module, index: int, num_stages: int):
+    def __init__(self, model: nn.Module, index: int, num_stages: int, num_chunks: int = 1):
         super().__init__()
-        self.index, self.num_stages = index, num_stages
+        self.index, self.num_stages, self.num_chunks = index, num_stages, num_chunks
         self.is_first, self.is_last = index == 0, index == num_stages - 1
         self.config = model.config
         self.comm = getattr(model, "comm", None)  # the TP communicator of a TensorParallelLM
-        self.layer_range = split_layers(len(model.layers), num_stages)[index]
+        runs = split_chunks(len(model.layers), num_stages, num_chunks)[index]
+        self.layer_range = [i for run in runs for i in run]  # global layer index of each of self.layers
+        bounds = [0]
+        for run in runs:
+            bounds.append(bounds[-1] + len(run))
+        self.chunk_bounds = list(zip(bounds, bounds[1:], strict=False))
         self.layers = nn.ModuleList(model.layers[i] for i in self.layer_range)
         self.tok_embeddings = model.tok_embeddings if self.is_first else None
         if self.is_last:
@@ -64,11 +88,21 @@ class PipelineStage(nn.Module):
         """The embedding (first stage) or head (last stage) weight shared between the first and last stage."""
         return self.tok_embeddings.weight if self.is_first else (self.head_weight if self.is_last else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.tok_embeddings(x) if self.is_first else x
-        for layer, i in zip(self.layers, self.layer_range, strict=True):
+    def holds_first(self, chunk: int) -> bool:
+        return self.is_first and chunk == 0
+
+    def holds_last(self, chunk: int) -> bool:
+        return self.is_last and chunk == self.num_chunks - 1
+
+    def forward(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        return self.body(self.tok_embeddings(x) if self.holds_first(chunk) else x, chunk)
+
+    def body(self, h: torch.Tensor, chunk: int = 0) -> torch.Tensor:
+        """The chunk after the embedding: its blocks, then (last virtual stage) norm and head -> logits."""
+        lo, hi = self.chunk_bounds[chunk]
+        for layer, i in zip(self.layers[lo:hi], self.layer_range[lo:hi], strict=True):
             h = layer(h, 0, None, i)
-        if not self.is_last:
+        if not self.holds_last(chunk):
             return h
         h = self.norm(h)
         return self._tp_head(h, self.head_weight) if self._tp_head else F.linear(h, self.head_weight)
@@ -80,10 +114,15 @@ class PipelineStage(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def pipeline_split(model: nn.Module, num_stages: int) -> list[PipelineStage]:
+def pipeline_split(model: nn.Module, num_stages: int, num_chunks: int = 1) -> list[PipelineStage]:
     """All stages of `model` (each rank keeps the one at its stage index)."""
-    split_layers(len(model.layers), num_stages)
-    return [PipelineStage(model, s, num_stages) for s in range(num_stages)]
+    split_chunks(len(model.layers), num_stages, num_chunks)
+    return [PipelineStage(model, s, num_stages, num_chunks) for s in range(num_stages)]
+
+
+def check_schedule(schedule: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> None:
+    """Raise ValueError (the same on every rank, before any message) for a schedule these sizes cannot run."""
+    make_schedule(schedule, num_stages, num_microbatches, num_chunks)
 
 
 class PipelineExecutor:
@@ -92,21 +131,46 @@ class PipelineExecutor:
     def __init__(self, stage: PipelineStage, comm, group=None, *, schedule: str = "1f1b",
                  num_microbatches: int = 1, activation_shape_fn=None):
         self.stage, self.comm, self.m = stage, as_group_comm(comm, group), num_microbatches
-        if schedule not in ("gpipe", "1f1b"):
-            raise ValueError(f"the executor runs 'gpipe' and '1f1b' (one model chunk per stage), not {schedule!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        if stage.num_chunks > 1 and schedule not in CHUNKED:
+            raise ValueError(f"schedule: a stage of {stage.num_chunks} model chunks runs {CHUNKED}, not {schedule!r}")
         if self.comm.size != stage.num_stages or self.comm.rank != stage.index:
             raise ValueError(f"stage {stage.index} of {stage.num_stages} needs a group of {stage.num_stages} ranks "
                              f"with it at rank {stage.index}; got rank {self.comm.rank} of {self.comm.size}")
+        self.actions = make_schedule(schedule, stage.num_stages, num_microbatches, stage.num_chunks)[stage.index]
         config = stage.config
         self.dtype = next(stage.parameters()).dtype
         # every stage cut from the same model, run with the same schedule (a layer-count or hidden-size
         # mismatch would otherwise hang in a receive of the wrong size)
         self.comm.check_same_config("PipelineExecutor", next(stage.parameters()).device, schedule=schedule,
-                                    num_microbatches=num_microbatches, dtype=self.dtype,
+                                    num_microbatches=num_microbatches, num_chunks=stage.num_chunks,
+                                    dtype=self.dtype,
                                     **{k: getattr(config, k) for k in ("n_layers", "dim", "vocab_size", "n_heads",
                                                                        "n_kv_heads", "hidden_dim")})
-        self.actions = make_schedule(schedule, stage.num_stages, num_microbatches)[stage.index]
+        self.split = SplitBackward(stage) if any(a.op == "W" for a in self.actions) else None
+        if self.split is not None:
+            self._own = direct_parameters(stage)
+            missed = [n for n, p in stage.named_parameters()
+                      if p.requires_grad and id(p) not in self.split.covered | {id(q) for q in self._own}]
+            if missed:
+                raise ValueError(f"stage: parameters {missed} are not owned directly by a module; W cannot "
+                                 "compute their gradients")
         self.activation_shape_fn = activation_shape_fn or (lambda tokens: (*tokens.shape, stage.config.dim))
+
+    def _forward(self, x: torch.Tensor, chunk: int) -> tuple[torch.Tensor, list[Recorded] | None]:
+        """The chunk's output (logits on the last virtual stage) and, under a split backward, what W needs."""
+        if self.split is None:
+            return self.stage(x, chunk), None
+        with self.split.recording() as recorded:
+            if self.stage.holds_first(chunk):
+                embedded = self.stage.tok_embeddings(x)
+                x = embedded.detach().requires_grad_()  # the cut: B ends here, W of the embedding starts here
+                recorded[-1].wrt = x
+            out = self.stage.body(x, chunk)
+        if self.stage.holds_last(chunk) and self._own:
+            recorded.append(Recorded(self._own, out, out))
+        return out, list(recorded)
 
     def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Forward and backward of the whole batch as m micro-batches. Returns the mean loss on the last
@@ -115,29 +179,38 @@ class PipelineExecutor:
             raise ValueError(f"batch size {inputs.shape[0]} is not divisible by num_microbatches {self.m}")
         xs, ys = inputs.chunk(self.m), targets.chunk(self.m)
         shape = self.activation_shape_fn(xs[0])
-        received, outputs, out_grads, pending, losses = {}, {}, {}, [], []
+        received, outputs, out_grads, saved, weight_work, pending, losses = {}, {}, {}, {}, {}, [], []
         self.timeline: list[Event] = []  # this stage's actions of the step, wall-clock seconds (time.time)
         for a in self.actions:
-            mb = a.microbatch
+            key = (a.microbatch, a.chunk)
             start = time.time()
             if a.op == "RECV_F":
-                buffer = torch.empty(shape, dtype=self.dtype)
-                received[mb] = self.comm.recv(buffer, a.peer).requires_grad_()
+                received[key] = self.comm.recv(torch.empty(shape, dtype=self.dtype), a.peer).requires_grad_()
             elif a.op == "F":
-                out = self.stage(xs[mb] if self.stage.is_first else received[mb])
-                if self.stage.is_last:
-                    out = self.stage.loss(out, ys[mb]) / self.m
+                first = self.stage.holds_first(a.chunk)
+                out, saved[key] = self._forward(xs[a.microbatch] if first else received[key], a.chunk)
+                if self.stage.holds_last(a.chunk):
+                    out = self.stage.loss(out, ys[a.microbatch]) / self.m
                     losses.append(out.detach())
-                outputs[mb] = out
+                outputs[key] = out
             elif a.op == "SEND_F":
-                pending.append(self.comm.isend(outputs[mb].detach().contiguous(), a.peer))
+                pending.append(self.comm.isend(outputs[key].detach().contiguous(), a.peer))
             elif a.op == "RECV_B":
-                out_grads[mb] = self.comm.recv(torch.empty(shape, dtype=self.dtype), a.peer)
+                out_grads[key] = self.comm.recv(torch.empty(shape, dtype=self.dtype), a.peer)
             elif a.op == "B":
-                out = outputs.pop(mb)
-                out.backward(None if self.stage.is_last else out_grads.pop(mb))
+                out, grad = outputs.pop(key), out_grads.pop(key, None)
+                if self.split is None:
+                    out.backward(grad)
+                else:
+                    inputs_ = [received[key]] if key in received else []
+                    input_grads, grads = self.split.backward_input(out, grad, inputs_, saved[key])
+                    if inputs_:
+                        received[key].grad = input_grads[0]
+                    weight_work[key] = grads
             elif a.op == "SEND_B":
-                pending.append(self.comm.isend(received.pop(mb).grad.contiguous(), a.peer))
+                pending.append(self.comm.isend(received.pop(key).grad.contiguous(), a.peer))
+            elif a.op == "W":
+                self.split.backward_weight(saved.pop(key), weight_work.pop(key))
             self.timeline.append(Event(self.stage.index, a, start, time.time()))
         for handle in pending:
             handle.wait()

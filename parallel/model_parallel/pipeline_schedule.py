@@ -1,14 +1,19 @@
 """Pipeline schedules as pure functions: for each stage, the ordered list of actions it performs in one step.
 
-An action is a forward or backward of one micro-batch (`F`, `B`), or moving a boundary tensor to or from a
-neighbouring stage: `SEND_F`/`RECV_F` carry activations downstream, `SEND_B`/`RECV_B` carry activation
-gradients upstream. Sends are non-blocking (posted, then waited for at the end of the step); receives block.
-Under those semantics both schedules below are deadlock-free, which `pipeline_sim.simulate` checks.
+An action is a forward or backward of one micro-batch (`F`, `B`; zero-bubble schedules split the backward into
+`B`, the input gradient, and `W`, the weight gradient), or moving a boundary tensor to or from a neighbouring
+stage: `SEND_F`/`RECV_F` carry activations downstream, `SEND_B`/`RECV_B` carry activation gradients upstream.
+Sends are non-blocking (posted, then waited for at the end of the step); receives block, and messages between
+two stages are matched in order (no tags), which `pipeline_sim` checks along with deadlock-freedom.
 
 - GPipe: all forwards, then all backwards; every stage holds all m micro-batches' activations at the peak.
 - 1F1B (PipeDream-Flush, Megatron's default): stage s runs min(p - s - 1, m) warm-up forwards, then alternates
   one forward and one backward, then drains the remaining backwards; it holds at most p - s micro-batches.
 Both have the same bubble, (p - 1) / (m + p - 1) of the step at equal per-stage costs.
+- Interleaved 1F1B: v model chunks per stage, bubble (p - 1) / (v·m + p - 1).
+- ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): 1F1B with B and W apart and W deferred into the
+  bubbles, at most p micro-batches held per stage (1F1B's peak); at F = B = W and m >= p the bubble is
+  (p - 1) / (3m + p - 1): p - 1 idle units per stage, a third of 1F1B's 3(p - 1) (its B being B + W).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-COMPUTE_OPS = ("F", "B")
+COMPUTE_OPS = ("F", "B", "W")
 COMM_OPS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 
 
@@ -135,12 +140,45 @@ def interleaved_one_f_one_b(num_stages: int, num_microbatches: int, num_chunks: 
     return schedule
 
 
-SCHEDULES: dict[str, Callable[[int, int], list[list[Action]]]] = {
-    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_one_f_one_b}
+def zero_bubble_h1(num_stages: int, num_microbatches: int) -> list[list[Action]]:
+    """ZB-H1: 1F1B's warm-up (p - s - 1 forwards on stage s), then one F and one B per micro-batch, B (the input
+    gradient) sent upstream at once and W (the weight gradient) run s micro-batches late, then the remaining
+    B's, each followed by a W, then the remaining W's. Stage s holds at most (p - s - 1) + 1 + s = p
+    micro-batches (1F1B's first stage), and the late W's of the later stages fill the cool-down bubble."""
+    _check(num_stages, num_microbatches)
+    p, m = num_stages, num_microbatches
+    schedule = []
+    for s in range(p):
+        warmup = min(p - s - 1, m)
+        actions = []
+        for mb in range(warmup):
+            actions += _forward(s, p, mb)
+        done_b = done_w = 0
+        for mb in range(warmup, m + warmup):
+            if mb < m:
+                actions += _forward(s, p, mb)
+            actions += _backward(s, p, done_b)
+            done_b += 1
+            if done_b - done_w > s:
+                actions.append(Action("W", done_w))
+                done_w += 1
+        actions += [Action("W", mb) for mb in range(done_w, m)]
+        schedule.append(actions)
+    return schedule
 
 
-def make_schedule(name: str, num_stages: int, num_microbatches: int) -> list[list[Action]]:
-    """The schedule `name` ("gpipe", "1f1b", "interleaved-1f1b") for `num_stages` and `num_microbatches`."""
+SCHEDULES: dict[str, Callable[..., list[list[Action]]]] = {
+    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_one_f_one_b, "zb-h1": zero_bubble_h1}
+CHUNKED = ("interleaved-1f1b",)  # the schedules that run several model chunks per stage
+
+
+def make_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> list[list[Action]]:
+    """The schedule `name` (one of SCHEDULES) for `num_stages`, `num_microbatches` and, for the interleaved
+    schedule, `num_chunks` model chunks per stage (the others run one)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+    if name in CHUNKED:
+        return SCHEDULES[name](num_stages, num_microbatches, num_chunks)
+    if num_chunks != 1:
+        raise ValueError(f"num_chunks: schedule {name!r} runs one model chunk per stage, got {num_chunks}")
     return SCHEDULES[name](num_stages, num_microbatches)

@@ -1,12 +1,14 @@
 """Run a pipeline schedule on a model of the machine: per-action costs, non-blocking sends, blocking recvs.
 
-`simulate(schedule, cost)` runs every stage's action list in order. A compute action (F, B) takes
+`simulate(schedule, cost)` runs every stage's action list in order. A compute action (F, B, W) takes
 `cost(stage, action)` time; a send posts a message that arrives `cost(stage, send)` later and lets the sender
 go on; a receive waits for its message. If at some point no stage can make progress while actions remain, the
 schedule deadlocks and `DeadlockError` names each stage's blocked action. The result carries the timeline, the
 bubble (the fraction of stage-time spent idle between the step's start and its end) and the peak number of
-micro-batches whose forward has run but whose backward has not, per stage (the activations a stage keeps).
-`plot_timeline` draws the timeline as a PNG: one row per stage, forwards and backwards as coloured boxes.
+micro-batches whose forward has run but whose backward has not (under a zero-bubble schedule: whose W has
+not), per stage (the activations a stage keeps). Messages between two stages are matched in order, as on the
+real communicators (no tags): a schedule whose receives come in another order than the sends is rejected.
+`plot_timeline` draws the timeline as a PNG: one row per stage, forwards, backwards and W as coloured boxes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpuforge.parallel.model_parallel.pipeline_schedule import Action
+from gpuforge.parallel.model_parallel.pipeline_schedule import COMPUTE_OPS, Action
 
 _MESSAGE_OF = {"SEND_F": "RECV_F", "SEND_B": "RECV_B"}
 
@@ -46,28 +48,44 @@ class SimResult:
 
 
 def unit_cost(stage: int, action: Action) -> float:
-    """Forward and backward 1, communication free."""
-    return 1.0 if action.op in ("F", "B") else 0.0
+    """Forward, backward and weight-gradient 1, communication free."""
+    return 1.0 if action.op in COMPUTE_OPS else 0.0
+
+
+def releases(actions: list[Action]) -> str:
+    """The op after which a stage frees a micro-batch's activations: W under a zero-bubble schedule, else B."""
+    return "W" if any(a.op == "W" for a in actions) else "B"
 
 
 def _validate(schedule: list[list[Action]]) -> None:
-    """Each stage runs F then B of every micro-batch exactly once; peers are real neighbouring stages."""
+    """Each stage runs F then B (then W, if it runs any) of every micro-batch exactly once; peers are real
+    neighbouring stages; between two stages the receives come in the order of the sends."""
     p = len(schedule)
     for s, actions in enumerate(schedule):
-        forwards = [(a.microbatch, a.chunk) for a in actions if a.op == "F"]
-        backwards = [(a.microbatch, a.chunk) for a in actions if a.op == "B"]
-        if sorted(forwards) != sorted(set(forwards)) or sorted(forwards) != sorted(backwards):
-            raise ValueError(
-                f"stage {s}: every micro-batch needs exactly one F and one B, got F {forwards}, B {backwards}"
-            )
-        seen_f = set()
+        units = {op: [(a.microbatch, a.chunk) for a in actions if a.op == op] for op in COMPUTE_OPS}
+        ops = ("F", "B", "W") if units["W"] else ("F", "B")
+        if len(set(units["F"])) != len(units["F"]) or any(sorted(units[op]) != sorted(units["F"]) for op in ops):
+            raise ValueError(f"stage {s}: every micro-batch needs exactly one of each of {ops}, got "
+                             + ", ".join(f"{op} {units[op]}" for op in ops))
+        seen = {op: set() for op in COMPUTE_OPS}
         for a in actions:
-            if a.op == "F":
-                seen_f.add((a.microbatch, a.chunk))
-            elif a.op == "B" and (a.microbatch, a.chunk) not in seen_f:
-                raise ValueError(f"stage {s}: {a} comes before its forward")
-            elif a.op not in ("F", "B") and (a.peer is None or a.peer not in ((s - 1) % p, (s + 1) % p)):
+            key = (a.microbatch, a.chunk)
+            if a.op in COMPUTE_OPS:
+                before = {"B": "F", "W": "B"}.get(a.op)
+                if before and key not in seen[before]:
+                    raise ValueError(f"stage {s}: {a} comes before its {'forward' if before == 'F' else 'B'}")
+                seen[a.op].add(key)
+            elif a.peer is None or a.peer not in ((s - 1) % p, (s + 1) % p):
                 raise ValueError(f"stage {s}: {a} needs a neighbouring peer stage")
+    for src in range(p):
+        for dst in {(src - 1) % p, (src + 1) % p} - {src}:
+            sent = [(a.op[-1], a.microbatch, a.chunk * p + src + (1 if a.op == "SEND_F" else -1))
+                    for a in schedule[src] if a.op in _MESSAGE_OF and a.peer == dst]
+            received = [(a.op[-1], a.microbatch, a.chunk * p + dst) for a in schedule[dst]
+                        if a.op in ("RECV_F", "RECV_B") and a.peer == src]
+            if sent != received:
+                raise ValueError(f"stages {src} -> {dst}: messages are matched in order, but the sends "
+                                 f"{sent[:8]} and the receives {received[:8]} differ")
 
 
 def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] = unit_cost) -> SimResult:
@@ -79,6 +97,7 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
     busy = [0.0] * p
     in_flight = [0] * p
     peak = [0] * p
+    release = [releases(actions) for actions in schedule]
     # (recv op, microbatch, receiving virtual stage) -> arrival time; virtual stage = chunk · p + stage
     arrivals: dict[tuple[str, int, int], float] = {}
     timeline: list[Event] = []
@@ -101,7 +120,7 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
                 else:
                     end = start + cost(s, a)
                     busy[s] += end - start
-                    in_flight[s] += 1 if a.op == "F" else -1
+                    in_flight[s] += 1 if a.op == "F" else -(a.op == release[s])
                     peak[s] = max(peak[s], in_flight[s])
                 timeline.append(Event(s, a, start, end))
                 clock[s] = end
@@ -122,18 +141,19 @@ def measured_result(events: list[Event]) -> SimResult:
     t0 = min(e.start for e in events)
     p = 1 + max(e.stage for e in events)
     busy, in_flight, peak = [0.0] * p, [0] * p, [0] * p
+    release = [releases([e.action for e in events if e.stage == s]) for s in range(p)]
     shifted = []
     for e in sorted(events, key=lambda e: (e.stage, e.start)):
         shifted.append(Event(e.stage, e.action, e.start - t0, e.end - t0))
-        if e.action.op in ("F", "B"):
+        if e.action.op in COMPUTE_OPS:
             busy[e.stage] += e.end - e.start
-            in_flight[e.stage] += 1 if e.action.op == "F" else -1
+            in_flight[e.stage] += 1 if e.action.op == "F" else -(e.action.op == release[e.stage])
             peak[e.stage] = max(peak[e.stage], in_flight[e.stage])
     return SimResult(shifted, max(e.end for e in shifted), busy, peak)
 
 
 def plot_timeline(result: SimResult, path: str, title: str = "pipeline schedule") -> None:
-    """Save the timeline as a PNG: stages top to bottom, forwards blue, backwards orange, idle time blank."""
+    """Save the timeline as a PNG: stages top to bottom, forwards blue, backwards orange, W green, idle blank."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +161,7 @@ def plot_timeline(result: SimResult, path: str, title: str = "pipeline schedule"
 
     p = len(result.busy)
     fig, ax = plt.subplots(figsize=(max(6.0, result.makespan * 0.35), 0.6 * p + 1.2))
-    colours = {"F": "tab:blue", "B": "tab:orange"}
+    colours = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green"}
     for e in result.timeline:
         if e.action.op not in colours or e.end <= e.start:
             continue
@@ -152,7 +172,7 @@ def plot_timeline(result: SimResult, path: str, title: str = "pipeline schedule"
     ax.set_yticks(range(p), [f"stage {s}" for s in range(p)])
     ax.invert_yaxis()
     ax.set_xlabel("time")
-    ax.set_title(f"{title} (bubble {result.bubble_fraction:.1%}; blue F, orange B)")
+    ax.set_title(f"{title} (bubble {result.bubble_fraction:.1%}; blue F, orange B, green W)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -5,6 +5,8 @@
     mpiexec -n 2 python -m gpuforge train --model tinyllama --strategy ddp --comm mpi --nproc 2
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 2 --max-restarts 3 -m gpuforge train \
         --ckpt-dir ckpt --save-every 2 --steps 20
+    torchrun --nproc_per_node 2 -m gpuforge train --strategy pp --schedule zb1p --checkpoint-activations
+    torchrun --nproc_per_node 2 -m gpuforge train --strategy pp --schedule interleaved --n-layers 4 --ckpt-dir ckpt
 
 Each rank trains on its slice of every global batch; at the end rank 0 trains the same model in one process
 on the whole batches and prints the largest parameter difference. A loss that couples the samples of a batch
@@ -17,7 +19,8 @@ ambiguous abbreviation of its --nproc-per-node.)
 
 Fault tolerance: with `--ckpt-dir DIR` the run saves a checkpoint (checkpoint/sharded.py) every `--save-every` steps and
 after the last one, and starts from the latest checkpoint in DIR when there is one, at any world size or
-strategy. A rank that dies makes torchrun (`--max-restarts`) restart the group, which resumes from there and
+strategy (tp, pp and 3d: the layout-free full-model checkpoint of checkpoint/layout.py, at any dp × tp × pp).
+A rank that dies makes torchrun (`--max-restarts`) restart the group, which resumes from there and
 ends with the parameters of a run without failure. GPUFORGE_FAIL_AT=step-N@R (checkpoint/faults.py) kills rank R at the
 start of step N, to try it. Give torchrun TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default (torch 2.13) the
 restarted workers share the first group's TCPStore and read its stale gloo/NCCL addresses, so the new group's
@@ -40,7 +43,9 @@ from pathlib import Path
 import torch
 
 from gpuforge.models import reference_models
+from gpuforge.models.activation_checkpointing import POLICIES, checkpoint_blocks
 from gpuforge.models.vol2_llm import TinyLlamaConfig
+from gpuforge.parallel.checkpoint import layout
 from gpuforge.parallel.checkpoint.faults import fail_point
 from gpuforge.parallel.checkpoint.sharded import (
     FORMAT,
@@ -61,6 +66,7 @@ MODEL_ALIASES = {"tinyllama": "tiny_llama", "tinymoe": "tiny_moe"}
 DATA_PARALLEL = OURS
 MODEL_PARALLEL = ("tp", "pp", "3d")
 STRATEGIES = DATA_PARALLEL + MODEL_PARALLEL
+SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved-1f1b", "zb1p": "zb-h1"}  # option: runtime
 
 
 def _positive(convert, expected: str):
@@ -110,7 +116,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=_positive_int, default=None, help="pipeline stages (pp, 3d)")
     p.add_argument("--dp", type=_positive_int, default=None, help="data-parallel degree (3d; default: what is left)")
     p.add_argument("--microbatches", type=_positive_int, default=2, help="pipeline micro-batches per step")
-    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"], help="pipeline schedule")
+    p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES),
+                   help="pipeline schedule: gpipe, 1f1b, interleaved (1F1B over --virtual-stages model chunks per "
+                        "stage), zb1p (ZB-H1 zero bubble)")
+    p.add_argument("--virtual-stages", type=_positive_int, default=None,
+                   help="model chunks per pipeline stage (--schedule interleaved; default 2)")
+    p.add_argument("--checkpoint-activations", nargs="?", const="full", default=None, choices=POLICIES,
+                   help="recompute each block's activations in backward: full (default) or selective")
     p.add_argument("--seq-len", type=_positive_int, default=32, help="sequence length (tp, pp, 3d)")
     p.add_argument("--n-layers", type=_positive_int, default=None,
                    help="TinyLlama layers (tp, pp, 3d; default: max(2, pp))")
@@ -122,8 +134,10 @@ def parser() -> argparse.ArgumentParser:
 def parse_args(argv):
     p = parser()
     args = p.parse_args(argv)
-    if args.ckpt_dir is not None and args.strategy in MODEL_PARALLEL:
-        p.error(f"--ckpt-dir is for the data-parallel strategies {DATA_PARALLEL}, not {args.strategy!r}")
+    if args.virtual_stages is not None and args.schedule != "interleaved":
+        p.error(f"--virtual-stages is for --schedule interleaved, not {args.schedule!r}")
+    if args.virtual_stages is None:
+        args.virtual_stages = 2 if args.schedule == "interleaved" else 1
     if args.ckpt_dir is not None:
         _check_writable(p, Path(args.ckpt_dir))
     return args
@@ -143,6 +157,11 @@ def data_parallel_trainer(ref, strategy: str, comm, args) -> tuple[torch.nn.Modu
     """(model, trainer) of a reference model in --dtype, as `gpuforge train` builds them (seed 0)."""
     torch.manual_seed(0)
     model = ref.build().to(getattr(torch, args.dtype))
+    if getattr(args, "checkpoint_activations", None) is not None:
+        try:
+            checkpoint_blocks(model, args.checkpoint_activations)
+        except ValueError as err:
+            raise SystemExit(f"gpuforge train --checkpoint-activations: {err}") from None
     return model, DataParallelTrainer(strategy, DataParallelLoss(model, ref.loss_fn, comm), comm, lr=args.lr)
 
 
@@ -188,6 +207,43 @@ def _checkpointing(args, trainer, comm):
         save_checkpoint(args.ckpt_dir, step, trainer.forward, trainer.optimizer, comm,
                         extra={"config": config, "losses": losses})
     return losses, save
+
+
+# the model-parallel runs must also share the sequence length (the layout checkpoint checks the model's config)
+RESUME_CONFIG_3D = (*RESUME_CONFIG, "seq_len")
+
+
+def _layout_checkpointing(args, comm) -> dict:
+    """train_model_parallel's hooks for --ckpt-dir (none without it): load the latest layout checkpoint into
+    the trainer, fail at GPUFORGE_FAIL_AT, save every --save-every steps and after the last."""
+    hooks = {"before_step": lambda step: fail_point(f"step-{step}", comm.rank)}
+    if args.ckpt_dir is None:
+        return hooks
+    config = {k: getattr(args, k) for k in RESUME_CONFIG_3D}
+    built = {}
+
+    def ready(trainer):
+        built["trainer"] = trainer
+        path = latest_checkpoint(args.ckpt_dir)
+        if path is None:
+            return []
+        try:
+            saved = read_metadata(path, layout.FORMAT).get("extra", {}).get("config")
+        except ValueError as err:
+            raise SystemExit(f"gpuforge train: {err}; use another --ckpt-dir") from None
+        if saved != config:
+            raise SystemExit(f"gpuforge train: {path} was saved by a run with {saved}, this run has {config}; "
+                             "use another --ckpt-dir")
+        step = layout.load_layout_checkpoint(path, trainer)
+        if comm.rank == 0:
+            print(f"resumed from {path} after step {step}", flush=True)
+        return read_metadata(path, layout.FORMAT)["extra"]["losses"]
+
+    def save(done, losses):
+        if done == args.steps or done % args.save_every == 0:
+            layout.save_layout_checkpoint(args.ckpt_dir, built["trainer"], done,
+                                          extra={"config": config, "losses": losses})
+    return {**hooks, "trainer_ready": ready, "after_step": save}
 
 
 def _warn_if_restarts_share_the_store(rank: int) -> None:
@@ -245,25 +301,30 @@ def _run_model_parallel(comm, args) -> int:
     tp = args.tp if args.tp is not None else (world if args.strategy == "tp" else 1)
     pp = args.pp if args.pp is not None else (world if args.strategy == "pp" else 1)
     dp = args.dp if args.dp is not None else max(1, world // max(1, tp * pp))
-    n_layers = args.n_layers or max(2, pp)
+    v = args.virtual_stages
+    n_layers = args.n_layers or max(2, pp * v)
+    schedule = SCHEDULES[args.schedule]
     try:
         config = TinyLlamaConfig(n_layers=n_layers, max_seq_len=max(args.seq_len, 256))
-        check_layout(world, config, dp=dp, tp=tp, pp=pp, batch_size=args.batch, num_microbatches=args.microbatches)
+        check_layout(world, config, dp=dp, tp=tp, pp=pp, batch_size=args.batch, num_microbatches=args.microbatches,
+                     schedule=schedule, num_chunks=v)
     except ValueError as e:
         raise SystemExit(f"gpuforge train --strategy {args.strategy}: {e} (--dp {dp} --tp {tp} --pp {pp} "
-                         f"--n-layers {n_layers} --batch {args.batch} --microbatches {args.microbatches}, "
-                         f"world size {world})") from None
+                         f"--n-layers {n_layers} --batch {args.batch} --microbatches {args.microbatches} "
+                         f"--schedule {args.schedule} --virtual-stages {v}, world size {world})") from None
     opts = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, max_norm=args.clip,
                 config=config, dtype=getattr(torch, args.dtype))
     losses = train_model_parallel(comm, dp=dp, tp=tp, pp=pp, num_microbatches=args.microbatches,
-                                  schedule=args.schedule, **opts)
+                                  schedule=schedule, num_chunks=v, checkpoint_activations=args.checkpoint_activations,
+                                  **_layout_checkpointing(args, comm), **opts)
     ok = True
     if comm.rank == 0:
         single = single_process_losses(**opts)
         diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
         ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
         print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} n_layers={n_layers} schedule={args.schedule} "
-              f"microbatches={args.microbatches} dtype={args.dtype}\n"
+              f"virtual_stages={v} microbatches={args.microbatches} "
+              f"checkpoint_activations={args.checkpoint_activations} dtype={args.dtype}\n"
               f"losses         {[f'{x:.6f}' for x in losses]}\n"
               f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
     return 0 if ok else 1

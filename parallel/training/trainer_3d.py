@@ -1,7 +1,9 @@
 """`Trainer3D`: one rank's part of dp × tp × pp training of a TinyLlama (the same full model on every rank).
 
 It shards the model with tensor parallelism over the mesh's TP group, cuts it into pipeline stages over the PP
-group (run by a GPipe or 1F1B executor), and trains the stage with ZeRO-1 over the DP group
+group (run by a GPipe, 1F1B, interleaved 1F1B (`num_chunks` model chunks per stage) or ZB-H1 executor;
+`checkpoint_activations` "full" or "selective" checkpoints every block, models/activation_checkpointing.py),
+and trains the stage with ZeRO-1 over the DP group
 (`ZeroRedundancyOptimizer(zero_stage=1, group=dp_group)`: each DP rank gets its slice of the global batch, the
 gradients are averaged over DP, and every DP rank keeps AdamW state for 1/dp of the stage's parameters).
 The global gradient norm for clipping counts every parameter of the full model exactly once. It is summed
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpuforge.models.activation_checkpointing import checkpoint_blocks
 from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, lm_loss, make_batch
 from gpuforge.parallel.comm import GroupComm
 from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
@@ -37,14 +40,17 @@ class Trainer3D(Trainer):
     the global (inputs, targets)."""
 
     def __init__(self, model: nn.Module, mesh: DeviceMesh, *, schedule: str = "1f1b",
-                 num_microbatches: int = 1, lr: float = 1e-3):
+                 num_microbatches: int = 1, num_chunks: int = 1, lr: float = 1e-3,
+                 checkpoint_activations: str | None = None):
         check_tp_config(model.config, mesh.tp)
         self.mesh = mesh
         self.tp = GroupComm(mesh.comm, mesh.tp_group)
         self.pp = GroupComm(mesh.comm, mesh.pp_group)
         self.dp = GroupComm(mesh.comm, mesh.dp_group)
+        if checkpoint_activations is not None:
+            checkpoint_blocks(model, checkpoint_activations, blocks=model.layers)
         sharded = tensor_parallelize(model, self.tp)
-        self.stage = pipeline_split(sharded, mesh.pp)[mesh.pp_index]
+        self.stage = pipeline_split(sharded, mesh.pp, num_chunks)[mesh.pp_index]
         self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule,
                                          num_microbatches=num_microbatches)
         self.optimizer = ZeroRedundancyOptimizer(self.stage.parameters(), torch.optim.AdamW, mesh.comm, zero_stage=1,
@@ -90,7 +96,8 @@ class Trainer3D(Trainer):
         return loss.item()
 
 
-def _tiny_llama(seed: int, seq_len: int, config, dtype: torch.dtype) -> TinyLlama:
+def tiny_llama(seed: int, seq_len: int, config, dtype: torch.dtype) -> TinyLlama:
+    """The TinyLlama every rank of `train_model_parallel` (and the oracle) starts from."""
     torch.manual_seed(seed)
     return TinyLlama(config or TinyLlamaConfig(max_seq_len=max(seq_len, 256))).to(dtype)
 
@@ -100,26 +107,46 @@ def _batches(seed: int, batch_size: int, seq_len: int):
 
 
 def train_model_parallel(comm, *, dp: int = 1, tp: int = 1, pp: int = 1, steps: int = 20, batch_size: int = 8,
-                         seq_len: int = 32, num_microbatches: int = 2, schedule: str = "1f1b", lr: float = 1e-3,
-                         max_norm: float | None = 1.0, seed: int = 0, config=None,
-                         dtype: torch.dtype = torch.float32) -> list[float]:
+                         seq_len: int = 32, num_microbatches: int = 2, schedule: str = "1f1b", num_chunks: int = 1,
+                         lr: float = 1e-3, max_norm: float | None = 1.0, seed: int = 0, config=None,
+                         dtype: torch.dtype = torch.float32, checkpoint_activations: str | None = None,
+                         losses=(), before_step=None, after_step=None, trainer_ready=None) -> list[float]:
     """Train a TinyLlama for `steps` steps on dp × tp × pp ranks (the `tp`, `pp` and `3d` strategies of
-    `gpuforge train`). Returns the losses (on every rank: broadcast from the last stage)."""
+    `gpuforge train`). Returns the losses (on every rank: shared from the last stage). `trainer_ready(trainer)`
+    may load a checkpoint and return the losses of the steps it holds; `before_step(step)` and
+    `after_step(done, losses)` are run_steps' (a resumed run saves and fails where an uninterrupted one would)."""
     mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp)
-    trainer = Trainer3D(_tiny_llama(seed, seq_len, config, dtype), mesh, schedule=schedule,
-                        num_microbatches=num_microbatches, lr=lr)
-    losses = run_steps(trainer, _batches(seed, batch_size, seq_len), steps, max_norm=max_norm,
-                       before_step=lambda step: setattr(comm.ledger, "step", step))
-    out = torch.tensor([float("nan") if loss is None else loss for loss in losses], dtype=torch.float64)
-    if pp > 1:
-        comm.broadcast(out, src=mesh.pp_group.ranks[-1], group=mesh.pp_group)
+    trainer = Trainer3D(tiny_llama(seed, seq_len, config, dtype), mesh, schedule=schedule,
+                        num_microbatches=num_microbatches, num_chunks=num_chunks, lr=lr,
+                        checkpoint_activations=checkpoint_activations)
+    if trainer_ready is not None:
+        losses = trainer_ready(trainer)
+
+    def before(step):
+        comm.ledger.step = step
+        if before_step is not None:
+            before_step(step)
+
+    def after(done, so_far):
+        if after_step is not None:
+            after_step(done, _shared(comm, mesh, so_far))
+    mine = run_steps(trainer, _batches(seed, batch_size, seq_len), steps, max_norm=max_norm, losses=losses,
+                     before_step=before, after_step=after)
+    return _shared(comm, mesh, mine)
+
+
+def _shared(comm, mesh: DeviceMesh, losses) -> list[float]:
+    """Every rank's copy of the losses the last stage saw (a max-reduce: the others hold -inf)."""
+    out = torch.tensor([float("-inf") if loss is None else loss for loss in losses], dtype=torch.float64)
+    if mesh.pp > 1 and len(out):
+        comm.all_reduce(out, op="max", group=mesh.pp_group)
     return out.tolist()
 
 
 def single_process_losses(*, steps: int, batch_size: int, seq_len: int, lr: float, max_norm: float | None,
                           seed: int = 0, config=None, dtype: torch.dtype = torch.float32) -> list[float]:
     """The same run as `train_model_parallel` in one process (the oracle)."""
-    model = _tiny_llama(seed, seq_len, config, dtype)
+    model = tiny_llama(seed, seq_len, config, dtype)
     trainer = DataParallelTrainer("single", DataParallelLoss(model, lambda m, batch: lm_loss(m(batch[0]), batch[1])),
                                   lr=lr)
     return run_steps(trainer, lambda step: [_batches(seed, batch_size, seq_len)(step)], steps, max_norm=max_norm)

@@ -21,10 +21,10 @@ B, STEPS = 8, 20
 SCHEDULES, MICROBATCHES = ("gpipe", "1f1b"), (1, 4, 8)
 
 
-def pipeline_parity(comm, schedule, m, steps, n_layers=2):
+def pipeline_parity(comm, schedule, m, steps, n_layers=2, num_chunks=1):
     torch.manual_seed(0)
     ref = TinyLlama(tiny_config(n_layers=n_layers)).double()
-    stage = pipeline_split(copy.deepcopy(ref), comm.world_size)[comm.rank]
+    stage = pipeline_split(copy.deepcopy(ref), comm.world_size, num_chunks)[comm.rank]
     executor = PipelineExecutor(stage, comm, schedule=schedule, num_microbatches=m)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)

@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-TORCHRUN = [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "gpuforge", "train"]
+# torch.distributed.run under this interpreter (the venv's `torchrun` script may name another one)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gpuforge", "train"]
 MPIEXEC = [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "gpuforge", "train"]
 
 
@@ -78,7 +79,8 @@ def test_model_parallel_strategies_match_single_process(strategy):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--strategy", "tp", "--ckpt-dir", "x"], "--ckpt-dir is for the data-parallel strategies"),
+    (["--schedule", "1f1b", "--virtual-stages", "2"], "--virtual-stages is for --schedule interleaved"),
+    (["--checkpoint-activations", "some"], "argument --checkpoint-activations: invalid choice: 'some'"),
     (["--save-every", "0"], "argument --save-every: expected a positive integer, got 0"),
     (["--strategy", "zero4"], "argument --strategy: invalid choice: 'zero4'"),
     (["--stpes", "1"], "unrecognized arguments: --stpes 1"),
@@ -101,3 +103,24 @@ def test_bad_options_are_errors_before_any_process_starts(argv, message, capsys)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
+
+
+def test_pipeline_checkpoint_resumes_under_another_schedule(tmp_path):
+    """tp/pp/3d --ckpt-dir: 2 steps of interleaved 1F1B (world size 2, gloo), then the same directory resumed
+    for 4 steps under ZB-H1 with activation checkpointing: the losses equal one uninterrupted process."""
+    common = ["--strategy", "pp", "--n-layers", "4", "--ckpt-dir", str(tmp_path), "--save-every", "1"]
+    first = _run(TORCHRUN, *common, "--schedule", "interleaved", "--steps", "2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert (tmp_path / "latest").read_text().strip() == "step-00000002"
+    second = _run(TORCHRUN, *common, "--schedule", "zb1p", "--checkpoint-activations", "--steps", "4")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stdout and "after step 2" in second.stdout
+    diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", second.stdout).group(1))
+    assert diff <= 1e-12
+
+
+def test_a_schedule_the_layers_cannot_fill_fails_on_every_rank():
+    proc = _run(TORCHRUN, "--strategy", "pp", "--schedule", "interleaved", "--n-layers", "3", "--steps", "1")
+    assert proc.returncode != 0
+    message = "n_layers (3) must be divisible by pp · virtual stages = 2 · 2"
+    assert proc.stderr.count(message) == 2, proc.stderr[-3000:]  # both ranks, before any process group
