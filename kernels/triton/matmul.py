@@ -9,12 +9,14 @@ stay in L2 while the A rows are reused across the group. fp32 inputs use tf32 on
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
 
 from gpuforge.kernels import _alloc
+from gpuforge.kernels.triton import matmul_tma
 from gpuforge.kernels.triton._host import interpreted, upcast_bf16_dot
 
 # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps. 16-bit operands: the Triton tutorial's H100 sweep plus deeper
@@ -97,8 +99,18 @@ def _tuned(interpreter: bool, dtype: torch.dtype):
     return triton.autotune(configs=configs(interpreter, dtype), key=["M", "N", "K"])(_matmul_kernel)
 
 
+def _use_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The persistent TMA kernel (matmul_tma.py) for one 16-bit product on sm_90+, when GPUFORGE_TRITON_TMA=1:
+    opt-in until a GPU run has checked it (it is verified in the interpreter and compiled for sm_90/sm_100)."""
+    if os.environ.get("GPUFORGE_TRITON_TMA", "0") != "1" or not a.is_cuda or a.shape[0] != 1:
+        return False
+    return torch.cuda.get_device_capability(a.device)[0] >= 9 and matmul_tma.accepts(a[0], b[0])
+
+
 def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a (batch, M, K) @ b (batch, K, N), any strides -> contiguous (batch, M, N) in a's dtype."""
+    if _use_tma(a, b):
+        return matmul_tma.forward(a[0], b[0]).unsqueeze(0)
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)

@@ -5,7 +5,8 @@
 - it does not spill (STACK + LOCAL bytes beyond what its docstring tolerates, or STL/LDL in its SASS);
 - a kernel whose point is tensor cores uses them: HMMA on sm_80, HGMMA on sm_90 for a Triton tile of 4+ warps
   whose MMA is at least 64 rows (wgmma's m64; smaller tiles get mma.sync, HMMA), UTC*MMA or HMMA on sm_100;
-- a pipelined GEMM or attention loop copies asynchronously (LDGSTS or TMA).
+- a pipelined GEMM or attention loop copies asynchronously (LDGSTS or TMA), and a kernel on tensor descriptors
+  with bulk tensor copies (UTMALDG).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def problems(record: dict) -> list[str]:
             out.append("no HGMMA (wgmma) on sm_90 for a 4-warp tile of 64+ rows")
         elif not any(mix[f] for f in TENSOR_CORE_FAMILIES):
             out.append("no tensor-core instructions")
+    if record.get("tma") and not mix["UTMALDG"]:
+        out.append(f"no bulk tensor copies (UTMALDG) on {record['arch']} in a tensor-descriptor kernel")
     if record.get("async_copies") and not any(mix[f] for f in ASYNC_COPY_FAMILIES):
         out.append("no asynchronous copies (LDGSTS or TMA) in a pipelined loop")
     return out

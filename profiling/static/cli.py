@@ -41,7 +41,7 @@ def _inspect(task) -> list[dict]:
     from gpuforge.profiling.static.triton_aot import inspect_variant
 
     return [inspect_variant(v, cc, use_cache=use_cache) for v in _selected(module, match)[start:stop]
-            for cc in archs]
+            for cc in archs if cc >= v.min_cc]
 
 
 def triton_records(ops, archs, jobs: int, use_cache: bool = True, match: str = "", log=print) -> list[dict]:

@@ -19,8 +19,8 @@ from pathlib import Path
 from gpuforge.profiling.static import sass
 from gpuforge.profiling.static.occupancy import ARCHS, occupancy
 
-TRITON_MODULES = ("vector_add", "softmax", "rms_norm", "matmul", "int4_matmul", "paged_attention", "flash_attention",
-                  "layer_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+TRITON_MODULES = ("vector_add", "softmax", "rms_norm", "matmul", "matmul_tma", "int4_matmul", "paged_attention",
+                  "flash_attention", "layer_norm", "rope", "swiglu", "fused_linear_cross_entropy")
 CACHE = Path(os.environ.get("GPUFORGE_INSPECT_CACHE", Path.home() / ".cache" / "gpuforge" / "inspect"))
 
 
@@ -87,7 +87,7 @@ def inspect_variant(variant, cc: int, *, use_cache: bool = True) -> dict:
     record = {"source": "triton", "op": variant.op, "kernel": variant.name, "label": variant.label,
               "arch": ARCHS[cc].name, "num_warps": variant.num_warps, "num_stages": variant.num_stages,
               "tensor_cores": variant.tensor_cores, "async_copies": variant.async_copies,
-              "tolerated_spill_bytes": variant.tolerated_spill_bytes,
+              "tolerated_spill_bytes": variant.tolerated_spill_bytes, "tma": variant.tma,
               "tile": {k: v for k, v in variant.constexprs.items() if k.startswith("BLOCK_")}}
     path = CACHE / f"{_key(variant, cc)}.json"
     if use_cache and path.exists():

@@ -1,0 +1,80 @@
+"""The persistent tensor-descriptor (TMA) matmul of kernels/triton/matmul_tma.py: numbers in the Triton
+interpreter against float64 (within 2x the error of a same-precision torch matmul), and what it compiles to on
+sm_90 (HGMMA fed by UTMALDG, no spills), ahead of time with no GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from gpuforge.kernels.triton import matmul_tma
+
+DTYPES = (torch.float16, torch.bfloat16)
+# (M, N, K): odd M, rows 16-byte aligned (N, K multiples of 8), more tiles than programs, a single row
+SHAPES = ((37, 48, 40), (1, 8, 8), (100, 72, 136), (129, 40, 24))
+
+
+def _torch_error(a, b, want):
+    return (torch.matmul(a.float(), b.float()).to(a.dtype).double() - want).abs().max().item()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter run; a GPU run covers sm_90")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, n, k", SHAPES)
+def test_matches_float64_within_twice_torch(m, n, k, dtype):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(k, n, generator=gen).to(dtype)
+    want = a.double() @ b.double()
+    out = matmul_tma.forward(a, b)  # output poisoned with NaN before the kernel (tests/conftest.py)
+    assert out.dtype == dtype and out.shape == (m, n) and not out.isnan().any()
+    error = (out.double() - want).abs()
+    if dtype == torch.bfloat16:
+        # the interpreter casts fp32 to bf16 by truncation, not rounding to nearest: up to one bf16 ulp of the
+        # result (twice a rounded cast's half ulp), so the 2x-torch rule is checked per element against one ulp
+        ulp = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(want.abs().clamp(min=1e-30))))
+        assert (error <= ulp + 1e-5 * k).all(), (error - ulp).max()
+    else:
+        assert error.max().item() <= 2 * _torch_error(a, b, want) + 1e-6, (error.max(), _torch_error(a, b, want))
+
+
+def test_empty_operands_give_zeros():
+    a, b = torch.randn(5, 0, dtype=torch.float16), torch.randn(0, 16, dtype=torch.float16)
+    assert torch.equal(matmul_tma.forward(a, b), torch.zeros(5, 16, dtype=torch.float16))
+
+
+def test_operands_tma_cannot_take_are_refused():
+    a = torch.randn(8, 29, dtype=torch.float16)  # 58-byte rows
+    assert not matmul_tma.accepts(a, torch.randn(29, 8, dtype=torch.float16))
+    assert not matmul_tma.accepts(torch.randn(8, 8), torch.randn(8, 8))  # fp32
+    assert not matmul_tma.accepts(torch.randn(8, 16, dtype=torch.float16).t(), torch.randn(8, 8, dtype=torch.float16))
+    with pytest.raises(ValueError, match="16-byte aligned rows"):
+        matmul_tma.forward(a, torch.randn(29, 8, dtype=torch.float16))
+
+
+@pytest.mark.slow
+def test_sm90_runs_hgmma_fed_by_tma_without_spills():
+    """One autotune configuration compiled for sm_90 as the JIT would: wgmma (HGMMA) and bulk tensor copies
+    (UTMALDG), the C tile stored by TMA (UTMASTG), nothing in local memory."""
+    pytest.importorskip("triton.backends.nvidia")
+    import subprocess
+    import sys
+
+    script = ("from gpuforge.kernels.triton import matmul_tma\n"
+              "from gpuforge.profiling.static.triton_aot import inspect_variant\n"
+              "import json\n"
+              "v = [v for v in matmul_tma.compile_variants() if 'bfloat16 128x128x64 w4' in v.label][0]\n"
+              "print(json.dumps(inspect_variant(v, 90, use_cache=False)))\n")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    from gpuforge.profiling.static.checks import problems
+
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["mix"]["HGMMA"] > 0 and record["mix"]["UTMALDG"] > 0 and record["mix"]["UTMASTG"] > 0
+    assert record["stack"] + record["local"] == 0 and record["mix"]["STL"] == record["mix"]["LDL"] == 0
+    assert problems(record) == []
