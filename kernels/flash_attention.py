@@ -135,9 +135,10 @@ def attention_reference_backward(dout, dlse, q, k, v, out, lse, p, deterministic
 
 
 def _triton():
-    from gpuforge.kernels.triton import flash_attention
+    """The Triton kernels; on sm_90+ with GPUFORGE_TRITON_TMA=1 the forward runs on tensor descriptors."""
+    from gpuforge.kernels.triton import flash_attention, flash_attention_tma
 
-    return flash_attention
+    return Implementation(forward=flash_attention_tma.routed_forward, backward=flash_attention.backward)
 
 
 REFERENCE = Implementation(forward=attention_reference, backward=attention_reference_backward)

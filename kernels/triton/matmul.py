@@ -9,7 +9,6 @@ stay in L2 while the A rows are reused across the group. fp32 inputs use tf32 on
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -17,7 +16,7 @@ import triton.language as tl
 
 from gpuforge.kernels import _alloc
 from gpuforge.kernels.triton import matmul_tma
-from gpuforge.kernels.triton._host import interpreted, upcast_bf16_dot
+from gpuforge.kernels.triton._host import interpreted, tma_enabled, upcast_bf16_dot
 
 # BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps. 16-bit operands: the Triton tutorial's H100 sweep plus deeper
 # pipelines. fp32 (tf32) operands take twice the shared memory per stage and twice the registers per loaded
@@ -100,11 +99,8 @@ def _tuned(interpreter: bool, dtype: torch.dtype):
 
 
 def _use_tma(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The persistent TMA kernel (matmul_tma.py) for one 16-bit product on sm_90+, when GPUFORGE_TRITON_TMA=1:
-    opt-in until a GPU run has checked it (it is verified in the interpreter and compiled for sm_90/sm_100)."""
-    if os.environ.get("GPUFORGE_TRITON_TMA", "0") != "1" or not a.is_cuda or a.shape[0] != 1:
-        return False
-    return torch.cuda.get_device_capability(a.device)[0] >= 9 and matmul_tma.accepts(a[0], b[0])
+    """The persistent TMA kernel (matmul_tma.py) for one 16-bit product it accepts (_host.tma_enabled)."""
+    return a.shape[0] == 1 and tma_enabled(a.device) and matmul_tma.accepts(a[0], b[0])
 
 
 def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from gpuforge.profiling.static import sass
 from gpuforge.profiling.static.occupancy import ARCHS, occupancy
 
 TRITON_MODULES = ("vector_add", "softmax", "rms_norm", "matmul", "matmul_tma", "int4_matmul", "paged_attention",
-                  "flash_attention", "layer_norm", "rope", "swiglu", "fused_linear_cross_entropy")
+                  "flash_attention", "flash_attention_tma", "layer_norm", "rope", "swiglu",
+                  "fused_linear_cross_entropy")
 CACHE = Path(os.environ.get("GPUFORGE_INSPECT_CACHE", Path.home() / ".cache" / "gpuforge" / "inspect"))
 
 
