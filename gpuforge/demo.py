@@ -1,5 +1,6 @@
 """`python -m gpuforge demo` — the main job: the environment, the correctness check of every op on every
-backend that runs here, a quick benchmark of every op with its plots, a tiny HuggingFace Llama patched by
+backend that runs here, a quick benchmark of every op with its plots, what an A100 and an H100 would run of a
+few kernels (registers, spills, shared memory, tensor-core and TMA instructions), a tiny HuggingFace Llama patched by
 apply_gpuforge trained beside the unpatched one, and a short 2-process training run of each parallel strategy
 compared with single-process training. Exits non-zero if any part fails."""
 
@@ -40,6 +41,21 @@ def run_bench(out_dir: Path) -> bool:
     from gpuforge.profiling import cli
 
     return cli.main(["all", "--quick", "--out", str(out_dir)]) == 0
+
+
+# One configuration per kind of kernel a Hopper would run: the pointer-load GEMM, the persistent TMA GEMM, the
+# TMA attention forward and the int4 prefill GEMM (bf16).
+INSPECTED = (r"_matmul_kernel bfloat16 128x128x64 w4 s4$|_matmul_tma_kernel bfloat16 128x128x64 w4"
+             r"|_attn_fwd_tma_kernel bfloat16 D128 128x64|_int4_matmul_kernel bfloat16 prefill 128x128x64")
+
+
+def run_inspect(out_dir: Path) -> bool:
+    """What an A100 / H100 would run, read from real sm_80 / sm_90 builds on this machine (no GPU needed)."""
+    from gpuforge.profiling.static import cli
+
+    return cli.main(["--ops", "matmul", "matmul_tma", "flash_attention_tma", "int4_matmul", "--arch", "80,90",
+                     "--match", INSPECTED, "--no-cuda", "--jobs", "1", "--report", str(out_dir / "static"),
+                     "--fail-on-problems"]) == 0
 
 
 def run_hf() -> bool:
@@ -90,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = [("environment", run_info), ("correctness check", run_check),
              ("quick benchmark", lambda: run_bench(args.out)),
+             ("what a GPU would run (gpuforge inspect, sm_80 and sm_90)", lambda: run_inspect(args.out)),
              ("HuggingFace Llama patched by apply_gpuforge vs unpatched", run_hf),
              (f"parallel training, {args.nproc} processes vs one", lambda: run_training(args.nproc, args.steps))]
     failed = []
