@@ -2,8 +2,8 @@
 logits and gradients (fp32 within 1e-4 relative; bf16 within 2x HF's own bf16 error against fp32), padding,
 packed sequences, greedy generate() with the KV cache, training curves, save/load, torch.compile, bad input.
 
-CPU tensors: backend="torch" for the sweep over model types, backend="triton" (the interpreter) where it is
-fast enough (Llama and Mistral)."""
+CPU tensors: backend="torch" for the sweeps over model types, and backend="triton" (the interpreter) for every
+model type's logits and gradients and for Mistral's generate()."""
 
 from __future__ import annotations
 
@@ -62,9 +62,10 @@ def test_logits_and_gradients_match_fp32(model_type):
         assert _relative(grad, ref_grads[name]) < 1e-4, name
 
 
-def test_triton_backend_matches_fp32():
-    """The Triton kernels (interpreter) in a sliding-window model, forward and backward."""
-    ref, ours, _ = _patched("mistral", backend="triton")
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_triton_backend_matches_fp32(model_type):
+    """The Triton kernels (interpreter) in every supported model type, forward and backward."""
+    ref, ours, _ = _patched(model_type, backend="triton")
     ids = _ids(batch=1, length=8)
     ref_logits, ref_grads = _loss_and_grads(ref, ids)
     logits, grads = _loss_and_grads(ours, ids)
