@@ -57,6 +57,25 @@ def _tile_needs_mask(m0, n0, len_q, len_k, window_left, window_right, BLOCK_M: t
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc):
+    """One key tile of the online softmax: scores `s` (log2 units, −inf where masked) raise the running row max
+    m_i, the running sum l_i and the fp32 accumulator are rescaled by exp2(m_old − m_new), and p·v is added."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def _finish_rows(m_i, l_i, acc):
+    """(output rows, natural-log LSE): a row that saw no key gives 0 and −inf."""
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    return out, tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr,  # inputs; head dim stride 1
     out_ptr,  # output, layout of q (contiguous)
@@ -107,18 +126,10 @@ def _attn_fwd_kernel(
             s = tl.dot(q, k_t) * scale_log2
             if _tile_needs_mask(m0, start_n, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
                 s = tl.where(_visible(offs_m, cols, len_q, len_k, window_left, window_right), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :],
                         mask=(cols[:, None] < len_k) & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        seen = l_i > 0.0
-        out = acc / tl.where(seen, l_i, 1.0)[:, None]
-        lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+            m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+        out, lse = _finish_rows(m_i, l_i, acc)
         o_base = out_ptr + b * stride_ob + h * stride_oh + q_start * stride_os
         tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
                  mask=(offs_m[:, None] < len_q) & d_ok[None, :])

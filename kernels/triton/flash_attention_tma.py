@@ -23,7 +23,13 @@ from gpuforge.kernels import _alloc
 from gpuforge.kernels.attention_problem import Problem
 from gpuforge.kernels.triton import flash_attention
 from gpuforge.kernels.triton._host import interpreted, tma_enabled, upcast_bf16_dot
-from gpuforge.kernels.triton.flash_attention import LOG2E, _tile_needs_mask, _visible
+from gpuforge.kernels.triton.flash_attention import (
+    LOG2E,
+    _finish_rows,
+    _online_softmax_step,
+    _tile_needs_mask,
+    _visible,
+)
 from gpuforge.kernels.triton.matmul_tma import _scratch_on
 
 HEAD_DIMS = (64, 128)
@@ -85,16 +91,8 @@ def _attn_fwd_tma_kernel(
         if _tile_needs_mask(m0, start_n, seqlen_q, seqlen_k, window_left, window_right, BLOCK_M, BLOCK_N):
             s = tl.where(_visible(offs_m, start_n + offs_n, seqlen_q, seqlen_k, window_left, window_right), s,
                          float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
-    seen = l_i > 0.0
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
+        m_i, l_i, acc = _online_softmax_step(s, v, m_i, l_i, acc)
+    out, lse = _finish_rows(m_i, l_i, acc)
     o_desc.store([pid_bh, m0, 0], out.to(o_desc.dtype).reshape(1, BLOCK_M, HEAD_DIM))
     tl.store(lse_ptr + pid_bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
 
