@@ -7,7 +7,7 @@ teardown after a timeout waits at most that long. gloo has no AVG reduction:
 avg is a sum divided by the group size when the work completes. gloo's reduce_scatter_tensor only runs
 inside `wait()` (its `is_completed()` stays False, so it cannot be polled against a deadline): on CPU tensors
 reduce_scatter is an all-reduce of a copy of the input, then the rank's chunk is copied out. The ledger
-records the logical op (reduce_scatter of the input's bytes) either way. gloo's send/recv works are
+records the logical op (reduce_scatter of the input's bytes) either way. gloo's send/recv and all_to_all works are
 also not pollable: a daemon thread waits on them (`_ThreadedHandle`).
 """
 
@@ -91,7 +91,7 @@ class TorchComm(Communicator):
         handle = dist.new_group(list(ranks))
         return Group(ranks, handle if self.rank in ranks else None)
 
-    def _start(self, op, group: Group, tensors, reduce_op, peer):
+    def _start(self, op, group: Group, tensors, reduce_op, peer, splits):
         pg = group.handle  # None: the default (world) group
         if op == "all_reduce":
             (t,) = tensors
@@ -109,6 +109,10 @@ class TorchComm(Communicator):
         if op == "all_gather":
             out, inp = tensors
             return _Handle(dist.all_gather_into_tensor(out, inp, group=pg, async_op=True))
+        if op == "all_to_all":
+            out, inp = tensors
+            work = dist.all_to_all_single(out, inp, list(splits[0]), list(splits[1]), group=pg, async_op=True)
+            return _Handle(work) if out.is_cuda else _ThreadedHandle(work)
         if op == "broadcast":
             return _Handle(dist.broadcast(tensors[0], src=peer, group=pg, async_op=True))
         if op == "send":
