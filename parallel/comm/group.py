@@ -87,7 +87,7 @@ class GroupComm:
         posted at once (non-blocking: no ring can deadlock). Returns the receive buffers and the work to
         wait on before reading them."""
         dst, src = self.group.ranks[(self.rank + shift) % self.size], self.group.ranks[(self.rank - shift) % self.size]
-        received = [torch.empty_like(t) for t in tensors]
+        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
         ops = [P2POp("irecv", r, src) for r in received] + [P2POp("isend", t.contiguous(), dst) for t in tensors]
         return received, RingWork(self.comm.batch_isend_irecv(ops, group=self._g()))
 

@@ -13,11 +13,14 @@ import pytest
 import torch
 
 from gpuforge.kernels.flash_attention import attention_math
+from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, lm_loss, make_batch
 from gpuforge.parallel.comm import GroupComm
+from gpuforge.parallel.model_parallel.context_parallel import context_parallelize
 from gpuforge.parallel.model_parallel.ring_attention import ring_attention, zigzag_shard
 from tests.parallel.dist_harness import run_distributed
 
 B, D = 2, 8
+SEQ, STEPS = 16, 20
 HEADS = {"mha": (4, 4), "gqa": (4, 2), "mqa": (4, 1)}
 
 
@@ -46,8 +49,59 @@ def ring_case(comm, heads, causal, seq_len):
     return {"errors": errors, "forward": forward_ledger, "backward": backward_ledger}
 
 
+def tiny_config():
+    # 8 query over 4 KV heads: Ulysses at degree 2 and 4; vocab 131 covers the ASCII bytes of make_batch
+    return TinyLlamaConfig(vocab_size=131, dim=32, n_layers=2, n_heads=8, n_kv_heads=4, hidden_dim=48,
+                           max_seq_len=SEQ)
+
+
+def train_parity(comm, attention, steps=STEPS):
+    """AdamW steps with the sequence over every rank vs one process: max relative differences."""
+    torch.manual_seed(0)
+    ref = TinyLlama(tiny_config()).double()
+    cp = context_parallelize(copy.deepcopy(ref), comm, attention=attention)
+    # lr 1e-3 (gpuforge train's default): at 1e-2 Adam's normalisation lifts the rounding noise of gradients
+    # ~1e-6 in size (wq, wk late in the run) to 1.5e-12 relative by step 7 (Ulysses, degree 4; 5e-16 at step 0)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    opt_cp = torch.optim.AdamW(cp.parameters(), lr=1e-3)
+    worst = {"loss": 0.0, "grad": 0.0, "param": 0.0}
+    for step in range(steps):
+        x, y = make_batch(step, B, SEQ)
+        comm.ledger.clear()
+        loss_ref = lm_loss(ref(x), y)
+        loss_ref.backward()
+        loss = cp.loss(x, y)
+        loss.backward()
+        cp.allreduce_grads()
+        worst["ledger"] = [(e.op, e.shape) for e in comm.ledger.entries]
+        worst["loss"] = max(worst["loss"], abs(loss.item() - loss_ref.item()) / loss_ref.item())
+        for p, p_ref in zip(cp.parameters(), ref.parameters(), strict=True):
+            worst["grad"] = max(worst["grad"], ((p.grad - p_ref.grad).abs().max() / p_ref.grad.abs().max()).item())
+        for opt in (opt_ref, opt_cp):
+            opt.step()
+            opt.zero_grad()
+    for p, p_ref in zip(cp.parameters(), ref.parameters(), strict=True):
+        worst["param"] = max(worst["param"], ((p - p_ref).abs().max() / p_ref.abs().max()).item())
+    return worst
+
+
+def bad_sequence(comm):
+    """A sequence 2·cp does not divide: every rank raises before any collective of the forward."""
+    cp = context_parallelize(TinyLlama(tiny_config()).double(), comm)
+    x = torch.zeros(1, 2 * comm.world_size + 2, dtype=torch.int64) if comm.world_size > 1 else None
+    try:
+        cp(x)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
 def cp_suite(comm, cases):
-    return {case: ring_case(comm, *case) for case in cases}
+    out = {case: ring_case(comm, *case) for case in cases}
+    out["llama"] = train_parity(comm, "ring")
+    out["ulysses"] = train_parity(comm, "ulysses")
+    out["bad_sequence"] = bad_sequence(comm)
+    return out
 
 
 RING_CASES = [(h, c, 16) for h in HEADS for c in (True, False)]
@@ -77,3 +131,42 @@ def test_ring_attention_ledger_equals_theory(kind, n):
             fwd, bwd = results[case]["forward"], results[case]["backward"]
             assert sorted(fwd) == sorted([("recv", kv), ("send", kv)] * 2 * (n - 1)), fwd
             assert sorted(bwd) == sorted([("recv", kv), ("send", kv)] * (2 * (n - 1) + 2 * n)), bwd
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("kind", "n"), [("torch", 2), ("torch", 4), ("mpi", 2)])
+def test_tinyllama_ring_steps_match_one_process(kind, n):
+    for rank, results in enumerate(cp_results(kind, n)):
+        worst = results["llama"]
+        assert worst["loss"] < 1e-12 and worst["grad"] < 1e-12 and worst["param"] < 1e-12, (rank, worst)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("kind", "n"), [("torch", 2), ("torch", 4), ("mpi", 2)])
+def test_tinyllama_ring_step_ledger(kind, n):
+    """Per step: the loss's all-reduce, then per layer the ring forward and backward, and one all-reduce of
+    every gradient; nothing else."""
+    config = tiny_config()
+    kv = (B, config.n_kv_heads, SEQ // n, config.dim // config.n_heads)
+    n_params = sum(p.numel() for p in TinyLlama(config).parameters())
+    ledger = cp_results(kind, n)[0]["llama"]["ledger"]
+    per_layer = [("recv", kv), ("send", kv)] * (4 * (n - 1) + 2 * n)
+    assert sorted(ledger) == sorted([("all_reduce", (1,)), ("all_reduce", (n_params,))]
+                                    + per_layer * config.n_layers)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("kind", "n"), [("torch", 2), ("torch", 4), ("mpi", 2)])
+def test_a_sequence_cp_does_not_divide_raises_on_every_rank(kind, n):
+    for results in cp_results(kind, n):
+        assert results["bad_sequence"].startswith(f"seq_len: {2 * n + 2} must be divisible by 2·cp = {2 * n}")
+
+
+def test_zigzag_positions_balance_the_causal_work():
+    from gpuforge.parallel.model_parallel.ring_attention import zigzag_positions
+
+    assert zigzag_positions(16, 4, 1).tolist() == [2, 3, 12, 13]
+    work = [int(zigzag_positions(64, 4, r).add(1).sum()) for r in range(4)]  # keys each rank's queries see
+    assert len(set(work)) == 1
+    with pytest.raises(ValueError, match="seq_len: 12 must be divisible by 2·cp = 8"):
+        zigzag_positions(12, 4, 0)

@@ -1,0 +1,55 @@
+"""Ulysses sequence parallelism (all-to-all heads <-> sequence) on real gloo process groups at degree 2 and 4
+and on real MPI at degree 2: 20 TinyLlama steps equal one process in float64, four all-to-alls per layer each
+way, and a degree that does not divide the KV heads is a clear ValueError on every rank. The training runs
+inside the context-parallel jobs (test_context_parallel.cp_results: one per communicator and degree)."""
+
+import pytest
+
+from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig
+from gpuforge.parallel.model_parallel.context_parallel import context_parallelize
+from gpuforge.parallel.model_parallel.ulysses import check_ulysses_heads
+from tests.parallel.dist_harness import run_distributed
+from tests.parallel.test_context_parallel import SEQ, B, cp_results, tiny_config
+
+LAYOUTS = [("torch", 2), ("torch", 4), ("mpi", 2)]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("kind", "n"), LAYOUTS)
+def test_ulysses_steps_match_one_process(kind, n):
+    for rank, results in enumerate(cp_results(kind, n)):
+        worst = results["ulysses"]
+        assert worst["loss"] < 1e-12 and worst["grad"] < 1e-12 and worst["param"] < 1e-12, (rank, worst)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("kind", "n"), LAYOUTS)
+def test_ulysses_ledger_four_all_to_alls_per_layer_each_way(kind, n):
+    c = tiny_config()
+    hd = c.dim // c.n_heads
+    q, kv = (n, B, c.n_heads // n, SEQ // n, hd), (n, B, c.n_kv_heads // n, SEQ // n, hd)
+    per_layer = [("all_to_all", q)] * 4 + [("all_to_all", kv)] * 4  # q, out (and their gradients); k, v
+    n_params = sum(p.numel() for p in TinyLlama(c).parameters())
+    ledger = cp_results(kind, n)[0]["ulysses"]["ledger"]
+    assert sorted(ledger) == sorted([("all_reduce", (1,)), ("all_reduce", (n_params,))] + per_layer * c.n_layers)
+
+
+def _bad_degree(comm):
+    config = TinyLlamaConfig(vocab_size=131, dim=24, n_layers=1, n_heads=6, n_kv_heads=2, hidden_dim=48)
+    try:
+        context_parallelize(TinyLlama(config).double(), comm, attention="ulysses")
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.distributed
+def test_degree_not_dividing_kv_heads_raises_on_every_rank():
+    for msg in run_distributed(_bad_degree, 4):
+        assert msg.startswith("n_kv_heads (2) must be divisible by the Ulysses degree (4)"), msg
+
+
+def test_check_ulysses_heads():
+    check_ulysses_heads(8, 4, 4)
+    with pytest.raises(ValueError, match=r"n_kv_heads \(1\) must be divisible by the Ulysses degree \(2\)"):
+        check_ulysses_heads(4, 1, 2)
