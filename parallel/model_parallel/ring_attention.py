@@ -28,7 +28,10 @@ from gpuforge.kernels.flash_attention import flash_attention_backward, flash_att
 
 
 def zigzag_positions(seq_len: int, cp: int, rank: int) -> torch.Tensor:
-    """The global positions rank `rank` of `cp` holds: chunks rank and 2·cp − 1 − rank of 2·cp."""
+    """The global positions rank `rank` of `cp` holds: chunks rank and 2·cp − 1 − rank of 2·cp (all of them
+    for cp = 1)."""
+    if cp == 1:
+        return torch.arange(seq_len)
     if seq_len % (2 * cp):
         raise ValueError(f"seq_len: {seq_len} must be divisible by 2·cp = {2 * cp} (zigzag: two chunks per rank)")
     c = seq_len // (2 * cp)
