@@ -276,7 +276,7 @@ class Communicator:
         meta[5:5 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
         meta = meta.to(self.device)
         gathered = torch.empty(g.size * _META_LEN, dtype=torch.int64, device=self.device)
-        handle = self._start("all_gather", g, (gathered, meta), None, None)
+        handle = self._start("all_gather", g, (gathered, meta), None, None, None)
         Work(self, record, handle, time.monotonic() + self.timeout).wait()
         rows = gathered.view(g.size, _META_LEN).cpu()
         if not bool((rows == rows[0]).all()):

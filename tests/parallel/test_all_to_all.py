@@ -48,10 +48,11 @@ def _exchanges(comm):
     return out
 
 
-# MPI start-up costs ~5 s a job on the CI machine: MPI runs the 4-rank case, gloo both
+# MPI start-up costs ~5 s a job on the CI machine: MPI runs the 4-rank case, gloo both. The 4-rank gloo
+# run is in debug mode: unequal splits (dim 0 differs between ranks) must not read as a desync.
 @pytest.mark.parametrize(("kind", "n"), [("torch", 2), ("torch", 4), ("mpi", 4)])
 def test_all_to_all_and_rings(kind, n):
-    res = run_distributed(_exchanges, n, comm=kind)
+    res = run_distributed(_exchanges, n, comm=kind, debug=(kind, n) == ("torch", 4))
     for r, out in enumerate(res):
         full = [torch.arange(2 * n * 3, dtype=torch.float64).view(2 * n, 3) + 100 * j for j in range(n)]
         assert torch.equal(out["equal"], torch.cat([f[2 * r:2 * r + 2] for f in full]))

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
-TORCHRUN = [str(BIN / "torchrun"), "--nproc_per_node=2", "-m", "gpuforge", "train"]
+# `python -m torch.distributed.run` is torchrun; the `torchrun` console script is not used because its
+# interpreter line may name another checkout's environment, whose gpuforge is not this tree's
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gpuforge", "train"]
 MPIEXEC = [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "gpuforge", "train"]
 
 
@@ -77,13 +79,8 @@ def test_model_parallel_strategies_match_single_process(strategy):
     assert diff <= 1e-12
 
 
-# `python -m torch.distributed.run`, not .venv/bin/torchrun: the console script's interpreter line may name
-# another checkout's environment, whose gpuforge is not this tree's
-TORCH_RUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "gpuforge", "train"]
-
-
 @pytest.mark.parametrize("launcher,argv,degrees", [
-    (TORCH_RUN, ["--cp", "2"], "strategy=cp dp=1 cp=2 ep=1 attention=ring"),
+    (TORCHRUN, ["--cp", "2"], "strategy=cp dp=1 cp=2 ep=1 attention=ring"),
     (MPIEXEC, ["--ep", "2", "--comm", "mpi"], "strategy=ep dp=2 cp=1 ep=2"),
 ])
 def test_cp_and_ep_match_single_process(launcher, argv, degrees):
