@@ -69,7 +69,7 @@ class RingAttention(torch.autograd.Function):
     """out = attention(q, k, v) over the ring; q (B, Hq, L, D), k/v (B, Hkv, L, D) are this rank's slices."""
 
     @staticmethod
-    def forward(ctx, q, k, v, comm, causal, scale):
+    def forward(ctx, q, k, v, comm, causal, scale, backend):
         n, rank, length = comm.size, comm.rank, q.shape[2]
         out = torch.zeros(q.shape, dtype=torch.promote_types(q.dtype, torch.float32), device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=out.dtype, device=q.device)
@@ -79,14 +79,14 @@ class RingAttention(torch.autograd.Function):
                 next_kv, work = comm.ring_exchange(kv)  # posted before the block is computed
             rows, cols, block_causal = _block((rank - step) % n, rank, length, causal)
             block_out, block_lse = flash_attention_with_lse(q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols],
-                                                            causal=block_causal, scale=scale)
+                                                            causal=block_causal, scale=scale, backend=backend)
             _accumulate(out, lse, rows, block_out, block_lse)
             block_lses.append(block_lse)
             if step + 1 < n:
                 work.wait()
                 kv = next_kv
         out = out.to(q.dtype)
-        ctx.comm, ctx.causal, ctx.scale = comm, causal, scale
+        ctx.comm, ctx.causal, ctx.scale, ctx.backend = comm, causal, scale, backend
         ctx.save_for_backward(q, k, v, out, lse, *block_lses)
         return out
 
@@ -104,7 +104,7 @@ class RingAttention(torch.autograd.Function):
             weight = torch.exp(block_lses[step] - lse[:, :, rows])[..., None].to(dout.dtype)
             dq_b, dk_b, dv_b = flash_attention_backward(
                 dout[:, :, rows] * weight, q[:, :, rows], kv[0][:, :, cols], kv[1][:, :, cols], out[:, :, rows],
-                block_lses[step], causal=block_causal, scale=ctx.scale)
+                block_lses[step], causal=block_causal, scale=ctx.scale, backend=ctx.backend)
             dq[:, :, rows] += dq_b
             if dkv_work is None:
                 dkv = [torch.zeros(k.shape, dtype=acc, device=k.device) for _ in range(2)]
@@ -117,13 +117,14 @@ class RingAttention(torch.autograd.Function):
                 kv_work.wait()
                 kv = next_kv
         dkv_work.wait()  # after n moves each accumulator is back on the rank that owns its K/V
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm, *, causal: bool = False,
-                   scale: float | None = None) -> torch.Tensor:
+                   scale: float | None = None, backend: str = "auto") -> torch.Tensor:
     """Attention of this rank's queries over the whole sequence's keys; `comm` a GroupComm of the CP group.
-    causal: the slices must be the zigzag ones (zigzag_shard), of even length."""
+    causal: the slices must be the zigzag ones (zigzag_shard), of even length. `backend`: gf.flash_attention's
+    for every block."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"q, k, v: expected (B, H, L, D) with k and v of one shape, got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -133,5 +134,5 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm, *, c
         raise ValueError(f"q: causal ring attention needs the zigzag slices (two equal chunks), got length "
                          f"{q.shape[2]}")
     if comm.size == 1:
-        return flash_attention_with_lse(q, k, v, causal=causal, scale=scale)[0]
-    return RingAttention.apply(q, k, v, comm, causal, scale)
+        return flash_attention_with_lse(q, k, v, causal=causal, scale=scale, backend=backend)[0]
+    return RingAttention.apply(q, k, v, comm, causal, scale, backend)

@@ -170,3 +170,28 @@ def test_zigzag_positions_balance_the_causal_work():
     assert len(set(work)) == 1
     with pytest.raises(ValueError, match="seq_len: 12 must be divisible by 2·cp = 8"):
         zigzag_positions(12, 4, 0)
+
+
+def ring_triton_case(comm):
+    """Ring attention on the Triton backend (interpreted on the CPU), float32, causal GQA: its blocks'
+    backward reads the block LSE to recompute P, where the torch backend re-runs a softmax."""
+    gc, n, r = GroupComm(comm), comm.world_size, comm.rank
+    full = _qkv(16, 4, 2)
+    dout = torch.randn(B, 4, 16, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, _ = attention_math(*[t.requires_grad_() for t in full], D ** -0.5, -1, 0)
+    ref_grads = torch.autograd.grad((ref * dout).sum(), full)
+    local = [zigzag_shard(t.detach().float(), 2, n, r).requires_grad_() for t in full]
+    out = ring_attention(*local, gc, causal=True, backend="triton")
+    grads = torch.autograd.grad((out * zigzag_shard(dout, 2, n, r).float()).sum(), local)
+    pairs = [(out, ref.detach())] + list(zip(grads, ref_grads, strict=True))
+    return [(got.double() - zigzag_shard(want, 2, n, r)).abs().max().item() for got, want in pairs]
+
+
+@pytest.mark.distributed
+def test_ring_attention_on_the_triton_backend_float32():
+    from gpuforge.kernels import backends
+
+    if not backends.available()["triton"][0]:
+        pytest.skip(backends.available()["triton"][1])
+    for rank, errors in enumerate(run_distributed(ring_triton_case, 2)):
+        assert max(errors) < 2e-5, (rank, errors)
