@@ -2,6 +2,7 @@
 process groups (world sizes 2 and 4) and real MPI (4): results, ledger (bytes and wire bytes), bad splits named,
 and a timeout that names the rank and the collective."""
 
+import functools
 import time
 
 import pytest
@@ -45,6 +46,7 @@ def _exchanges(comm):
         w.wait()
     out["backwards_ring"] = b
     out["ledger"] = [(e.op, e.bytes, e.kept, e.wire_bytes) for e in comm.ledger.entries]
+    out["bad"] = _bad_splits(comm) if n == 2 else None
     return out
 
 
@@ -52,7 +54,7 @@ def _exchanges(comm):
 # run is in debug mode: unequal splits (dim 0 differs between ranks) must not read as a desync.
 @pytest.mark.parametrize(("kind", "n"), [("torch", 2), ("torch", 4), ("mpi", 4)])
 def test_all_to_all_and_rings(kind, n):
-    res = run_distributed(_exchanges, n, comm=kind, debug=(kind, n) == ("torch", 4))
+    res = exchanges(kind, n)
     for r, out in enumerate(res):
         full = [torch.arange(2 * n * 3, dtype=torch.float64).view(2 * n, 3) + 100 * j for j in range(n)]
         assert torch.equal(out["equal"], torch.cat([f[2 * r:2 * r + 2] for f in full]))
@@ -96,8 +98,13 @@ def _bad_splits(comm):
     return errors
 
 
+@functools.cache
+def exchanges(kind, n):
+    return run_distributed(_exchanges, n, comm=kind, debug=(kind, n) == ("torch", 4))
+
+
 def test_bad_all_to_all_arguments_are_named():
-    errors = run_distributed(_bad_splits, 2)[0]
+    errors = exchanges("torch", 2)[0]["bad"]
     assert "out_splits: None means equal splits, but dim 0 of size 5" in errors["uneven"]
     assert "out_splits: expected 2 non-negative ints" in errors["count"]
     assert "out_splits: the splits sum to 4, dim 0 has 5 rows" in errors["sum"]

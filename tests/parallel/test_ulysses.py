@@ -5,10 +5,8 @@ inside the context-parallel jobs (test_context_parallel.cp_results: one per comm
 
 import pytest
 
-from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig
-from gpuforge.parallel.model_parallel.context_parallel import context_parallelize
+from gpuforge.models.vol2_llm import TinyLlama
 from gpuforge.parallel.model_parallel.ulysses import check_ulysses_heads
-from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_context_parallel import SEQ, B, cp_results, tiny_config
 
 LAYOUTS = [("torch", 2), ("torch", 4), ("mpi", 2)]
@@ -34,19 +32,10 @@ def test_ulysses_ledger_four_all_to_alls_per_layer_each_way(kind, n):
     assert sorted(ledger) == sorted([("all_reduce", (1,)), ("all_reduce", (n_params,))] + per_layer * c.n_layers)
 
 
-def _bad_degree(comm):
-    config = TinyLlamaConfig(vocab_size=131, dim=24, n_layers=1, n_heads=6, n_kv_heads=2, hidden_dim=48)
-    try:
-        context_parallelize(TinyLlama(config).double(), comm, attention="ulysses")
-    except ValueError as e:
-        return str(e)
-    return "no error"
-
-
 @pytest.mark.distributed
 def test_degree_not_dividing_kv_heads_raises_on_every_rank():
-    for msg in run_distributed(_bad_degree, 4):
-        assert msg.startswith("n_kv_heads (2) must be divisible by the Ulysses degree (4)"), msg
+    for results in cp_results("torch", 4):
+        assert results["bad_ulysses"].startswith("n_kv_heads (2) must be divisible by the Ulysses degree (4)")
 
 
 def test_check_ulysses_heads():
