@@ -1,5 +1,5 @@
 """Ulysses sequence parallelism (all-to-all heads <-> sequence) on real gloo process groups at degree 2 and 4
-and on real MPI at degree 2: 20 TinyLlama steps equal one process in float64, four all-to-alls per layer each
+and on real MPI at degree 4: 20 TinyLlama steps equal one process in float64, four all-to-alls per layer each
 way, and a degree that does not divide the KV heads is a clear ValueError on every rank. The training runs
 inside the context-parallel jobs (test_context_parallel.cp_results: one per communicator and degree)."""
 
@@ -7,9 +7,7 @@ import pytest
 
 from gpuforge.models.vol2_llm import TinyLlama
 from gpuforge.parallel.model_parallel.ulysses import check_ulysses_heads
-from tests.parallel.test_context_parallel import SEQ, B, cp_results, tiny_config
-
-LAYOUTS = [("torch", 2), ("torch", 4), ("mpi", 2)]
+from tests.parallel.test_context_parallel import LAYOUTS, SEQ, B, cp_results, tiny_config
 
 
 @pytest.mark.distributed
@@ -33,8 +31,9 @@ def test_ulysses_ledger_four_all_to_alls_per_layer_each_way(kind, n):
 
 
 @pytest.mark.distributed
-def test_degree_not_dividing_kv_heads_raises_on_every_rank():
-    for results in cp_results("torch", 4):
+@pytest.mark.parametrize("kind", ["torch", "mpi"])
+def test_degree_not_dividing_kv_heads_raises_on_every_rank(kind):
+    for results in cp_results(kind, 4):
         assert results["bad_ulysses"].startswith("n_kv_heads (2) must be divisible by the Ulysses degree (4)")
 
 
