@@ -113,20 +113,25 @@ def test_bad_all_to_all_arguments_are_named():
     assert errors["p2p"].startswith("TypeError: ops[0]: expected P2POp")
 
 
-def _all_to_all_hang(comm):
+def _hang(comm):
+    """Rank 1 joins neither the all_to_all nor the ring exchange; rank 0 returns both errors."""
     t = torch.ones(comm.world_size, 3)
     if comm.rank == 1:
         time.sleep(2.5)  # never joins
-        return "skipped"
-    try:
-        comm.all_to_all(torch.empty_like(t), t)
-    except Exception as e:  # noqa: BLE001 - the message is the result
-        return f"{type(e).__name__}: {e}"
-    return "completed"
+        return None
+    errors = []
+    for call in (lambda: comm.all_to_all(torch.empty_like(t), t),
+                 lambda: GroupComm(comm).ring_exchange([torch.ones(4)])[1].wait()):
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - the message is the result
+            errors.append(f"{type(e).__name__}: {e}")
+    return errors
 
 
-def test_all_to_all_timeout_names_rank_and_collective():
-    """gloo's all_to_all work is waited on by a thread (not pollable); MPI's Ialltoallv is polled like every
-    other MPI request (test_comm.py covers that path)."""
-    msg = run_distributed(_all_to_all_hang, 2, comm_timeout=0.5)[0]
-    assert msg.startswith("CommTimeoutError: rank 0: collective #0 all_to_all with shape [2, 3]"), msg
+def test_all_to_all_and_ring_timeouts_name_rank_and_collective():
+    """gloo's all_to_all and send/recv works are waited on by a thread (not pollable); MPI's requests are polled
+    like every other MPI request (test_comm.py covers that path)."""
+    a2a, ring = run_distributed(_hang, 2, comm_timeout=0.5)[0]
+    assert a2a.startswith("CommTimeoutError: rank 0: collective #0 all_to_all with shape [2, 3]"), a2a
+    assert ring.startswith("CommTimeoutError: rank 0: collective #0 recv with shape [4]"), ring
