@@ -209,13 +209,16 @@ class Communicator:
         return self._call("all_to_all", group, (out, inp), async_op, splits=splits)
 
     def batch_isend_irecv(self, ops, group=None) -> list[Work]:
-        """Post every P2POp (isend/irecv) of this rank, then return their Works (wait on each)."""
+        """Post every P2POp (isend/irecv) of this rank as one launch, then return their Works (wait on each)."""
         ops = list(ops)
         for i, p in enumerate(ops):
             if not isinstance(p, P2POp) or p.op not in ("isend", "irecv"):
                 raise TypeError(f"ops[{i}]: expected P2POp('isend' | 'irecv', tensor, peer), got {p!r}")
-        return [(self.send if p.op == "isend" else self.recv)(p.tensor, p.peer, group=group, async_op=True)
-                for p in ops]
+        calls = [("send" if p.op == "isend" else "recv", p.tensor, self._peer("peer", p.peer, group)) for p in ops]
+        records = [self._record(op, group, (t,), peer, None) for op, t, peer in calls]
+        handles = self._start_batch(self._group(group), calls)
+        return [Work(self, record, handle, record.t_start + self.timeout)
+                for (_, record), handle in zip(records, handles, strict=True)]
 
     def barrier(self, group=None):
         return self._call("barrier", group, (torch.zeros(1, device=self.device),), False)
@@ -238,6 +241,17 @@ class Communicator:
 
     # ---------------------------------------------------------------------------------------- machinery
     def _call(self, op, group, tensors, async_op, *, reduce_op=None, peer=None, splits=None):
+        g, record = self._record(op, group, tensors, peer, splits)
+        handle = self._start(op, g, tensors, reduce_op, peer, splits)
+        work = Work(self, record, handle, record.t_start + self.timeout)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def _record(self, op, group, tensors, peer, splits) -> tuple[Group, CallRecord]:
+        """Check the tensors, number the call, and enter it in the flight recorder and the ledger (and, in debug
+        mode, check that the group agrees on it)."""
         g = self._group(group)
         if not g.member(self.rank):
             raise ValueError(f"{op}: rank {self.rank} is not a member of group {list(g.ranks)}")
@@ -260,12 +274,7 @@ class Communicator:
                                          seq, record.shape, record.dtype, kept))
         if self.debug and op not in ("send", "recv") and g.size > 1:
             self._check_desync(g, record, peer)
-        handle = self._start(op, g, tensors, reduce_op, peer, splits)
-        work = Work(self, record, handle, record.t_start + self.timeout)
-        if async_op:
-            return work
-        work.wait()
-        return None
+        return g, record
 
     def _check_desync(self, g: Group, record: CallRecord, peer) -> None:
         meta = torch.zeros(_META_LEN, dtype=torch.int64)
@@ -340,6 +349,11 @@ class Communicator:
 
     def _start(self, op, group, tensors, reduce_op, peer, splits):
         raise NotImplementedError
+
+    def _start_batch(self, group, calls) -> list:
+        """Handles of point-to-point calls [(op "send" | "recv", tensor, peer)], launched together. Each call is
+        non-blocking here, so starting them one by one cannot deadlock; NCCL overrides this (torch_backend.py)."""
+        return [self._start(op, group, (t,), None, peer, None) for op, t, peer in calls]
 
     def _make_group(self, ranks) -> Group:
         raise NotImplementedError

@@ -64,6 +64,20 @@ class _ThreadedHandle(_Handle):
             raise self.error
 
 
+class _BatchHandle:
+    """The works of one coalesced launch: complete when all of them are."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def test(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def finish(self) -> None:
+        for w in self.works:
+            w.wait()
+
+
 class TorchComm(Communicator):
     kind = "torch"
 
@@ -124,6 +138,16 @@ class TorchComm(Communicator):
         if op == "barrier":  # an all-reduce of one element: a barrier we can poll against our deadline
             return _Handle(dist.all_reduce(tensors[0], group=pg, async_op=True))
         raise ValueError(f"unknown op {op!r}")
+
+    def _start_batch(self, group: Group, calls) -> list:
+        """On CUDA tensors one dist.batch_isend_irecv: NCCL runs a pair's sends and receives in order on one
+        stream, so a ring of two ranks posting recv-then-send separately would wait on each other."""
+        if not any(t.is_cuda for _, t, _ in calls):
+            return super()._start_batch(group, calls)
+        ops = [dist.P2POp(dist.isend if op == "send" else dist.irecv, t, peer, group=group.handle)
+               for op, t, peer in calls]
+        batch = _BatchHandle(dist.batch_isend_irecv(ops))  # NCCL coalesces: possibly one work for them all
+        return [batch] * len(calls)
 
     def destroy(self) -> None:
         if dist.is_initialized():
