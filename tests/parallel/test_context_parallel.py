@@ -96,6 +96,27 @@ def bad_sequence(comm):
     return "no error"
 
 
+def ring_bf16_case(comm):
+    """bfloat16 ring attention (float32 accumulators, dK/dV accumulated in float32 on their way round) against
+    one process's bfloat16 attention, both against float64: (ring errors, one-process errors)."""
+    from gpuforge.kernels.flash_attention import flash_attention_with_lse
+
+    gc, n, r = GroupComm(comm), comm.world_size, comm.rank
+    full = [t.requires_grad_() for t in _qkv(16, 4, 2)]
+    dout = torch.randn(B, 4, 16, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref, _ = attention_math(*full, D ** -0.5, -1, 0)
+    want = [ref.detach(), *torch.autograd.grad((ref * dout).sum(), full)]
+    half = [t.detach().bfloat16().requires_grad_() for t in full]
+    one, _ = flash_attention_with_lse(*half, causal=True)
+    one_all = [one, *torch.autograd.grad((one * dout.bfloat16()).sum(), half)]
+    local = [zigzag_shard(t.detach(), 2, n, r).requires_grad_() for t in half]
+    out = ring_attention(*local, gc, causal=True)
+    ring_all = [out, *torch.autograd.grad((out * zigzag_shard(dout, 2, n, r).bfloat16()).sum(), local)]
+    err = lambda got, w, shard: (got.double() - (zigzag_shard(w, 2, n, r) if shard else w)).abs().max().item()
+    return ([err(g, w, True) for g, w in zip(ring_all, want, strict=True)],
+            [err(g, w, False) for g, w in zip(one_all, want, strict=True)])
+
+
 def bad_ulysses_degree(comm):
     """6 query over 2 KV heads: degree 4 does not divide the KV heads (every rank checks before any collective)."""
     config = TinyLlamaConfig(vocab_size=131, dim=24, n_layers=1, n_heads=6, n_kv_heads=2, hidden_dim=48)
@@ -113,6 +134,7 @@ def cp_suite(comm, cases, triton):
     out["bad_sequence"] = bad_sequence(comm)
     out["bad_ulysses"] = bad_ulysses_degree(comm) if comm.world_size == 4 else None
     out["triton"] = ring_triton_case(comm) if triton else None
+    out["bf16"] = ring_bf16_case(comm)
     return out
 
 
@@ -213,3 +235,12 @@ def test_ring_attention_on_the_triton_backend_float32():
         pytest.skip(backends.available()["triton"][1])
     for rank, results in enumerate(cp_results("torch", 2)):
         assert max(results["triton"]) < 2e-5, (rank, results["triton"])
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("kind", "n"), LAYOUTS)
+def test_ring_attention_bfloat16_error_within_twice_one_process(kind, n):
+    """flash-attention's rule for reductions: at most 2x the error of a same-precision single-process run."""
+    for rank, results in enumerate(cp_results(kind, n)):
+        ring, one = results["bf16"]
+        assert all(a <= 2 * b for a, b in zip(ring, one, strict=True)), (rank, ring, one)
