@@ -244,3 +244,28 @@ def test_ring_attention_bfloat16_error_within_twice_one_process(kind, n):
     for rank, results in enumerate(cp_results(kind, n)):
         ring, one = results["bf16"]
         assert all(a <= 2 * b for a, b in zip(ring, one, strict=True)), (rank, ring, one)
+
+
+def test_each_exchange_is_posted_before_its_block_is_computed(monkeypatch):
+    """The order of events on one rank of a (pretend) ring of 3: every step's K/V exchange is posted before the
+    step's block is computed and waited on after it; the last step exchanges nothing."""
+    from gpuforge.parallel.model_parallel import ring_attention as ring
+
+    events = []
+
+    class Wait:
+        def wait(self):
+            events.append("wait")
+
+    class PretendRing:  # rank 1 of 3; what arrives is this rank's own K/V again (the order is what is checked)
+        size, rank = 3, 1
+
+        def ring_exchange(self, tensors):
+            events.append("post")
+            return [t.clone() for t in tensors], Wait()
+
+    compute = ring.flash_attention_with_lse
+    monkeypatch.setattr(ring, "flash_attention_with_lse", lambda *a, **k: events.append("block") or compute(*a, **k))
+    q, k, v = _qkv(12, 2, 1)
+    ring_attention(q, k, v, PretendRing(), causal=True)
+    assert events == ["post", "block", "wait"] * 2 + ["block"]
