@@ -138,6 +138,10 @@ def test_tinymoe_step_ledger(kind, n):
     rows = [e for e in ledger if e[0] == "all_to_all" and e[2] == "float64"]
     assert counts == [("all_to_all", (n, 1, config.n_experts // n), "int64")] * config.n_layers
     assert len(rows) == 4 * config.n_layers and all(e[1][1:] == (config.dim,) for e in rows)
+    # no drops: each layer's dispatch, right after its counts, sends all T·k assignments of the rank's tokens
+    assignments = B // n * S * config.moe_top_k
+    after_counts = [ledger[i + 1] for i, e in enumerate(ledger) if e[2] == "int64"]
+    assert [e[1][0] for e in after_counts] == [assignments] * config.n_layers
     model = TinyMoE(config)
     experts = sum(p.numel() for b in model.layers for p in b.feed_forward.experts.parameters())
     replicated = sum(p.numel() for p in model.parameters()) - experts
