@@ -63,8 +63,10 @@ class ContextParallelLM(nn.Module):
         return sequence_positions(seq_len, self.comm.size, self.comm.rank, self.attention)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        pos = self.positions(tokens.shape[1]).to(tokens.device)
         m = self.model
+        if tokens.shape[1] > m.rope.cos.shape[0]:
+            raise ValueError(f"tokens: sequence length {tokens.shape[1]} exceeds max_seq_len {m.rope.cos.shape[0]}")
+        pos = self.positions(tokens.shape[1]).to(tokens.device)
         h = m.tok_embeddings(tokens[:, pos])
         for block in m.layers:
             h = h + self._attend(block.attention, block.attention_norm(h), pos)
@@ -74,10 +76,7 @@ class ContextParallelLM(nn.Module):
     def _attend(self, attn: nn.Module, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         b, length, _ = x.shape
         q, k, v = (w(x).view(b, length, -1, attn.head_dim).transpose(1, 2) for w in (attn.wq, attn.wk, attn.wv))
-        rope = self.model.rope
-        if int(pos.max()) >= rope.cos.shape[0]:
-            raise ValueError(f"tokens: positions up to {int(pos.max())} exceed max_seq_len {rope.cos.shape[0]}")
-        cos, sin = rope.cos[pos], rope.sin[pos]
+        cos, sin = self.model.rope.cos[pos], self.model.rope.sin[pos]
         q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)
         parallel = ring_attention if self.attention == "ring" else ulysses_attention
         out = parallel(q, k, v, self.comm, causal=True)
