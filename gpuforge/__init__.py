@@ -5,7 +5,12 @@ imports neither Triton nor Numba (each backend's kernels are imported at their f
 from gpuforge import models, nn, parallel, quant
 from gpuforge.kernelize import kernelize
 from gpuforge.kernels import backends
-from gpuforge.kernels.flash_attention import flash_attention, flash_attention_varlen
+from gpuforge.kernels.flash_attention import (
+    flash_attention,
+    flash_attention_backward,
+    flash_attention_varlen,
+    flash_attention_with_lse,
+)
 from gpuforge.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
 from gpuforge.kernels.int4_matmul import int4_matmul
 from gpuforge.kernels.layer_norm import layer_norm
@@ -19,6 +24,7 @@ from gpuforge.kernels.vector_add import vector_add
 
 __version__ = "0.1.0"
 
-__all__ = ["backends", "flash_attention", "flash_attention_varlen", "fused_linear_cross_entropy", "int4_matmul",
+__all__ = ["backends", "flash_attention", "flash_attention_backward", "flash_attention_varlen",
+           "flash_attention_with_lse", "fused_linear_cross_entropy", "int4_matmul",
            "kernelize", "layer_norm", "matmul", "models", "nn", "paged_attention", "parallel", "quant", "rms_norm",
            "rope", "softmax", "swiglu", "vector_add"]

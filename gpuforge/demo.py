@@ -73,7 +73,8 @@ def training_strategies() -> list[str]:
     return list(STRATEGIES)
 
 
-# Beyond TinyLlama under every strategy: an image model, and TinyCLIP's coupled loss in its gathered form.
+# Beyond TinyLlama under every strategy (TinyMoE under ep): an image model, and TinyCLIP's coupled loss in its
+# gathered form.
 OTHER_MODEL_RUNS = (("zero2", "tiny_convnext"), ("ddp", "tiny_clip"))
 
 
@@ -81,7 +82,7 @@ def run_training(nproc: int, steps: int) -> bool:
     """One torchrun launch per strategy (and per other model run); each run compares itself with
     single-process training on rank 0."""
     ok = True
-    runs = [(strategy, "tinyllama") for strategy in training_strategies()]
+    runs = [(strategy, "tinymoe" if strategy == "ep" else "tinyllama") for strategy in training_strategies()]
     runs += OTHER_MODEL_RUNS if runs else []
     for strategy, model in runs:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

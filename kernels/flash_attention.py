@@ -27,7 +27,7 @@ import torch
 
 from gpuforge.kernels._selfcheck import CheckCase, outputs_and_grads
 from gpuforge.kernels._tensors import compute_dtype
-from gpuforge.kernels._validate import check_same_device, check_same_dtype, check_tensor
+from gpuforge.kernels._validate import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from gpuforge.kernels.attention_problem import Problem
 from gpuforge.kernels.cuda import flash_attention as cuda_flash_attention
 from gpuforge.kernels.dispatch import Implementation, OpBackends
@@ -280,9 +280,9 @@ def _scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
+def _check_qkv(q, k, v, ndim: int, layout: str, dtypes=FLOAT_DTYPES) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(t, name, ndim=ndim)
+        check_tensor(t, name, dtypes, ndim=ndim)
     check_same_device(q=q, k=k, v=v)
     check_same_dtype(q=q, k=k, v=v)
     if v.shape != k.shape:
@@ -326,6 +326,38 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
                                                            deterministic=deterministic, backend=b))
     out, _ = _attention_op(q, k, v, _scale(scale, q.shape[-1]), left, right, deterministic, chosen)
     return out
+
+
+_WITH_FLOAT64 = (torch.float64, *FLOAT_DTYPES)
+
+
+def flash_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
+                             scale: float | None = None, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of flash_attention, both differentiable: for callers that combine attention blocks by their
+    LSEs (ring attention). lse (B, Hq, Sq) is in the compute dtype (float32 for 16-bit inputs, natural log);
+    causal is bottom-right aligned. float64 runs on the torch backend (the parallel strategies' parity tests)."""
+    _check_qkv(q, k, v, 4, "(B, H, S, D)", _WITH_FLOAT64)
+    _check_flag(causal, "causal")
+    return _attention_op(q.contiguous(), k.contiguous(), v.contiguous(), _scale(scale, q.shape[-1]), -1,
+                         0 if causal else -1, False, BACKENDS.select(backend, q.device, dtype=q.dtype))
+
+
+def flash_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, lse: torch.Tensor, *, dlse: torch.Tensor | None = None,
+                             causal: bool = False, scale: float | None = None,
+                             backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of the call flash_attention_with_lse(q, k, v) that returned (out, lse), for the gradients
+    dout of out and dlse of lse (None: 0). Every backend computes delta = rowsum(dout·out) − dlse."""
+    _check_qkv(q, k, v, 4, "(B, H, S, D)", _WITH_FLOAT64)
+    _check_flag(causal, "causal")
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:3]:
+        raise ValueError(f"dout, out: expected shape {tuple(q.shape)}, lse {tuple(q.shape[:3])}; got "
+                         f"{tuple(dout.shape)}, {tuple(out.shape)}, {tuple(lse.shape)}")
+    dlse = torch.zeros_like(lse) if dlse is None else dlse.contiguous()
+    with torch.no_grad():
+        return _attention_backward_op(dout.contiguous(), dlse, q.contiguous(), k.contiguous(), v.contiguous(),
+                                      out.contiguous(), lse.contiguous(), _scale(scale, q.shape[-1]), -1,
+                                      0 if causal else -1, False, BACKENDS.select(backend, q.device, dtype=q.dtype))
 
 
 def _top_left_causal(q, k, v, **options) -> torch.Tensor:

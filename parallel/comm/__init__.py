@@ -7,9 +7,10 @@ from gpuforge.parallel.comm.communicator import (
     CommTimeoutError,
     Communicator,
     Group,
+    P2POp,
 )
 from gpuforge.parallel.comm.factory import init_comm
 from gpuforge.parallel.comm.group import GroupComm, as_group_comm
 
-__all__ = ["CommDesyncError", "CommError", "CommTimeoutError", "Communicator", "Group", "GroupComm",
+__all__ = ["CommDesyncError", "CommError", "CommTimeoutError", "Communicator", "Group", "GroupComm", "P2POp",
            "as_group_comm", "init_comm"]

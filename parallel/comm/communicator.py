@@ -14,6 +14,11 @@ Interface (every strategy uses only this; ranks are GLOBAL ranks, as in torch.di
     comm.broadcast(t, src, group=None, async_op=False)              # src: global rank
     comm.send(t, dst, group=None, async_op=False)                   # dst: global rank
     comm.recv(t, src, group=None, async_op=False)                   # src: global rank
+    comm.all_to_all(out, inp, out_splits=None, in_splits=None, group=None, async_op=False)
+        # along dim 0: rows in_splits[j] of inp go to group rank j, rows out_splits[j] of out come from it;
+        # None: equal splits (dim 0 divisible by the group size, out shaped like inp)
+    works = comm.batch_isend_irecv([P2POp("isend", t, peer), P2POp("irecv", t2, peer2), ...], group=None)
+        # every operation posted before any is waited on, so a ring of exchanges cannot deadlock
     comm.barrier(group=None)
     g = comm.new_group(ranks)      # call on EVERY rank (as torch); g.ranks, g.size, g.rank_of(global_rank),
                                    # comm.group_rank(g) (this rank's index or -1), g.member(comm.rank)
@@ -38,6 +43,7 @@ metadata vector (op, sequence number, dtype, shape, root); if ranks disagree, ev
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import deque
@@ -49,7 +55,7 @@ from gpuforge.parallel.comm.ledger import CommEntry, CommLedger
 
 REDUCE_OPS = ("sum", "avg", "max", "min", "product")
 _OP_CODES = {name: i for i, name in enumerate(
-    ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier"))}
+    ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "send", "recv", "barrier", "all_to_all"))}
 _DTYPE_CODES = {dt: i for i, dt in enumerate((torch.float64, torch.float32, torch.float16, torch.bfloat16,
                                               torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
                                               torch.bool))}
@@ -84,6 +90,15 @@ class Group:
 
     def rank_of(self, global_rank: int) -> int:
         return self.ranks.index(global_rank)
+
+
+@dataclass(frozen=True)
+class P2POp:
+    """One point-to-point operation of `batch_isend_irecv`: op "isend" or "irecv", peer a global rank."""
+
+    op: str
+    tensor: torch.Tensor
+    peer: int
 
 
 @dataclass
@@ -143,7 +158,7 @@ class Work:
 class Communicator:
     """Validation, sequence numbers, ledger, flight recorder, timeout and desync checks over a backend.
 
-    Subclasses implement `_start(op, group, tensors, reduce_op, peer) -> handle` (handle: `test()` -> bool,
+    Subclasses implement `_start(op, group, tensors, reduce_op, peer, splits) -> handle` (handle: `test()` -> bool,
     `finish()` completes and raises backend errors) and `_make_group(ranks) -> Group`."""
 
     kind = "abstract"
@@ -182,6 +197,29 @@ class Communicator:
     def recv(self, t, src, group=None, async_op=False):
         return self._call("recv", group, (t,), async_op, peer=self._peer("src", src, group))
 
+    def all_to_all(self, out, inp, out_splits=None, in_splits=None, group=None, async_op=False):
+        g = self._group(group)
+        splits = (self._splits("out_splits", out_splits, out, g.size),
+                  self._splits("in_splits", in_splits, inp, g.size))
+        if out.dtype != inp.dtype:
+            raise TypeError(f"out and inp must have one dtype, got {out.dtype} and {inp.dtype}")
+        if out.shape[1:] != inp.shape[1:]:
+            raise ValueError(f"out and inp must agree beyond dim 0, got shapes {list(out.shape)} and "
+                             f"{list(inp.shape)}")
+        return self._call("all_to_all", group, (out, inp), async_op, splits=splits)
+
+    def batch_isend_irecv(self, ops, group=None) -> list[Work]:
+        """Post every P2POp (isend/irecv) of this rank as one launch, then return their Works (wait on each)."""
+        ops = list(ops)
+        for i, p in enumerate(ops):
+            if not isinstance(p, P2POp) or p.op not in ("isend", "irecv"):
+                raise TypeError(f"ops[{i}]: expected P2POp('isend' | 'irecv', tensor, peer), got {p!r}")
+        calls = [("send" if p.op == "isend" else "recv", p.tensor, self._peer("peer", p.peer, group)) for p in ops]
+        records = [self._record(op, group, (t,), peer, None) for op, t, peer in calls]
+        handles = self._start_batch(self._group(group), calls)
+        return [Work(self, record, handle, record.t_start + self.timeout)
+                for (_, record), handle in zip(records, handles, strict=True)]
+
     def barrier(self, group=None):
         return self._call("barrier", group, (torch.zeros(1, device=self.device),), False)
 
@@ -202,7 +240,18 @@ class Communicator:
         """Release the backend's resources (subclasses)."""
 
     # ---------------------------------------------------------------------------------------- machinery
-    def _call(self, op, group, tensors, async_op, *, reduce_op=None, peer=None):
+    def _call(self, op, group, tensors, async_op, *, reduce_op=None, peer=None, splits=None):
+        g, record = self._record(op, group, tensors, peer, splits)
+        handle = self._start(op, g, tensors, reduce_op, peer, splits)
+        work = Work(self, record, handle, record.t_start + self.timeout)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def _record(self, op, group, tensors, peer, splits) -> tuple[Group, CallRecord]:
+        """Check the tensors, number the call, and enter it in the flight recorder and the ledger (and, in debug
+        mode, check that the group agrees on it)."""
         g = self._group(group)
         if not g.member(self.rank):
             raise ValueError(f"{op}: rank {self.rank} is not a member of group {list(g.ranks)}")
@@ -211,7 +260,7 @@ class Communicator:
                 raise TypeError(f"{op}: tensor argument {i} must be a torch.Tensor, got {type(t).__name__}")
             if not t.is_contiguous():
                 raise ValueError(f"{op}: tensor argument {i} must be contiguous (shape {list(t.shape)})")
-        main = tensors[1] if op == "reduce_scatter" else tensors[0]  # the full-size operand
+        main = tensors[1] if op in ("reduce_scatter", "all_to_all") else tensors[0]  # the full-size operand
         key = g.ranks if op not in ("send", "recv") else ("p2p", *sorted((self.rank, peer)))
         seq = self._seq.get(key, 0)
         self._seq[key] = seq + 1
@@ -219,26 +268,24 @@ class Communicator:
                             self.ledger.step, t_start=time.monotonic())
         self.flight_recorder.append(record)
         if op != "barrier":
+            row_bytes = math.prod(main.shape[1:]) * main.element_size()
+            kept = splits[1][g.rank_of(self.rank)] * row_bytes if op == "all_to_all" else 0
             self.ledger.record(CommEntry(op, g.ranks, main.numel() * main.element_size(), self.ledger.step,
-                                         seq, record.shape, record.dtype))
+                                         seq, record.shape, record.dtype, kept))
         if self.debug and op not in ("send", "recv") and g.size > 1:
             self._check_desync(g, record, peer)
-        handle = self._start(op, g, tensors, reduce_op, peer)
-        work = Work(self, record, handle, record.t_start + self.timeout)
-        if async_op:
-            return work
-        work.wait()
-        return None
+        return g, record
 
     def _check_desync(self, g: Group, record: CallRecord, peer) -> None:
         meta = torch.zeros(_META_LEN, dtype=torch.int64)
-        shape = list(record.shape)[:_META_LEN - 5]
+        # all_to_all's dim 0 may differ between ranks (unequal splits): compare the rest only
+        shape = ([-1, *record.shape[1:]] if record.op == "all_to_all" else list(record.shape))[:_META_LEN - 5]
         meta[:5] = torch.tensor([_OP_CODES[record.op], record.seq, len(record.shape),
                                  -1 if peer is None else peer, _dtype_code(record.dtype)])
         meta[5:5 + len(shape)] = torch.tensor(shape, dtype=torch.int64)
         meta = meta.to(self.device)
         gathered = torch.empty(g.size * _META_LEN, dtype=torch.int64, device=self.device)
-        handle = self._start("all_gather", g, (gathered, meta), None, None)
+        handle = self._start("all_gather", g, (gathered, meta), None, None, None)
         Work(self, record, handle, time.monotonic() + self.timeout).wait()
         rows = gathered.view(g.size, _META_LEN).cpu()
         if not bool((rows == rows[0]).all()):
@@ -271,6 +318,23 @@ class Communicator:
         return peer
 
     @staticmethod
+    def _splits(name, splits, t, n) -> tuple[int, ...]:
+        """Rows per group rank along dim 0 of `t` (equal when `splits` is None)."""
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            raise TypeError(f"all_to_all: {name[:-7]} must be a torch.Tensor with at least one dim, got {t!r}")
+        if splits is None:
+            if t.shape[0] % n:
+                raise ValueError(f"{name}: None means equal splits, but dim 0 of size {t.shape[0]} is not "
+                                 f"divisible by the group size {n}")
+            return (t.shape[0] // n,) * n
+        splits = tuple(splits)
+        if len(splits) != n or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in splits):
+            raise ValueError(f"{name}: expected {n} non-negative ints (one per group rank), got {list(splits)}")
+        if sum(splits) != t.shape[0]:
+            raise ValueError(f"{name}: the splits sum to {sum(splits)}, dim 0 has {t.shape[0]} rows")
+        return splits
+
+    @staticmethod
     def _check_reduce_op(op) -> None:
         if op not in REDUCE_OPS:
             raise ValueError(f"op must be one of {REDUCE_OPS}, got {op!r}")
@@ -283,8 +347,13 @@ class Communicator:
         if big.dtype != small.dtype:
             raise TypeError(f"{big_name} and {small_name} must have one dtype, got {big.dtype} and {small.dtype}")
 
-    def _start(self, op, group, tensors, reduce_op, peer):
+    def _start(self, op, group, tensors, reduce_op, peer, splits):
         raise NotImplementedError
+
+    def _start_batch(self, group, calls) -> list:
+        """Handles of point-to-point calls [(op "send" | "recv", tensor, peer)], launched together. Each call is
+        non-blocking here, so starting them one by one cannot deadlock; NCCL overrides this (torch_backend.py)."""
+        return [self._start(op, group, (t,), None, peer, None) for op, t, peer in calls]
 
     def _make_group(self, ranks) -> Group:
         raise NotImplementedError

@@ -3,7 +3,9 @@
 Tensor and pipeline parallelism speak in group ranks (TP rank, stage index) and gather or scatter along a
 tensor dimension (the sequence), while `Communicator` speaks in global ranks and flat buffers. This view
 translates: `rank`/`size` are the group's, peers are group ranks, `all_gather(t, dim)` and
-`reduce_scatter(t, dim)` concatenate / split along `dim`. Every call still goes through the communicator,
+`reduce_scatter(t, dim)` concatenate / split along `dim`, `all_to_all(t, split_dim, concat_dim)` trades
+chunks (Ulysses), `all_to_all_rows` moves unequal row counts (expert dispatch), and `ring_exchange` posts
+one step of a ring (context parallelism). Every call still goes through the communicator,
 so the ledger, timeouts and flight recorder see it (the ledger's `group` is the tuple of global ranks).
 """
 
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from gpuforge.parallel.comm.communicator import Communicator, Group
+from gpuforge.parallel.comm.communicator import Communicator, Group, P2POp
 from gpuforge.parallel.comm.config_check import check_same_config, tensors_fingerprint
 
 
@@ -57,6 +59,38 @@ class GroupComm:
         self.comm.reduce_scatter(out, front, group=self._g())
         return out.movedim(0, dim)
 
+    def all_to_all(self, t: torch.Tensor, split_dim: int, concat_dim: int) -> torch.Tensor:
+        """Chunk j of `t` along `split_dim` goes to group rank j; the chunks received are concatenated along
+        `concat_dim` in group-rank order (equal splits)."""
+        if self.size == 1:
+            return t
+        if t.shape[split_dim] % self.size:
+            raise ValueError(f"all_to_all: dimension {split_dim} of size {t.shape[split_dim]} is not divisible "
+                             f"by the group size {self.size}")
+        inp = torch.stack(t.chunk(self.size, split_dim)).contiguous()
+        out = torch.empty_like(inp)
+        self.comm.all_to_all(out, inp, group=self._g())
+        return torch.cat(out.unbind(0), dim=concat_dim)
+
+    def all_to_all_rows(self, t: torch.Tensor, in_splits, out_splits) -> torch.Tensor:
+        """Rows in_splits[j] of `t` (along dim 0, in order) go to group rank j; returns the rows received,
+        out_splits[j] of them from rank j, in group-rank order."""
+        inp = t.contiguous()
+        out = t.new_empty((sum(out_splits), *t.shape[1:]))
+        if self.size == 1:
+            return out.copy_(inp)
+        self.comm.all_to_all(out, inp, list(out_splits), list(in_splits), group=self._g())
+        return out
+
+    def ring_exchange(self, tensors, shift: int = 1) -> tuple[list[torch.Tensor], RingWork]:
+        """Send each tensor to group rank (rank + shift) and receive same-shaped ones from (rank − shift), all
+        posted at once (non-blocking: no ring can deadlock). Returns the receive buffers and the work to
+        wait on before reading them."""
+        dst, src = self.group.ranks[(self.rank + shift) % self.size], self.group.ranks[(self.rank - shift) % self.size]
+        received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+        ops = [P2POp("irecv", r, src) for r in received] + [P2POp("isend", t.contiguous(), dst) for t in tensors]
+        return received, RingWork(self.comm.batch_isend_irecv(ops, group=self._g()))
+
     def check_same_config(self, owner: str, device, **fields) -> None:
         """config_check.check_same_config over this group (one all-gather): every rank raises on a mismatch."""
         check_same_config(self.comm, self._g(), owner, device, **fields)
@@ -75,6 +109,17 @@ class GroupComm:
         """Blocking receive into `t` from group rank `peer`; returns `t`."""
         self.comm.recv(t, self.group.ranks[peer], group=self._g())
         return t
+
+
+class RingWork:
+    """The sends and receives of one ring exchange; `wait()` completes them all."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
 
 
 def as_group_comm(comm, group: Group | None = None) -> GroupComm:

@@ -4,8 +4,9 @@
 the call is launched: the op, the group (a tuple of global ranks), the payload bytes, the training step
 (`ledger.step`, advanced by the training loop) and the call's sequence number on its group. The payload
 is the size of the logical operand — all_reduce / broadcast / send / recv: the tensor; reduce_scatter: the
-full input; all_gather: the full output — and `wire_bytes` gives the per-rank traffic of the ring
-algorithm: all_reduce 2(n−1)/n·B, reduce_scatter and all_gather (n−1)/n·B, broadcast/send/recv B.
+full input; all_gather: the full output; all_to_all: the input, of which `kept` bytes stay on the rank — and
+`wire_bytes` gives the per-rank traffic of the ring algorithm: all_reduce 2(n−1)/n·B, reduce_scatter and
+all_gather (n−1)/n·B, all_to_all B − kept ((n−1)/n·B for equal splits), broadcast/send/recv B.
 
 `MemoryLedger` is what each strategy's `memory()` returns: this rank's bytes of model parameters, gradients,
 master weights (the optimizer's own copy: float32 under mixed precision) and optimizer state, plus what
@@ -34,6 +35,7 @@ class CommEntry:
     seq: int
     shape: tuple[int, ...]
     dtype: str
+    kept: int = 0  # all_to_all: the bytes of this rank's own split, which stay on the rank
 
     @property
     def wire_bytes(self) -> Fraction:
@@ -43,6 +45,8 @@ class CommEntry:
             return Fraction(2 * (n - 1), n) * self.bytes
         if self.op in ("reduce_scatter", "all_gather"):
             return Fraction(n - 1, n) * self.bytes
+        if self.op == "all_to_all":
+            return Fraction(self.bytes - self.kept)
         return Fraction(self.bytes)
 
 

@@ -1,7 +1,8 @@
 """`MPIComm`: the communicator on mpi4py (launch with `mpiexec -n N`).
 
 CPU tensors go to MPI through the buffer protocol (`tensor.numpy()` shares memory). Every call uses MPI's
-non-blocking form (Iallreduce, Ireduce_scatter_block, Iallgather, Ibcast, Isend/Irecv, Ibarrier) and the
+non-blocking form (Iallreduce, Ireduce_scatter_block, Iallgather, Ialltoallv, Ibcast, Isend/Irecv,
+Ibarrier) and the
 request is polled with `Test()` against our deadline (see communicator.py). Staging, undone when the call finishes:
 CUDA tensors are copied through the host (we do not assume a CUDA-aware MPI); float16/bfloat16 reductions
 run in float32 (MPI has no half types); bfloat16 data movement goes as raw 16-bit words.
@@ -9,6 +10,7 @@ run in float32 (MPI has no half types); bfloat16 data movement goes as raw 16-bi
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -67,7 +69,7 @@ class MPIComm(Communicator):
         sub = world.Create_group(world.Get_group().Incl(list(ranks)), tag=hash(ranks) % 32768)
         return Group(ranks, sub)
 
-    def _start(self, op, group: Group, tensors, reduce_op, peer):
+    def _start(self, op, group: Group, tensors, reduce_op, peer, splits):
         c = group.handle
         reduce = reduce_op is not None
         staged = [_host(t, reduce) for t in tensors]
@@ -80,6 +82,12 @@ class MPIComm(Communicator):
             back = back[:1] if staged[0][1] is not None else []
         elif op == "all_gather":
             req = c.Iallgather(bufs[1], bufs[0])
+            back = back[:1] if staged[0][1] is not None else []
+        elif op == "all_to_all":
+            row = math.prod(tensors[1].shape[1:])
+            counts = [[n * row for n in side] for side in splits]
+            displs = [[sum(side[:j]) for j in range(len(side))] for side in counts]
+            req = c.Ialltoallv((bufs[1], (counts[1], displs[1])), (bufs[0], (counts[0], displs[0])))
             back = back[:1] if staged[0][1] is not None else []
         elif op == "broadcast":
             req = c.Ibcast(bufs[0], root=group.rank_of(peer))

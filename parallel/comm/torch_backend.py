@@ -7,7 +7,7 @@ teardown after a timeout waits at most that long. gloo has no AVG reduction:
 avg is a sum divided by the group size when the work completes. gloo's reduce_scatter_tensor only runs
 inside `wait()` (its `is_completed()` stays False, so it cannot be polled against a deadline): on CPU tensors
 reduce_scatter is an all-reduce of a copy of the input, then the rank's chunk is copied out. The ledger
-records the logical op (reduce_scatter of the input's bytes) either way. gloo's send/recv works are
+records the logical op (reduce_scatter of the input's bytes) either way. gloo's send/recv and all_to_all works are
 also not pollable: a daemon thread waits on them (`_ThreadedHandle`).
 """
 
@@ -64,6 +64,20 @@ class _ThreadedHandle(_Handle):
             raise self.error
 
 
+class _BatchHandle:
+    """The works of one coalesced launch: complete when all of them are."""
+
+    def __init__(self, works):
+        self.works = works
+
+    def test(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def finish(self) -> None:
+        for w in self.works:
+            w.wait()
+
+
 class TorchComm(Communicator):
     kind = "torch"
 
@@ -91,7 +105,7 @@ class TorchComm(Communicator):
         handle = dist.new_group(list(ranks))
         return Group(ranks, handle if self.rank in ranks else None)
 
-    def _start(self, op, group: Group, tensors, reduce_op, peer):
+    def _start(self, op, group: Group, tensors, reduce_op, peer, splits):
         pg = group.handle  # None: the default (world) group
         if op == "all_reduce":
             (t,) = tensors
@@ -109,6 +123,10 @@ class TorchComm(Communicator):
         if op == "all_gather":
             out, inp = tensors
             return _Handle(dist.all_gather_into_tensor(out, inp, group=pg, async_op=True))
+        if op == "all_to_all":
+            out, inp = tensors
+            work = dist.all_to_all_single(out, inp, list(splits[0]), list(splits[1]), group=pg, async_op=True)
+            return _Handle(work) if out.is_cuda else _ThreadedHandle(work)
         if op == "broadcast":
             return _Handle(dist.broadcast(tensors[0], src=peer, group=pg, async_op=True))
         if op == "send":
@@ -120,6 +138,16 @@ class TorchComm(Communicator):
         if op == "barrier":  # an all-reduce of one element: a barrier we can poll against our deadline
             return _Handle(dist.all_reduce(tensors[0], group=pg, async_op=True))
         raise ValueError(f"unknown op {op!r}")
+
+    def _start_batch(self, group: Group, calls) -> list:
+        """On CUDA tensors one dist.batch_isend_irecv: NCCL runs a pair's sends and receives in order on one
+        stream, so a ring of two ranks posting recv-then-send separately would wait on each other."""
+        if not any(t.is_cuda for _, t, _ in calls):
+            return super()._start_batch(group, calls)
+        ops = [dist.P2POp(dist.isend if op == "send" else dist.irecv, t, peer, group=group.handle)
+               for op, t, peer in calls]
+        batch = _BatchHandle(dist.batch_isend_irecv(ops))  # NCCL coalesces: possibly one work for them all
+        return [batch] * len(calls)
 
     def destroy(self) -> None:
         if dist.is_initialized():

@@ -3,6 +3,8 @@
     python -m gpuforge train --model tinyllama --strategy zero2 --nproc 2 --steps 5     # hands over to torchrun
     torchrun --nproc_per_node 2 -m gpuforge train --model tinyllama --strategy zero2 --steps 5
     mpiexec -n 2 python -m gpuforge train --model tinyllama --strategy ddp --comm mpi --nproc 2
+    torchrun --nproc_per_node 2 -m gpuforge train --cp 2 --seq-len 32       # ring attention (or --cp-attention ulysses)
+    mpiexec -n 2 python -m gpuforge train --ep 2 --comm mpi                 # TinyMoE, experts over 2 ranks
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 2 --max-restarts 3 -m gpuforge train \
         --ckpt-dir ckpt --save-every 2 --steps 20
     torchrun --nproc_per_node 2 -m gpuforge train --strategy pp --schedule zb1p --checkpoint-activations
@@ -55,17 +57,21 @@ from gpuforge.parallel.checkpoint.sharded import (
     save_checkpoint,
 )
 from gpuforge.parallel.comm import init_comm
-from gpuforge.parallel.model_parallel.mesh import check_layout
+from gpuforge.parallel.model_parallel.context_parallel import check_cp_config, sequence_positions
+from gpuforge.parallel.model_parallel.expert_parallel import check_ep_config
+from gpuforge.parallel.model_parallel.mesh import check_degrees, check_layout
 from gpuforge.parallel.training import parity
 from gpuforge.parallel.training.data_parallel import OURS, DataParallelTrainer
 from gpuforge.parallel.training.gathered_loss import GATHERED_FORMS, DataParallelLoss
 from gpuforge.parallel.training.loop import run_steps
 from gpuforge.parallel.training.trainer_3d import single_process_losses, train_model_parallel
+from gpuforge.parallel.training.trainer_cp_ep import default_config, single_process_cp_ep_losses, train_cp_ep
 
 MODEL_ALIASES = {"tinyllama": "tiny_llama", "tinymoe": "tiny_moe"}
 DATA_PARALLEL = OURS
 MODEL_PARALLEL = ("tp", "pp", "3d")
-STRATEGIES = DATA_PARALLEL + MODEL_PARALLEL
+SEQUENCE_AND_EXPERT = ("cp", "ep")
+STRATEGIES = DATA_PARALLEL + MODEL_PARALLEL + SEQUENCE_AND_EXPERT
 SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved-1f1b", "zb1p": "zb-h1"}  # option: runtime
 
 
@@ -100,8 +106,10 @@ def reference_model(name):
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gpuforge train", description=__doc__.split("\n")[0], allow_abbrev=False)
-    p.add_argument("--model", default="tinyllama", choices=sorted(set(MODEL_ALIASES) | set(_trainable_models())))
-    p.add_argument("--strategy", default="ddp", choices=STRATEGIES)
+    p.add_argument("--model", default=None, choices=sorted(set(MODEL_ALIASES) | set(_trainable_models())),
+                   help="default: tinymoe for --strategy ep, else tinyllama")
+    p.add_argument("--strategy", default=None, choices=STRATEGIES,
+                   help="default: cp with --cp, ep with --ep, else ddp")
     p.add_argument("--comm", default="torch", choices=["torch", "mpi"])
     p.add_argument("--nproc", type=_positive_int, default=None,
                    help="world size: outside a launcher, run under torchrun with N processes; else checked")
@@ -115,6 +123,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tp", type=_positive_int, default=None, help="tensor-parallel degree (tp, 3d)")
     p.add_argument("--pp", type=_positive_int, default=None, help="pipeline stages (pp, 3d)")
     p.add_argument("--dp", type=_positive_int, default=None, help="data-parallel degree (3d; default: what is left)")
+    p.add_argument("--cp", type=_positive_int, default=None,
+                   help="context-parallel degree (cp: the TinyLlama's sequence over cp ranks; dp: what is left)")
+    p.add_argument("--cp-attention", default="ring", choices=["ring", "ulysses"],
+                   help="cp: ring attention (zigzag) or Ulysses all-to-all")
+    p.add_argument("--ep", type=_positive_int, default=None,
+                   help="expert-parallel degree (ep: the TinyMoE's experts over ep ranks; dp: the world size)")
+    p.add_argument("--capacity-factor", type=_positive_float, default=None,
+                   help="ep: tokens per expert as a multiple of an even share (default: no drops)")
     p.add_argument("--microbatches", type=_positive_int, default=2, help="pipeline micro-batches per step")
     p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES),
                    help="pipeline schedule: gpipe, 1f1b, interleaved (1F1B over --virtual-stages model chunks per "
@@ -138,6 +154,19 @@ def parse_args(argv):
         p.error(f"--virtual-stages is for --schedule interleaved, not {args.schedule!r}")
     if args.virtual_stages is None:
         args.virtual_stages = 2 if args.schedule == "interleaved" else 1
+    if args.strategy is None:
+        args.strategy = "cp" if args.cp is not None else "ep" if args.ep is not None else "ddp"
+    if args.model is None:
+        args.model = "tinymoe" if args.strategy == "ep" else "tinyllama"
+    if args.cp is not None and args.ep is not None and args.cp > 1 and args.ep > 1:
+        p.error("--cp and --ep together: the TinyMoE balances its experts per sequence, which a sharded "
+                "sequence would change; use one of them")
+    if (args.strategy == "cp" and args.ep is not None) or (args.strategy == "ep" and args.cp is not None):
+        p.error(f"--strategy {args.strategy} does not take --{'ep' if args.strategy == 'cp' else 'cp'}")
+    if args.ckpt_dir is not None and args.strategy in SEQUENCE_AND_EXPERT:
+        p.error(f"--ckpt-dir is for the data-parallel and tp/pp/3d strategies, not {args.strategy!r}")
+    if args.checkpoint_activations is not None and args.strategy in SEQUENCE_AND_EXPERT:
+        p.error(f"--checkpoint-activations is for the data-parallel and tp/pp/3d strategies, not {args.strategy!r}")
     if args.ckpt_dir is not None:
         _check_writable(p, Path(args.ckpt_dir))
     return args
@@ -330,6 +359,51 @@ def _run_model_parallel(comm, args) -> int:
     return 0 if ok else 1
 
 
+def _run_sequence_or_expert_parallel(comm, args) -> int:
+    """--strategy cp [--cp N --cp-attention ring|ulysses] (TinyLlama; dp = world / cp) or --strategy ep
+    [--ep N --capacity-factor C] (TinyMoE; dp = world, ep dividing it). A configuration that cannot run exits
+    with a message naming the option, on every rank, before any process group is made. Rank 0 compares the
+    losses with one process."""
+    kind, world = args.strategy, comm.world_size
+    expected = "tiny_moe" if kind == "ep" else "tiny_llama"
+    if MODEL_ALIASES.get(args.model, args.model) != expected:
+        raise SystemExit(f"gpuforge train: --strategy {kind} trains the {expected}, not --model {args.model}")
+    cp = (args.cp or world) if kind == "cp" else 1
+    ep = (args.ep or world) if kind == "ep" else 1
+    dp = world // cp
+    config = default_config(kind, args.seq_len)
+    if args.n_layers:
+        config.n_layers = args.n_layers
+    try:
+        check_degrees(world, dp=dp, tp=1, pp=1, cp=cp, ep=ep)
+        if kind == "cp":
+            check_cp_config(config, cp, args.cp_attention)
+            sequence_positions(args.seq_len, cp, 0, args.cp_attention)
+        else:
+            check_ep_config(config.n_experts, ep, args.capacity_factor)
+        if args.batch % dp:
+            raise ValueError(f"batch size {args.batch} must be divisible by dp = {dp}")
+    except ValueError as e:
+        raise SystemExit(f"gpuforge train --strategy {kind}: {e} (--cp {cp} --ep {ep} --batch {args.batch} "
+                         f"--seq-len {args.seq_len}, world size {world})") from None
+    opts = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, max_norm=args.clip,
+                config=config, dtype=getattr(torch, args.dtype))
+    losses = train_cp_ep(comm, kind, dp=dp, cp=cp, ep=ep, attention=args.cp_attention,
+                         capacity_factor=args.capacity_factor, **opts)
+    ok = True
+    if comm.rank == 0:
+        single = single_process_cp_ep_losses(kind, **opts)
+        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
+        ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
+        if args.capacity_factor is not None:  # dropping tokens is not what one process computes
+            ok, line = True, f"capacity factor {args.capacity_factor}: max |loss - no-drop loss| = {diff:.3e}"
+        print(f"strategy={kind} dp={dp} cp={cp} ep={ep} attention={args.cp_attention} dtype={args.dtype} "
+              f"ledger bytes (rank 0) = {comm.ledger.total_bytes()}\n"
+              f"losses         {[f'{x:.6f}' for x in losses]}\n"
+              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
+    return 0 if ok else 1
+
+
 def _single_process_env() -> None:
     """A world of one for torch.distributed when no launcher set the environment."""
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
@@ -354,7 +428,8 @@ def main(argv=None) -> int:
         if args.nproc is not None and args.nproc != comm.world_size:
             raise SystemExit(f"gpuforge train: --nproc {args.nproc} but the launcher started {comm.world_size} "
                              "processes")
-        run = _run_model_parallel if args.strategy in MODEL_PARALLEL else _run_data_parallel
+        run = _run_model_parallel if args.strategy in MODEL_PARALLEL else \
+            _run_sequence_or_expert_parallel if args.strategy in SEQUENCE_AND_EXPERT else _run_data_parallel
         return run(comm, args)
     finally:
         comm.destroy()

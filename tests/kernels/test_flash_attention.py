@@ -520,3 +520,24 @@ def test_torch_backend_gradients_with_large_logits_match_sdpa():
     for name, o, s, e in zip(("out", "dq", "dk", "dv"), ours, sdpa32, exact, strict=True):
         ours_err, sdpa_err = max_rel_error(o, e), max_rel_error(s, e)
         assert ours_err <= 2 * sdpa_err + 1e-7, f"{name}: {ours_err:.2e} vs SDPA {sdpa_err:.2e}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_with_lse_and_backward_from_the_lse_float64(causal):
+    """gf.flash_attention_with_lse returns (out, lse), both differentiable; gf.flash_attention_backward gives
+    the gradients of (out, lse) from the saved LSE (ring attention's two building blocks), GQA, torch backend."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 7, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    out, lse = gf.flash_attention_with_lse(q, k, v, causal=causal)
+    ref_out, ref_lse = fa.attention_math(q, k, v, 8 ** -0.5, -1, 0 if causal else -1)
+    assert_close_rel(out, ref_out, 1e-13)
+    assert_close_rel(lse, ref_lse, 1e-13)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    want = torch.autograd.grad((ref_out * dout).sum() + (ref_lse * dlse).sum(), (q, k, v))
+    autograd = torch.autograd.grad((out * dout).sum() + (lse * dlse).sum(), (q, k, v))
+    explicit = gf.flash_attention_backward(dout, q, k, v, out.detach(), lse.detach(), dlse=dlse, causal=causal)
+    for a, b, w in zip(autograd, explicit, want, strict=True):
+        assert_close_rel(a, w, 1e-12)
+        assert_close_rel(b, w, 1e-12)
+    with pytest.raises(ValueError, match="dout, out: expected shape"):
+        gf.flash_attention_backward(dout[:, :, :3], q, k, v, out, lse)

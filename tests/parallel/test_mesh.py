@@ -62,7 +62,7 @@ def test_3d_dp2_tp2_pp2_matches_single_process_float64():
 
 def test_mesh_rejects_bad_sizes():
     comm = SimpleNamespace(world_size=8, rank=0)
-    with pytest.raises(ValueError, match=r"dp·tp·pp = 2·2·1 = 4 must equal the world size 8"):
+    with pytest.raises(ValueError, match=r"dp·cp·tp·pp = 2·1·2·1 = 4 must equal the world size 8"):
         DeviceMesh(comm, dp=2, tp=2, pp=1)
     with pytest.raises(ValueError, match="tp must be a positive int"):
         DeviceMesh(comm, dp=8, tp=0, pp=1)
@@ -80,7 +80,7 @@ def test_check_layout_names_what_cannot_run():
         check_layout(3, config, **{**ok, "tp": 3, "pp": 1})
     with pytest.raises(ValueError, match=r"batch size 8 must be divisible by dp·microbatches = 2·8"):
         check_layout(8, config, **{**ok, "dp": 2, "num_microbatches": 8})
-    with pytest.raises(ValueError, match=r"dp·tp·pp = 1·2·2 = 4 must equal the world size 8"):
+    with pytest.raises(ValueError, match=r"dp·cp·tp·pp = 1·1·2·2 = 4 must equal the world size 8"):
         check_layout(8, config, **ok)
 
 
@@ -98,3 +98,26 @@ def test_train_model_parallel_losses_agree_and_fall(dp, tp, pp):
     results = run_distributed(_train, dp * tp * pp, dp, tp, pp)
     assert all(r == results[0] for r in results)
     assert all(torch.isfinite(torch.tensor(results[0]))) and results[0][-1] < results[0][0]
+
+
+def test_cp_and_ep_groups_of_the_mesh():
+    """(pp, dp, cp, tp) with tp fastest then cp; ep blocks of consecutive dp ranks (no processes: the groups
+    are only listed)."""
+    from gpuforge.parallel.comm.communicator import Communicator, Group
+
+    class Listing(Communicator):
+        def _make_group(self, ranks):
+            return Group(ranks)
+
+    groups = {}
+    for r in range(8):
+        m = DeviceMesh(Listing(r, 8, r, torch.device("cpu")), dp=4, cp=2, ep=2)
+        groups[r] = (m.cp_group.ranks, m.dp_group.ranks, m.ep_group.ranks, m.expert_dp_group.ranks)
+    assert groups[0] == ((0, 1), (0, 2, 4, 6), (0, 2), (0, 4))
+    assert groups[7] == ((6, 7), (1, 3, 5, 7), (5, 7), (3, 7))
+    m = DeviceMesh(Listing(5, 8, 5, torch.device("cpu")), dp=2, tp=2, pp=2)  # cp = ep = 1: the 3D layout
+    assert (m.tp_group.ranks, m.dp_group.ranks, m.pp_group.ranks, m.cp_group.ranks) == ((4, 5), (5, 7), (1, 5), (5,))
+    with pytest.raises(ValueError, match=r"ep \(3\) must divide dp \(4\)"):
+        DeviceMesh(Listing(0, 8, 0, torch.device("cpu")), dp=4, cp=2, ep=3)
+    with pytest.raises(ValueError, match=r"dp·cp·tp·pp = 2·2·1·1 = 4 must equal the world size 8"):
+        DeviceMesh(Listing(0, 8, 0, torch.device("cpu")), dp=2, cp=2)

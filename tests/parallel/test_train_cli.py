@@ -78,8 +78,30 @@ def test_model_parallel_strategies_match_single_process(strategy):
     assert diff <= 1e-12
 
 
+@pytest.mark.parametrize("launcher,argv,degrees", [
+    (TORCHRUN, ["--cp", "2"], "strategy=cp dp=1 cp=2 ep=1 attention=ring"),
+    (MPIEXEC, ["--ep", "2", "--comm", "mpi"], "strategy=ep dp=2 cp=1 ep=2"),
+])
+def test_cp_and_ep_match_single_process(launcher, argv, degrees):
+    proc = _run(launcher, *argv, "--steps", "2", "--seq-len", "16", "--batch", "2", "--n-layers", "1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert degrees in proc.stdout
+    diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", proc.stdout).group(1))
+    assert diff <= 1e-12
+
+
+def test_cp_and_ep_configurations_that_cannot_run_exit_with_a_message(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--cp", "2", "--ep", "2"])
+    assert exit_info.value.code == 2 and "--cp and --ep together" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--strategy ep: ep \(3\) must divide dp \(1\)"):
+        train.main(["--ep", "3"])
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--schedule", "1f1b", "--virtual-stages", "2"], "--virtual-stages is for --schedule interleaved"),
+    (["--cp", "2", "--ckpt-dir", "x"], "--ckpt-dir is for the data-parallel and tp/pp/3d strategies"),
+    (["--ep", "2", "--checkpoint-activations"], "--checkpoint-activations is for the data-parallel and tp/pp/3d"),
     (["--checkpoint-activations", "some"], "argument --checkpoint-activations: invalid choice: 'some'"),
     (["--save-every", "0"], "argument --save-every: expected a positive integer, got 0"),
     (["--strategy", "zero4"], "argument --strategy: invalid choice: 'zero4'"),
