@@ -150,8 +150,11 @@ def _device_name(index: int) -> str:
 
 
 @constant_under_compile
-def device_name(device: torch.device) -> str:
-    """The CUDA device's name, as the measured tables key it."""
+def device_name(device: torch.device) -> str | None:
+    """The CUDA device's name, as the measured tables key it; None where CUDA is not available (a "cuda"
+    device is then only a description: no tensor lives on it)."""
+    if not torch.cuda.is_available():
+        return None
     return _device_name(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -172,7 +175,7 @@ def select(op: str, backend: str, device: torch.device, implemented: Sequence[st
         if device.type != "cuda":
             return "torch"
         name = device_name(device)
-        measured = auto_table.TABLE.lookup(auto_table.key(op, dtype, shape, name), name)
+        measured = None if name is None else auto_table.TABLE.lookup(auto_table.key(op, dtype, shape, name), name)
         if measured is not None and measured[0] in implemented and is_available(measured[0])[0]:
             return measured[0]
         for candidate in auto_order:

@@ -75,8 +75,9 @@ class OpBackends:
         if (backend == "auto" and device.type == "cuda" and run is not None and not torch.compiler.is_compiling()
                 and auto_table.autotune_on() and backends.preferred() == "auto"):
             name = backends.device_name(device)
-            entry_key = auto_table.key(self.op, dtype, shape, name)
-            if auto_table.measuring_anew() or auto_table.TABLE.lookup(entry_key, name) is None:
+            entry_key = None if name is None else auto_table.key(self.op, dtype, shape, name)
+            if entry_key is not None and (auto_table.measuring_anew()
+                                          or auto_table.TABLE.lookup(entry_key, name) is None):
                 auto_table.measure(entry_key, [b for b in candidates if backends.is_available(b)[0]], run)
         chosen = backends.select(self.op, backend, device, candidates if backend == "auto" else tuple(self.loaders),
                                  order, dtype, shape)

@@ -47,7 +47,6 @@ def test_limits_are_data_that_auto_passes_over_and_a_named_backend_reports(monke
 
     table = _toy_table()
     monkeypatch.setattr(backends, "is_available", lambda name: (True, "test"))
-    monkeypatch.setattr(backends, "device_name", lambda device: "a GPU nothing was measured on")
     cuda = torch.device("cuda")
     assert table.select("auto", cuda, dtype=torch.float16, width=8) == "cuda"
     assert table.select("auto", cuda, dtype=torch.bfloat16, width=8) == "triton"
@@ -64,7 +63,6 @@ def test_gpuforge_backend_preference_falls_back_when_it_cannot_take_the_dtype(mo
     from gpuforge.kernels import backends
 
     monkeypatch.setattr(backends, "is_available", lambda name: (True, "test"))
-    monkeypatch.setattr(backends, "device_name", lambda device: "a GPU nothing was measured on")
     monkeypatch.setenv("GPUFORGE_BACKEND", "cuda")
     assert _toy_table().select("auto", torch.device("cuda"), dtype=torch.bfloat16) == "triton"
     assert _toy_table().select("auto", torch.device("cuda"), dtype=torch.float16) == "cuda"
