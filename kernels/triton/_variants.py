@@ -33,6 +33,7 @@ class Variant:
     tensor_cores: bool = False  # the point of the kernel is tensor-core math
     async_copies: bool = False  # a pipelined GEMM/attention loop: its loads should be asynchronous
     tolerated_spill_bytes: int = 0  # a spill the kernel's docstring accepts, with its measurement
+    archs: tuple[int, ...] = ()  # the compute capabilities whose launches can pick it (empty: every one)
     extra: dict = field(default_factory=dict)
 
     @property
