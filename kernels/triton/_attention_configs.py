@@ -15,8 +15,13 @@ from __future__ import annotations
 
 SM80, SM90 = 80, 90
 BOTH = (SM80, SM90)
+ONLY_80, ONLY_90 = (SM80,), (SM90,)
 
-# kernel -> (BLOCK_D, fp32 operands) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages, archs)]
+# kernel -> (BLOCK_D, fp32 operands) -> [(BLOCK_M, BLOCK_N, num_warps, num_stages, archs)]. The dK/dV kernel has
+# two lists: its atomic-dQ form also holds a BLOCK_M x BLOCK_D dQ slice and spills where the deterministic form
+# does not. Entries for one family only are where the other spilled (in B per thread): sm_80's mma.sync tiles
+# at 64x64 need more registers than wgmma's on sm_90 (16-bit dK/dV D64 64x64 w8: 3032 B on sm_80), and sm_90
+# spilled a few fp32 tiles sm_80 holds.
 TILES: dict[str, dict[tuple[int, bool], list[tuple[int, int, int, int, tuple[int, ...]]]]] = {
     "forward": {
         (32, False): [(128, 64, 4, 3, BOTH), (64, 64, 4, 3, BOTH), (128, 32, 4, 3, BOTH)],
@@ -25,32 +30,44 @@ TILES: dict[str, dict[tuple[int, bool], list[tuple[int, int, int, int, tuple[int
         (256, False): [(64, 32, 4, 2, BOTH), (64, 64, 8, 2, BOTH), (128, 32, 8, 2, BOTH)],
         (32, True): [(64, 64, 4, 3, BOTH), (64, 32, 4, 3, BOTH)],
         (64, True): [(64, 64, 4, 2, BOTH), (64, 32, 4, 3, BOTH)],
-        (128, True): [(64, 32, 4, 2, BOTH), (64, 64, 8, 2, BOTH)],
+        (128, True): [(64, 64, 8, 2, BOTH), (64, 32, 4, 2, ONLY_90)],  # sm_80: 16 B
         (256, True): [(32, 32, 4, 2, BOTH), (64, 32, 8, 2, BOTH)],
     },
     "dq": {
         (32, False): [(64, 64, 4, 2, BOTH), (64, 32, 4, 2, BOTH), (128, 64, 8, 2, BOTH)],
-        (64, False): [(64, 64, 4, 2, BOTH), (64, 32, 4, 2, BOTH), (128, 64, 8, 2, BOTH)],
+        (64, False): [(64, 32, 4, 2, BOTH), (64, 64, 8, 2, BOTH), (32, 64, 4, 2, BOTH),
+                      (64, 64, 4, 2, ONLY_90), (128, 64, 8, 2, ONLY_90)],  # sm_80: 16 B, 8 B
         (128, False): [(64, 64, 4, 2, BOTH), (64, 32, 4, 2, BOTH), (64, 64, 8, 2, BOTH)],
-        (256, False): [(32, 64, 4, 2, BOTH), (64, 32, 8, 2, BOTH), (32, 32, 4, 2, BOTH)],
+        (256, False): [(32, 32, 4, 2, BOTH), (64, 32, 8, 2, BOTH), (32, 64, 4, 2, ONLY_80)],  # sm_90: 8 B
         (32, True): [(64, 32, 4, 2, BOTH), (64, 64, 8, 2, BOTH)],
-        (64, True): [(64, 32, 4, 2, BOTH), (64, 64, 8, 2, BOTH)],
+        (64, True): [(64, 32, 4, 2, BOTH), (64, 64, 8, 2, ONLY_90)],  # sm_80: 48 B
         (128, True): [(64, 32, 8, 2, BOTH), (32, 32, 4, 2, BOTH)],
         (256, True): [(32, 32, 8, 2, BOTH), (16, 32, 4, 2, BOTH)],
     },
     "dkdv": {
         (32, False): [(32, 64, 4, 2, BOTH), (64, 64, 8, 2, BOTH), (32, 32, 4, 2, BOTH)],
-        (64, False): [(32, 64, 4, 2, BOTH), (64, 64, 8, 2, BOTH), (32, 32, 4, 2, BOTH)],
+        (64, False): [(32, 64, 4, 2, BOTH), (32, 32, 4, 2, BOTH), (64, 64, 8, 2, ONLY_90)],  # sm_80: 3032 B
         (128, False): [(32, 64, 8, 2, BOTH), (16, 64, 8, 2, BOTH)],
         (256, False): [(16, 32, 4, 2, BOTH), (16, 32, 8, 2, BOTH), (32, 32, 8, 2, BOTH)],
         (32, True): [(32, 32, 4, 2, BOTH), (32, 64, 8, 2, BOTH)],
-        (64, True): [(32, 32, 4, 2, BOTH), (32, 64, 8, 2, BOTH)],
+        (64, True): [(32, 64, 8, 2, BOTH), (32, 32, 4, 2, ONLY_80)],  # sm_90: 24 B
         (128, True): [(16, 32, 4, 2, BOTH), (32, 32, 8, 2, BOTH), (16, 64, 8, 2, BOTH)],
-        (256, True): [(16, 32, 8, 2, BOTH), (16, 16, 4, 2, BOTH)],
+        (256, True): [(16, 32, 8, 1, BOTH), (16, 16, 8, 2, BOTH)],  # 16x32 at 2 stages: 8 B on sm_80
+    },
+    "dkdv_atomic": {
+        (32, False): [(32, 64, 4, 2, BOTH), (32, 32, 4, 2, BOTH), (64, 64, 8, 2, ONLY_90)],  # sm_80: 16 B
+        (64, False): [(32, 32, 4, 2, BOTH), (32, 64, 4, 2, ONLY_90), (64, 64, 8, 2, ONLY_90)],  # sm_80: 56, 1272 B
+        (128, False): [(32, 64, 8, 2, BOTH), (16, 64, 8, 2, BOTH)],
+        (256, False): [(16, 32, 8, 2, BOTH), (32, 32, 8, 2, ONLY_90)],  # sm_80: 24 B; 16x32 w4: 64-72 B
+        (32, True): [(32, 32, 4, 2, BOTH), (32, 64, 8, 2, BOTH)],
+        (64, True): [(32, 32, 4, 2, BOTH), (32, 64, 8, 2, ONLY_90)],  # sm_80: 40 B
+        (128, True): [(16, 32, 4, 2, BOTH), (32, 32, 8, 2, BOTH), (16, 64, 8, 2, ONLY_80)],  # sm_90: 80 B
+        (256, True): [(16, 32, 8, 1, BOTH), (16, 16, 8, 2, ONLY_90)],  # sm_80: 16 B; 16x32 at 2 stages: 48-72 B
     },
 }
-# BLOCK_M of the backward's preprocess (rowsum(dO ⊙ O)): two BLOCK_M x BLOCK_D fp32 tiles over 4 warps.
-PREPROCESS_BLOCK_M = {32: 64, 64: 64, 128: 64, 256: 32}
+# BLOCK_M of the backward's preprocess (rowsum(dO ⊙ O)): two BLOCK_M x BLOCK_D fp32 tiles over 4 warps (fp32
+# D64 at 64 rows spilled 8 B on sm_90).
+PREPROCESS_BLOCK_M = {32: 64, 64: 32, 128: 64, 256: 32}
 
 
 def family(capability: tuple[int, int]) -> int:

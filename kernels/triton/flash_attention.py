@@ -302,14 +302,15 @@ _KEY = ["BLOCK_D", "IS_VARLEN"]
 
 @functools.cache
 def _kernels(block_d: int, fp32: bool, arch: int, interpreter: bool):
-    """(forward, dK/dV, dQ) kernels autotuned over the tiles of this head dim, operand width and architecture
-    family (kernels/triton/_attention_configs.py), built at the first call (the interpreter switch and the
-    device are known then, not at import)."""
+    """(forward, dK/dV, dK/dV with atomic dQ, dQ) kernels autotuned over the tiles of this head dim, operand
+    width and architecture family (kernels/triton/_attention_configs.py), built at the first call (the
+    interpreter switch and the device are known then, not at import)."""
     fwd = triton.autotune(_configs("forward", block_d, fp32, arch, interpreter), key=_KEY)(_attn_fwd_kernel)
-    dkdv = triton.autotune(_configs("dkdv", block_d, fp32, arch, interpreter), key=_KEY + ["ATOMIC_DQ"],
-                           reset_to_zero=["dq_acc_ptr"])(_attn_bwd_dkdv_kernel)
+    dkdv = triton.autotune(_configs("dkdv", block_d, fp32, arch, interpreter), key=_KEY)(_attn_bwd_dkdv_kernel)
+    dkdv_atomic = triton.autotune(_configs("dkdv_atomic", block_d, fp32, arch, interpreter), key=_KEY,
+                                  reset_to_zero=["dq_acc_ptr"])(_attn_bwd_dkdv_kernel)
     dq = triton.autotune(_configs("dq", block_d, fp32, arch, interpreter), key=_KEY)(_attn_bwd_dq_kernel)
-    return fwd, dkdv, dq
+    return fwd, dkdv, dkdv_atomic, dq
 
 
 def _launch_kernels(q: torch.Tensor, bd: int):
@@ -349,7 +350,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tu
         return out, lse.fill_(float("-inf"))
     cu_q, cu_k = p.offsets(q)
     left, right = p.bounded_window()
-    fwd, _, _ = _launch_kernels(q, block_d(p.head_dim))
+    fwd = _launch_kernels(q, block_d(p.head_dim))[0]
     grid = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.batch * p.heads_q)  # noqa: E731
     fwd[grid](q, k, v, out, lse, cu_q, cu_k,
               *_strides3(q, p.is_varlen), *_strides3(k, p.is_varlen), *_strides3(v, p.is_varlen),
@@ -371,7 +372,8 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     cu_q, cu_k = p.offsets(q)
     left, right = p.bounded_window()
     varlen, bd = p.is_varlen, block_d(p.head_dim)
-    _, dkdv, dq_kernel = _launch_kernels(q, bd)
+    _, dkdv, dkdv_atomic, dq_kernel = _launch_kernels(q, bd)
+    dkdv = dkdv if deterministic else dkdv_atomic
     lse_strides = _lse_strides(lse, varlen)
     delta = _alloc.empty_like(lse)
     pre_m = _preprocess_block_m(bd)
@@ -396,7 +398,7 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
 
 
 def compile_variants() -> list:
-    """Every autotune configuration of the forward, dK/dV (with and without atomic dQ) and dQ kernels on the
+    """Every autotune configuration of the forward, dK/dV (deterministic and atomic-dQ lists) and dQ kernels on the
     architectures that may pick it, and the preprocess launch, for head dims padded to 32, 64, 128 and 256, per
     dtype, dense layout (kernels/triton/_variants.py). head_dim carries the JIT's divisibility-by-16
     specialisation, as at a launch with any head dim that is a multiple of 16: without it the head-dim masks
@@ -405,7 +407,9 @@ def compile_variants() -> list:
 
     generic = ("num_heads", "num_heads_kv", "group", "window_left", "window_right")
     floats = ("scale", "scale_log2")
-    kernels = {"forward": _attn_fwd_kernel, "dq": _attn_bwd_dq_kernel, "dkdv": _attn_bwd_dkdv_kernel}
+    kernels = {"forward": (_attn_fwd_kernel, {}), "dq": (_attn_bwd_dq_kernel, {}),
+               "dkdv": (_attn_bwd_dkdv_kernel, {"ATOMIC_DQ": False}),
+               "dkdv_atomic": (_attn_bwd_dkdv_kernel, {"ATOMIC_DQ": True})}
     out = []
     for dtype in ("float16", "bfloat16", "float32"):
         tensors = {name: dtype for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr", "dk_ptr",
@@ -413,17 +417,16 @@ def compile_variants() -> list:
         tensors |= {name: "float32" for name in ("lse_ptr", "delta_ptr", "dlse_ptr", "dq_acc_ptr")}
         tensors |= {"cu_q_ptr": "int32", "cu_k_ptr": "int32"}
         for block_d in (32, 64, 128, 256):
-            for name, kernel in kernels.items():
-                for flags in ([{"ATOMIC_DQ": True}, {"ATOMIC_DQ": False}] if name == "dkdv" else [{}]):
-                    for m, n, warps, stages, archs in TILES[name][(block_d, dtype == "float32")]:
-                        constexprs = {"BLOCK_M": m, "BLOCK_N": n, **flags, "IS_VARLEN": False, "BLOCK_D": block_d}
-                        pointers = {k: t for k, t in tensors.items() if k in kernel.arg_names}
-                        sig = signature(kernel, constexprs, pointers, generic=generic, floats=floats)
-                        label = f"{dtype} D{block_d} {m}x{n} w{warps} s{stages}"
-                        label += "".join(f" {k}={v}" for k, v in flags.items())
-                        out.append(Variant("flash_attention", kernel, sig, constexprs, warps, stages, label,
-                                           tensor_cores=True, async_copies=stages > 1,
-                                           archs=archs + ((100,) if SM90 in archs else ())))
+            for name, (kernel, flags) in kernels.items():
+                for m, n, warps, stages, archs in TILES[name][(block_d, dtype == "float32")]:
+                    constexprs = {"BLOCK_M": m, "BLOCK_N": n, **flags, "IS_VARLEN": False, "BLOCK_D": block_d}
+                    pointers = {k: t for k, t in tensors.items() if k in kernel.arg_names}
+                    sig = signature(kernel, constexprs, pointers, generic=generic, floats=floats)
+                    label = f"{dtype} D{block_d} {m}x{n} w{warps} s{stages}"
+                    label += "".join(f" {k}={v}" for k, v in flags.items())
+                    out.append(Variant("flash_attention", kernel, sig, constexprs, warps, stages, label,
+                                       tensor_cores=True, async_copies=stages > 1,
+                                       archs=archs + ((100,) if SM90 in archs else ())))
             pre_m = PREPROCESS_BLOCK_M[block_d]
             constexprs = {"IS_VARLEN": False, "BLOCK_M": pre_m, "BLOCK_D": block_d}
             pointers = {n: t for n, t in tensors.items() if n in _attn_bwd_preprocess_kernel.arg_names}
