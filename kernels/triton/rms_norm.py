@@ -2,15 +2,16 @@
 
 Statistics are fp32 whatever the input dtype. Choice by width (`gpuforge inspect` checks every launch below
 for spills on sm_80 and sm_90):
-- forward: rows up to MAX_ONE_PASS_FWD = 32K elements are normalised whole in registers (BLOCK_SIZE = next
-  power of two ≥ n): x (and the residual) read once, y (and h) written once. At 64K the one-pass kernel
-  spilled (128 fp32 values per thread at the 16-warp cap), so wider rows, of any width, are looped over
-  WIDE_BLOCK-sized column chunks: pass 1 sums x² per lane (writing h = x + residual), pass 2 reads the row
-  again (h itself when there is a residual) and writes y: two reads, one write per element.
-- backward: rows up to MAX_ONE_PASS_BWD = 16K are held whole (dy and x read once): from 32K the one-pass
-  kernel spilled, as it holds dy, x, w and the dw partial row. Wider rows take two kernels: one program per
-  row streams dy and x for mean(g·x̂), then a (band of rows × column block) grid writes dx and the band's
-  partial dw columns: dy and x read twice each.
+- forward: rows up to MAX_ONE_PASS_FWD = 16K elements are normalised whole in registers (BLOCK_SIZE = next
+  power of two ≥ n): x (and the residual) read once, y (and h) written once. At 32K the fp32 one-pass kernel
+  spilled 8 B per thread on sm_90 (64 values per thread at the 16-warp cap; 64K spilled everywhere), so wider
+  rows, of any width, are looped over WIDE_BLOCK-sized column chunks: pass 1 sums x² per lane (writing
+  h = x + residual), pass 2 reads the row again (h itself when there is a residual) and writes y: two reads,
+  one write per element.
+- backward: rows up to MAX_ONE_PASS_BWD = 8K are held whole (dy and x read once): at 16K the one-pass kernel
+  spilled 168-1320 B per thread (it holds dy, x, w and the dw partial row). Wider rows take two kernels: one
+  program per row streams dy and x for mean(g·x̂), then a (band of rows × column block) grid writes dx and the
+  band's partial dw columns: dy and x read twice each.
 Each backward program owns a contiguous band of rows and keeps its share of dw = Σ dy·x̂ in fp32 registers,
 stored once as one partial row; a second kernel sums the partial rows in a fixed order (deterministic), or,
 with deterministic=False, the programs add their partial rows into one fp32 row with atomics (order varies from
@@ -208,8 +209,8 @@ def _rms_norm_columns_bwd_kernel(
 
 # Widest rows the one-pass kernels hold in registers without spilling on sm_80/sm_90 (module docstring);
 # wider rows are looped over WIDE_BLOCK-sized chunks, WIDE_WARPS warps per program (8 per thread).
-MAX_ONE_PASS_FWD = 32768
-MAX_ONE_PASS_BWD = 16384
+MAX_ONE_PASS_FWD = 16384
+MAX_ONE_PASS_BWD = 8192
 WIDE_BLOCK = 4096
 WIDE_WARPS = 16
 
