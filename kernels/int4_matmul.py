@@ -96,7 +96,8 @@ def _check(x, qweight) -> None:
 
 def int4_matmul(x: torch.Tensor, qweight: Int4Weight, *, backend: str = "auto") -> torch.Tensor:
     """x (..., K) @ Wᵀ -> (..., N) in x's dtype, W (N, K) the int4 weight `qweight`. x: float16/bfloat16
-    (float32 on the torch and triton backends), any strides. Differentiable with respect to x."""
+    (float32 on the torch and triton backends; on a GPU the Triton dot takes fp32 x as tf32), any strides.
+    Differentiable with respect to x."""
     _check(x, qweight)
     chosen = BACKENDS.select(backend, x.device, dtype=x.dtype, shape=(x.numel() // max(x.shape[-1], 1), *qweight.shape),
                              run=lambda b: int4_matmul(x, qweight, backend=b))

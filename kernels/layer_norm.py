@@ -63,7 +63,8 @@ def _triton():
 
 
 REFERENCE = Implementation(forward=reference_forward, backward=reference_backward)
-# The Triton kernels stream rows wider than 8K elements in chunks, so no width limit applies.
+# The Triton kernels stream rows wider than their one-pass limits (16K forward, 8K backward) in chunks, so no
+# width limit applies.
 BACKENDS = OpBackends(op="layer_norm", loaders={"torch": lambda: REFERENCE, "triton": _triton},
                       auto_order=("triton",))
 

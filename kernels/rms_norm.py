@@ -57,16 +57,15 @@ def _triton():
 
 
 REFERENCE = Implementation(forward=reference_forward, backward=reference_backward)
-# The Triton kernels keep a whole row in registers: 64K fp32 values per row is where that stops fitting
-# (Liger's MAX_FUSED_SIZE). The CUDA backward keeps a block's fp32 partial dw row in shared memory: 160 KB
-# fits A100 (163 KB) and H100. `auto` passes over a backend for wider rows (down to torch).
+# The Triton kernels take any width: rows past what registers hold are looped over column chunks
+# (kernels/triton/rms_norm.py). The CUDA backward keeps a block's fp32 partial dw row in shared memory: 160 KB
+# fits A100 (163 KB) and H100. `auto` passes over a backend for wider rows.
 BACKENDS = OpBackends(
     op="rms_norm",
     loaders={"torch": lambda: REFERENCE, "triton": _triton, "cuda": lambda: cuda_rms_norm,
              "cupy": lambda: cupy_rms_norm},
     auto_order=("triton", "cuda", "cupy"),
-    limits={"triton": Limits(max_width=65536, why="a row stays in registers"),
-            "cuda": Limits(max_width=40960, why="the backward keeps a block's fp32 dw row in shared memory"),
+    limits={"cuda": Limits(max_width=40960, why="the backward keeps a block's fp32 dw row in shared memory"),
             "cupy": Limits(max_width=40960, why="the backward keeps a block's fp32 dw row in shared memory")},
 )
 

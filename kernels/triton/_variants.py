@@ -34,7 +34,7 @@ class Variant:
     async_copies: bool = False  # a pipelined GEMM/attention loop: its loads should be asynchronous
     tolerated_spill_bytes: int = 0  # a spill the kernel's docstring accepts, with its measurement
     tma: bool = False  # tensor descriptors: its loads should be bulk tensor copies (UTMALDG) on sm_90+
-    min_cc: int = 80  # the oldest compute capability the variant is meant for (inspect skips older targets)
+    archs: tuple[int, ...] = ()  # the compute capabilities whose launches can pick it (empty: every one)
     extra: dict = field(default_factory=dict)
 
     @property

@@ -8,6 +8,8 @@ kernels see one rule and skip every key (query) tile outside [lo, hi) without lo
 Layouts: dense q (B, H, S, D) with batch stride; varlen q (total, H, D) with cu_seqlens offsets (batch stride
 unused). The head dim must have stride 1; D is padded in registers to a power of two (masked loads).
 LSE is float32, natural log, (B, Hq, Sq) dense or (Hq, total_q) varlen; -inf for a query that sees no key.
+The autotune space is per padded head dim, operand width and architecture (kernels/triton/_attention_configs.py):
+only tiles that compile without spills and within shared memory on the GPUs that may pick them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import triton.language as tl
 
 from gpuforge.kernels import _alloc
 from gpuforge.kernels.attention_problem import Problem
+from gpuforge.kernels.triton._attention_configs import PREPROCESS_BLOCK_M, SM90, TILES, family, tiles
 from gpuforge.kernels.triton._host import interpreted, operand
 
 LOG2E = 1.4426950408889634
@@ -297,35 +300,39 @@ def _attn_bwd_dq_kernel(
         tl.store(dq_ptr + o_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _configs(block_pairs, warps, stages, interpreter: bool):
+def _configs(kernel: str, block_d: int, fp32: bool, arch: int, interpreter: bool):
     if interpreter:
         # small tiles so that the CI's short sequences still cross tile boundaries; no tuning in the interpreter
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n in block_pairs for w in warps for s in stages]
+            for m, n, w, s in tiles(kernel, block_d, fp32, arch)]
 
 
-# Tuned per padded head dim (BLOCK_D) and layout; configs that overflow shared memory at D=256 are dropped by
-# the autotuner (OutOfResources counts as infinitely slow).
 _KEY = ["BLOCK_D", "IS_VARLEN"]
-FORWARD_TILES = ([(128, 64), (128, 32), (64, 64), (64, 32)], [4, 8], [2, 3])
-DKDV_TILES = ([(64, 64), (32, 64), (64, 128), (32, 32)], [4, 8], [2])
-DQ_TILES = ([(64, 64), (128, 64), (64, 32)], [4, 8], [2])
 
 
 @functools.cache
-def _kernels(interpreter: bool):
-    """(forward, dK/dV, dQ) kernels autotuned over their tiles, built at the first call (the interpreter switch
-    is known then, not at import)."""
-    fwd = triton.autotune(_configs(*FORWARD_TILES, interpreter), key=_KEY)(_attn_fwd_kernel)
-    dkdv = triton.autotune(_configs(*DKDV_TILES, interpreter), key=_KEY + ["ATOMIC_DQ"],
-                           reset_to_zero=["dq_acc_ptr"])(_attn_bwd_dkdv_kernel)
-    dq = triton.autotune(_configs(*DQ_TILES, interpreter), key=_KEY)(_attn_bwd_dq_kernel)
-    return fwd, dkdv, dq
+def _kernels(block_d: int, fp32: bool, arch: int, interpreter: bool):
+    """(forward, dK/dV, dK/dV with atomic dQ, dQ) kernels autotuned over the tiles of this head dim, operand
+    width and architecture family (kernels/triton/_attention_configs.py), built at the first call (the
+    interpreter switch and the device are known then, not at import)."""
+    fwd = triton.autotune(_configs("forward", block_d, fp32, arch, interpreter), key=_KEY)(_attn_fwd_kernel)
+    dkdv = triton.autotune(_configs("dkdv", block_d, fp32, arch, interpreter), key=_KEY)(_attn_bwd_dkdv_kernel)
+    dkdv_atomic = triton.autotune(_configs("dkdv_atomic", block_d, fp32, arch, interpreter), key=_KEY,
+                                  reset_to_zero=["dq_acc_ptr"])(_attn_bwd_dkdv_kernel)
+    dq = triton.autotune(_configs("dq", block_d, fp32, arch, interpreter), key=_KEY)(_attn_bwd_dq_kernel)
+    return fwd, dkdv, dkdv_atomic, dq
 
 
-def _preprocess_block_m() -> int:
-    return 16 if interpreted() else 64
+def _launch_kernels(q: torch.Tensor, bd: int):
+    """The autotuned kernels for q's device (its compute capability, read at call time) and dtype."""
+    if interpreted():
+        return _kernels(bd, False, 0, True)
+    return _kernels(bd, q.dtype == torch.float32, family(torch.cuda.get_device_capability(q.device)), False)
+
+
+def _preprocess_block_m(bd: int) -> int:
+    return 16 if interpreted() else PREPROCESS_BLOCK_M[bd]
 
 
 def block_d(head_dim: int) -> int:
@@ -354,7 +361,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: Problem) -> tu
         return out, lse.fill_(float("-inf"))
     cu_q, cu_k = p.offsets(q)
     left, right = p.bounded_window()
-    fwd, _, _ = _kernels(interpreted())
+    fwd = _launch_kernels(q, block_d(p.head_dim))[0]
     grid = lambda meta: (triton.cdiv(p.seqlen_q, meta["BLOCK_M"]), p.batch * p.heads_q)  # noqa: E731
     fwd[grid](q, k, v, out, lse, cu_q, cu_k,
               *_strides3(q, p.is_varlen), *_strides3(k, p.is_varlen), *_strides3(v, p.is_varlen),
@@ -376,10 +383,11 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
     cu_q, cu_k = p.offsets(q)
     left, right = p.bounded_window()
     varlen, bd = p.is_varlen, block_d(p.head_dim)
-    _, dkdv, dq_kernel = _kernels(interpreted())
+    _, dkdv, dkdv_atomic, dq_kernel = _launch_kernels(q, bd)
+    dkdv = dkdv if deterministic else dkdv_atomic
     lse_strides = _lse_strides(lse, varlen)
     delta = _alloc.empty_like(lse)
-    pre_m = _preprocess_block_m()
+    pre_m = _preprocess_block_m(bd)
     _attn_bwd_preprocess_kernel[(triton.cdiv(p.seqlen_q, pre_m), p.batch * p.heads_q)](
         out, dout, dlse, delta, cu_q, *_strides3(out, varlen), *lse_strides, p.seqlen_q, p.heads_q, p.head_dim,
         IS_VARLEN=varlen, BLOCK_M=pre_m, BLOCK_D=bd)
@@ -401,13 +409,18 @@ def backward(dout: torch.Tensor, dlse: torch.Tensor, q: torch.Tensor, k: torch.T
 
 
 def compile_variants() -> list:
-    """Every autotune configuration of the forward, dK/dV (with and without atomic dQ) and dQ kernels, and the
-    preprocess launch, for head dims padded to 32, 64, 128 and 256, per dtype, dense layout
-    (kernels/triton/_variants.py)."""
+    """Every autotune configuration of the forward, dK/dV (deterministic and atomic-dQ lists) and dQ kernels on the
+    architectures that may pick it, and the preprocess launch, for head dims padded to 32, 64, 128 and 256, per
+    dtype, dense layout (kernels/triton/_variants.py). head_dim carries the JIT's divisibility-by-16
+    specialisation, as at a launch with any head dim that is a multiple of 16: without it the head-dim masks
+    defeat vector loads and the pipeliner's asynchronous copies."""
     from gpuforge.kernels.triton._variants import Variant, signature
 
-    generic = ("num_heads", "num_heads_kv", "group", "head_dim", "window_left", "window_right")
+    generic = ("num_heads", "num_heads_kv", "group", "window_left", "window_right")
     floats = ("scale", "scale_log2")
+    kernels = {"forward": (_attn_fwd_kernel, {}), "dq": (_attn_bwd_dq_kernel, {}),
+               "dkdv": (_attn_bwd_dkdv_kernel, {"ATOMIC_DQ": False}),
+               "dkdv_atomic": (_attn_bwd_dkdv_kernel, {"ATOMIC_DQ": True})}
     out = []
     for dtype in ("float16", "bfloat16", "float32"):
         tensors = {name: dtype for name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr", "dout_ptr", "dq_ptr", "dk_ptr",
@@ -415,22 +428,20 @@ def compile_variants() -> list:
         tensors |= {name: "float32" for name in ("lse_ptr", "delta_ptr", "dlse_ptr", "dq_acc_ptr")}
         tensors |= {"cu_q_ptr": "int32", "cu_k_ptr": "int32"}
         for block_d in (32, 64, 128, 256):
-            families = [(_attn_fwd_kernel, FORWARD_TILES, {}), (_attn_bwd_dq_kernel, DQ_TILES, {})]
-            families += [(_attn_bwd_dkdv_kernel, DKDV_TILES, {"ATOMIC_DQ": atomic}) for atomic in (True, False)]
-            for kernel, tiles, flags in families:
-                for config in _configs(*tiles, interpreter=False):
-                    constexprs = {**config.kwargs, **flags, "IS_VARLEN": False, "BLOCK_D": block_d}
-                    pointers = {n: t for n, t in tensors.items() if n in kernel.arg_names}
+            for name, (kernel, flags) in kernels.items():
+                for m, n, warps, stages, archs in TILES[name][(block_d, dtype == "float32")]:
+                    constexprs = {"BLOCK_M": m, "BLOCK_N": n, **flags, "IS_VARLEN": False, "BLOCK_D": block_d}
+                    pointers = {k: t for k, t in tensors.items() if k in kernel.arg_names}
                     sig = signature(kernel, constexprs, pointers, generic=generic, floats=floats)
-                    tile = f"{config.kwargs['BLOCK_M']}x{config.kwargs['BLOCK_N']}"
-                    label = f"{dtype} D{block_d} {tile} w{config.num_warps} s{config.num_stages}"
+                    label = f"{dtype} D{block_d} {m}x{n} w{warps} s{stages}"
                     label += "".join(f" {k}={v}" for k, v in flags.items())
-                    out.append(Variant("flash_attention", kernel, sig, constexprs, config.num_warps,
-                                       config.num_stages, label, tensor_cores=True,
-                                       async_copies=config.num_stages > 1))
-            constexprs = {"IS_VARLEN": False, "BLOCK_M": 64, "BLOCK_D": block_d}
+                    out.append(Variant("flash_attention", kernel, sig, constexprs, warps, stages, label,
+                                       tensor_cores=True, async_copies=stages > 1,
+                                       archs=archs + ((100,) if SM90 in archs else ())))
+            pre_m = PREPROCESS_BLOCK_M[block_d]
+            constexprs = {"IS_VARLEN": False, "BLOCK_M": pre_m, "BLOCK_D": block_d}
             pointers = {n: t for n, t in tensors.items() if n in _attn_bwd_preprocess_kernel.arg_names}
             sig = signature(_attn_bwd_preprocess_kernel, constexprs, pointers, generic=generic)
             out.append(Variant("flash_attention", _attn_bwd_preprocess_kernel, sig, constexprs, 4, 3,
-                               f"{dtype} D{block_d} BLOCK_M=64"))
+                               f"{dtype} D{block_d} BLOCK_M={pre_m}"))
     return out

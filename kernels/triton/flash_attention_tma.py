@@ -151,5 +151,5 @@ def compile_variants() -> list:
                 out.append(Variant("flash_attention", _attn_fwd_tma_kernel, sig, constexprs, config.num_warps,
                                    config.num_stages, f"{dtype} D{head_dim} {tile} w{config.num_warps} "
                                    f"s{config.num_stages} tma", tensor_cores=True, async_copies=True, tma=True,
-                                   min_cc=90))
+                                   archs=(90, 100)))
     return out

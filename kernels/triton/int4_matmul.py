@@ -4,7 +4,9 @@ Each program computes one BLOCK_M × BLOCK_N tile of out over one K slice (SPLIT
 BLOCK_K step it loads a (BLOCK_K/2, BLOCK_N) tile of packed bytes — every weight byte is read from global
 memory once per M tile — splits each byte into its two nibbles, interleaves them back into K order, subtracts
 the zero point and multiplies by the scale in registers, and feeds the dequantized tile to a tensor-core dot
-with the x tile. When BLOCK_K divides the group size, a K step lies in one group and its scales/zeros are a
+with the x tile (fp32 activations: a tf32 dot on a GPU, as torch's allow_tf32 matmuls; the ieee fp32 dot
+ran on the FMA units and its 128x128 prefill tile spilled 0.4-10.8 KB per thread).
+When BLOCK_K divides the group size, a K step lies in one group and its scales/zeros are a
 single (1, BLOCK_N) row; otherwise (per-channel groups of odd multiples) they are gathered per element.
 Split-K (for decode, where M is tiny and N / BLOCK_N programs cannot fill the GPU) writes fp32 partial tiles
 that one torch sum reduces.
@@ -29,6 +31,7 @@ def _int4_matmul_kernel(
     out_ptr,  # (SPLIT_K, M, N) contiguous: the output itself when SPLIT_K == 1, else fp32 partial sums
     M, N, K,
     GROUP_SIZE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,  # "tf32" for fp32 activations on a GPU, "ieee" otherwise (16-bit: unused)
     UPCAST_OPERANDS: tl.constexpr,  # dot in fp32: the interpreter's bf16-dot workaround (_host.py)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
@@ -70,7 +73,7 @@ def _int4_matmul_kernel(
         if UPCAST_OPERANDS:
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(x, w, acc, input_precision="ieee")
+            acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
 
     out_ptrs = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
@@ -111,16 +114,17 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     else:
         out = _alloc.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    precision = "tf32" if x.dtype == torch.float32 and not interpreted() else "ieee"
     _int4_matmul_kernel[grid](x, qweight, scales, zeros, out, m, n, k, GROUP_SIZE=group_size,
-                              UPCAST_OPERANDS=upcast_bf16_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
-                              BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+                              INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast_bf16_dot(x.dtype), BLOCK_M=block_m,
+                              BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
                               num_stages=1 if interpreted() else 3)
     return out if split == 1 else out.sum(dim=0).to(x.dtype)
 
 
 def compile_variants() -> list:
     """Each tile regime of `_tiles` (decode M <= 16 with split-K, M <= 64, prefill), for group sizes 32 and 128
-    and activations fp16/bf16/fp32 (kernels/triton/_variants.py). Decode at M = 1 is specialised by the JIT
+    and activations fp16/bf16/fp32 (tf32 dot) (kernels/triton/_variants.py). Decode at M = 1 is specialised by the JIT
     (an int equal to 1), so it is its own variant."""
     from gpuforge.kernels.triton._variants import Variant, signature
 
@@ -131,13 +135,14 @@ def compile_variants() -> list:
         for label, m, n, k in regimes:
             block_m, block_n, warps, split = _tiles(m, n, k)
             for group in (32, 128):
-                constexprs = {"GROUP_SIZE": group, "UPCAST_OPERANDS": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
+                constexprs = {"GROUP_SIZE": group, "INPUT_PRECISION": "tf32" if dtype == "float32" else "ieee",
+                              "UPCAST_OPERANDS": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
                               "BLOCK_K": _block_k(group, k), "SPLIT_K": split}
-                pointers = {"x_ptr": dtype, "qw_ptr": "uint8", "scales_ptr": "float16", "zeros_ptr": "uint8",
+                pointers = {"x_ptr": dtype, "qw_ptr": "uint8", "scales_ptr": dtype, "zeros_ptr": "uint8",
                             "out_ptr": dtype if split == 1 else "float32"}
                 sig = signature(_int4_matmul_kernel, constexprs, pointers, ones=("M",) if m == 1 else ())
                 out.append(Variant("int4_matmul", _int4_matmul_kernel, sig, constexprs, warps, 3,
                                    f"{dtype} {label} {block_m}x{block_n}x{constexprs['BLOCK_K']} g{group} "
                                    f"split{split}",
-                                   tensor_cores=dtype != "float32" and block_m >= 64, async_copies=block_m >= 64))
+                                   tensor_cores=block_m >= 64, async_copies=block_m >= 64))
     return out

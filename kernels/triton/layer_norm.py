@@ -2,14 +2,18 @@
 residual add (h = x + r is normalised and returned), and the backward for x, weight and bias.
 
 Statistics are fp32 whatever the input dtype; the forward saves mean and rstd = 1/sqrt(var + eps) per row.
-Rows up to `max_one_pass` elements (8192 by default) are held whole in registers: the forward reads x once
-(mean, then the variance of the centred row, both in registers) and the backward reads dy and x once per row.
-Wider rows, of any width, are streamed in `block`-sized chunks so that no program holds more than a chunk:
-the forward keeps a running (count, mean, M2) per lane (Welford) in a first pass, merges the lanes, and
-normalises in a second pass; the backward computes each row's two dots (mean of g = dy·w and of g·x̂) in a
-first kernel and, on a (band of rows × block of columns) grid, writes dx and the band's partial dw/db columns
-in a second. The weight and bias gradients are one fp32 partial row per band, summed in a fixed order
-(deterministic, kernels/triton/_partials.py), or added into one fp32 row with atomics (deterministic=False).
+Choice by width (`gpuforge inspect` checks every launch below for spills on sm_80 and sm_90):
+- forward: rows up to MAX_ONE_PASS_FWD = 16K elements are held whole in registers: x read once (mean, then
+  the variance of the centred row, both in registers), y written once. At 32K the fp32 one-pass kernel spilled
+  88-96 B per thread (x, the centred row, w and b at the 16-warp cap). Wider rows, of any width, are streamed
+  in `block`-sized chunks (WIDE_BLOCK): a running (count, mean, M2) per lane (Welford) in a first pass, the
+  lanes merged, y written in a second pass: x read twice.
+- backward: rows up to MAX_ONE_PASS_BWD = 8K are held whole (dy and x read once per row; at 16K the one-pass
+  kernel spilled 0.4-1.3 KB, holding dy, x, w and two partial rows). Wider rows take two kernels: each row's
+  two dots (mean of g = dy·w and of g·x̂) in a first, then, on a (band of rows × block of columns) grid, dx
+  and the band's partial dw/db columns in a second: dy and x read twice.
+The weight and bias gradients are one fp32 partial row per band, summed in a fixed order (deterministic,
+kernels/triton/_partials.py), or added into one fp32 row with atomics (deterministic=False).
 """
 
 from __future__ import annotations
@@ -260,9 +264,10 @@ def _layer_norm_columns_bwd_kernel(
         tl.store(db_partial_ptr + band * n_cols + cols, db, mask=mask)
 
 
-# Rows up to 8K elements stay whole in registers (16 per thread at 16 warps, with w, b and the backward's dy, x
-# and two partial rows beside them); wider rows are streamed in 4K chunks.
-MAX_ONE_PASS = 8192
+# Widest rows the one-pass kernels hold in registers without spilling on sm_80/sm_90 (module docstring);
+# wider rows are streamed in 4K chunks.
+MAX_ONE_PASS_FWD = 16384
+MAX_ONE_PASS_BWD = 8192
 WIDE_BLOCK = 4096
 
 
@@ -271,7 +276,7 @@ def _num_warps(block: int) -> int:
     return 1 if interpreted() else min(max(block // 256, 1), 16)
 
 
-def forward(x, weight, bias, residual, eps, *, max_one_pass: int = MAX_ONE_PASS, block: int = WIDE_BLOCK):
+def forward(x, weight, bias, residual, eps, *, max_one_pass: int = MAX_ONE_PASS_FWD, block: int = WIDE_BLOCK):
     """(y, h | None, mean, rstd) for the (rows, n) matrix x; rows wider than `max_one_pass` are streamed in
     chunks of `block` (a power of two). Tests lower both to reach the wide kernels with small rows."""
     rows, n = x.shape
@@ -291,7 +296,7 @@ def forward(x, weight, bias, residual, eps, *, max_one_pass: int = MAX_ONE_PASS,
     return y, h, mean, rstd
 
 
-def backward(dy, x, weight, mean, rstd, dh, deterministic, *, max_one_pass: int = MAX_ONE_PASS,
+def backward(dy, x, weight, mean, rstd, dh, deterministic, *, max_one_pass: int = MAX_ONE_PASS_BWD,
              block: int = WIDE_BLOCK):
     """(dx, dw, db) for (rows, n) matrices; dw = Σ dy·x̂ and db = Σ dy are returned even without a weight or
     bias (the face drops them), in x's dtype."""
@@ -330,7 +335,8 @@ def backward(dy, x, weight, mean, rstd, dh, deterministic, *, max_one_pass: int 
 
 
 def compile_variants() -> list:
-    """Every block the host wrappers can choose (one-pass: next_power_of_2(n) up to MAX_ONE_PASS; streamed:
+    """Every block the host wrappers can choose (one-pass: next_power_of_2(n) up to MAX_ONE_PASS_FWD forward and
+    MAX_ONE_PASS_BWD backward; streamed:
     WIDE_BLOCK), with every combination of residual / weight / bias (forward) and weight / dh / atomics
     (backward), per dtype, plus the partial-row sum (kernels/triton/_variants.py)."""
     from itertools import product
@@ -344,8 +350,8 @@ def compile_variants() -> list:
         backward = {"dy_ptr": dtype, "x_ptr": dtype, "w_ptr": dtype, "mean_ptr": "float32", "rstd_ptr": "float32",
                     "dh_ptr": dtype, "dx_ptr": dtype, "dw_partial_ptr": "float32", "db_partial_ptr": "float32",
                     "c1_ptr": "float32", "c2_ptr": "float32"}
-        launches = [(kernel, block) for block in (1 << i for i in range(MAX_ONE_PASS.bit_length()))
-                    for kernel in (_layer_norm_fwd_kernel, _layer_norm_bwd_kernel)]
+        launches = [(_layer_norm_fwd_kernel, 1 << i) for i in range(MAX_ONE_PASS_FWD.bit_length())]
+        launches += [(_layer_norm_bwd_kernel, 1 << i) for i in range(MAX_ONE_PASS_BWD.bit_length())]
         launches += [(kernel, WIDE_BLOCK) for kernel in (_layer_norm_wide_fwd_kernel, _layer_norm_row_dots_kernel,
                                                          _layer_norm_columns_bwd_kernel)]
         for kernel, block in launches:

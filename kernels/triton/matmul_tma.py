@@ -138,5 +138,5 @@ def compile_variants() -> list:
             tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
             out.append(Variant("matmul", _matmul_tma_kernel, sig, constexprs, config.num_warps, config.num_stages,
                                f"{dtype} {tile} w{config.num_warps} s{config.num_stages} tma persistent",
-                               tensor_cores=True, async_copies=True, tma=True, min_cc=90))
+                               tensor_cores=True, async_copies=True, tma=True, archs=(90, 100)))
     return out

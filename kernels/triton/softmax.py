@@ -1,10 +1,17 @@
 """Triton softmax over the last dim of a (rows, n) matrix: forward y = exp(x − max) / Σ exp(x − max) and the
 fused backward dx = y ⊙ (dy − Σ dy⊙y), one program per row, fp32 arithmetic, one rounding on store.
 
-Rows up to `max_one_pass` elements (32K by default) stay in registers/SRAM: each element is read once and
-written once, the minimum traffic. Longer rows take the online variant: a first pass keeps a running max and
-a running sum of exponentials per lane (rescaling the sum whenever the max grows), a second pass writes the
-outputs, so the row is read twice. A fully masked row (all −inf) gives NaN, as torch.softmax does.
+Choice by width (`gpuforge inspect` checks every launch below for spills on sm_80 and sm_90):
+- forward: rows up to MAX_ONE_PASS_FWD = 32K elements stay in registers (32 fp32 values per thread at 32
+  warps): each element is read once and written once, the minimum traffic. Wider rows take the online
+  (looped) kernel: a first pass over BLOCK-sized column chunks keeps a running max and a running sum of
+  exponentials per lane (rescaling the sum whenever the max grows), a second pass writes the outputs, so the
+  row is read twice and written once. A one-pass 64K row would need 64 values per thread where 1024 threads
+  may hold at most 64 registers: it spills.
+- backward: rows up to MAX_ONE_PASS_BWD = 16K stay in registers (dy and y read once, dx written once); at
+  32K the one-pass kernel spilled 40-56 B per thread (dy and y, 64 values per thread at 32 warps), so wider
+  rows take the looped kernel: Σ dy⊙y over the chunks, then dx chunk by chunk (dy and y read twice each).
+A fully masked row (all −inf) gives NaN, as torch.softmax does.
 """
 
 from __future__ import annotations
@@ -122,10 +129,13 @@ def _softmax_online_bwd_kernel(
         tl.store(dx_ptr + row * n_cols + offsets, (y * (dy - dot)).to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-# Rows up to 32K elements stay in registers: 32 fp32 values per thread at 32 warps, no spills on sm_80/sm_90.
-MAX_ONE_PASS = 32768
-# Chunk of the online variant: 4096 fp32 lanes over 16 warps (8 per thread) keep enough bytes in flight.
+# Widest rows the one-pass kernels keep in registers without spilling on sm_80/sm_90 (module docstring).
+MAX_ONE_PASS_FWD = 32768
+MAX_ONE_PASS_BWD = 16384
+# Chunk of the online kernels: 4096 lanes over 8 warps (16 per thread) keep enough bytes in flight; at 16
+# warps the fp32 backward spilled 8 B per thread on sm_80.
 ONLINE_BLOCK = 4096
+ONLINE_WARPS = 8
 
 
 def _num_warps(block: int) -> int:
@@ -142,10 +152,11 @@ def _launch(one_pass, online, out: torch.Tensor, args: tuple, n: int, max_one_pa
         block = triton.next_power_of_2(n)
         one_pass[(rows,)](*args, n, BLOCK_SIZE=block, num_warps=_num_warps(block))
     else:
-        online[(rows,)](*args, n, BLOCK_SIZE=online_block, num_warps=_num_warps(online_block))
+        online[(rows,)](*args, n, BLOCK_SIZE=online_block, num_warps=1 if interpreted() else ONLINE_WARPS)
 
 
-def forward(x: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS, online_block: int = ONLINE_BLOCK) -> torch.Tensor:
+def forward(x: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS_FWD,
+            online_block: int = ONLINE_BLOCK) -> torch.Tensor:
     """Softmax over the last dim of the (rows, n) matrix x; rows longer than `max_one_pass` take the online
     kernel with chunks of `online_block` (a power of two). Tests lower both to exercise the online path cheaply."""
     y = _alloc.empty_like(x)
@@ -154,9 +165,10 @@ def forward(x: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS, online_block: 
     return y
 
 
-def backward(dy: torch.Tensor, y: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS,
+def backward(dy: torch.Tensor, y: torch.Tensor, *, max_one_pass: int = MAX_ONE_PASS_BWD,
              online_block: int = ONLINE_BLOCK) -> torch.Tensor:
-    """dx = y ⊙ (dy − Σ dy⊙y) over the last dim of (rows, n) matrices; y contiguous (as the forward returns it)."""
+    """dx = y ⊙ (dy − Σ dy⊙y) over the last dim of (rows, n) matrices; y contiguous (as the forward returns it);
+    rows longer than `max_one_pass` take the looped kernel."""
     dx = _alloc.empty_like(y)
     _launch(_softmax_bwd_kernel, _softmax_online_bwd_kernel, dx, (dy, dy.stride(0), y, dx), y.shape[-1],
             max_one_pass, online_block)
@@ -164,8 +176,9 @@ def backward(dy: torch.Tensor, y: torch.Tensor, *, max_one_pass: int = MAX_ONE_P
 
 
 def compile_variants() -> list:
-    """Every block the host wrappers can choose (one-pass: next_power_of_2(n) up to MAX_ONE_PASS; online:
-    ONLINE_BLOCK), forward and backward, per dtype, with the GPU's warp count (kernels/triton/_variants.py)."""
+    """Every block the host wrappers can choose (one-pass: next_power_of_2(n) up to MAX_ONE_PASS_FWD forward and
+    MAX_ONE_PASS_BWD backward; online: ONLINE_BLOCK at ONLINE_WARPS), per dtype, with the GPU's warp count
+    (kernels/triton/_variants.py)."""
     from gpuforge.kernels.triton._variants import Variant, signature
 
     def warps(block):
@@ -175,13 +188,14 @@ def compile_variants() -> list:
     for dtype in ("float32", "float16", "bfloat16"):
         forward = {"x_ptr": dtype, "y_ptr": dtype}
         backward = {"dy_ptr": dtype, "y_ptr": dtype, "dx_ptr": dtype}
-        blocks = [1 << i for i in range(MAX_ONE_PASS.bit_length())]
-        launches = [(k, p, b) for b in blocks for k, p in ((_softmax_fwd_kernel, forward), (_softmax_bwd_kernel,
-                                                                                           backward))]
-        launches += [(k, p, ONLINE_BLOCK) for k, p in ((_softmax_online_fwd_kernel, forward),
-                                                       (_softmax_online_bwd_kernel, backward))]
-        for kernel, pointers, block in launches:
+        launches = [(_softmax_fwd_kernel, forward, b, warps(b)) for b in (1 << i for i in range(16))
+                    if b <= MAX_ONE_PASS_FWD]
+        launches += [(_softmax_bwd_kernel, backward, b, warps(b)) for b in (1 << i for i in range(16))
+                     if b <= MAX_ONE_PASS_BWD]
+        launches += [(k, p, ONLINE_BLOCK, ONLINE_WARPS) for k, p in ((_softmax_online_fwd_kernel, forward),
+                                                                     (_softmax_online_bwd_kernel, backward))]
+        for kernel, pointers, block, num_warps in launches:
             constexprs = {"BLOCK_SIZE": block}
-            out.append(Variant("softmax", kernel, signature(kernel, constexprs, pointers), constexprs, warps(block),
+            out.append(Variant("softmax", kernel, signature(kernel, constexprs, pointers), constexprs, num_warps,
                                3, f"{dtype} BLOCK_SIZE={block}"))
     return out

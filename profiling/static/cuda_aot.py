@@ -52,25 +52,28 @@ LAUNCHES = {
 _NAME = re.compile(r"gpuforge::(\w+)<(.*)>\(")
 
 
-def _records(binary: Path, source: str, archs: dict[str, int]) -> list[dict]:
+def _records(binary: Path, source: str, archs: dict[str, int], arch: str | None = None) -> list[dict]:
+    """Records of every kernel in `binary`; `arch` names the architecture of a single-architecture cubin, for
+    which cuobjdump prints no "arch =" line (a fatbinary names each of its ELFs)."""
     mixes = sass.instruction_mix(binary)
     records = []
-    for (arch, mangled), res in sorted(sass.resources(binary).items()):
+    for (found, mangled), res in sorted(sass.resources(binary).items()):
+        mix, target = mixes.get((found, mangled), {}), arch or found
         demangled = sass.demangle(mangled)
         m = _NAME.search(demangled)
         name, args = (m.group(1), [a.strip() for a in m.group(2).split(",")]) if m else (demangled, [])
         threads, dynamic, tensor_cores, async_copies = LAUNCHES.get(name, (None, None, False, False))
         shared = res["static_shared"] + (dynamic(args) if dynamic else 0)
         record = {"source": source, "op": name.split("_kernel")[0], "kernel": name,
-                  "label": "<" + ", ".join(args) + ">" if args else "", "arch": arch, "num_warps": None,
+                  "label": "<" + ", ".join(args) + ">" if args else "", "arch": target, "num_warps": None,
                   "num_stages": None, "tensor_cores": tensor_cores, "async_copies": async_copies,
                   "tolerated_spill_bytes": 0, **res, "shared": shared, "threads": threads,
-                  "mix": mixes.get((arch, mangled), {})}
+                  "mix": mix}
         if threads is None:
             record["error"] = f"{name}: no launch configuration in profiling/static/cuda_aot.py LAUNCHES"
         else:
             record["num_warps"] = threads // 32
-            cc = archs[arch.removesuffix("a")]
+            cc = archs[target.removesuffix("a")]
             record["occupancy"] = occupancy(ARCHS[cc], res["regs"], shared, threads)
         records.append(record)
     return records
@@ -99,6 +102,6 @@ def nvrtc_records(archs=("sm_80", "sm_90a", "sm_100a")) -> list[dict]:
                     continue
                 cubin = Path(tmp) / f"{source.stem}.{arch}.cubin"
                 cubin.write_bytes(build.cubin)
-                for record in _records(cubin, "cupy (NVRTC)", {"sm_80": 80, "sm_90": 90, "sm_100": 100}):
-                    records.append(record | {"arch": arch.removesuffix("a")})
+                records += _records(cubin, "cupy (NVRTC)", {"sm_80": 80, "sm_90": 90, "sm_100": 100},
+                                    arch=arch.removesuffix("a"))
     return records

@@ -9,7 +9,7 @@ from gpuforge.kernels import backends
 from gpuforge.kernels.rms_norm import BACKENDS, rms_norm_float64
 from tests.helpers import REL_TOL, assert_close_rel, max_rel_error
 
-TRITON_MAX_N = BACKENDS.limits["triton"].max_width
+CUDA_MAX_N = BACKENDS.limits["cuda"].max_width
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # fp32 gradients sum over rows and columns: a few ulps more than the forward.
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
@@ -268,19 +268,40 @@ def test_extension_bindings_check_arguments_and_report_cuda_errors():
             ext.rms_norm_backward_blocks(4, 0)
 
 
-def test_triton_rejects_rows_too_wide_for_registers():
-    """The table's width limit: a named backend raises before any launch; auto passes over it."""
-    x, w = torch.ones(1, TRITON_MAX_N + 1), torch.ones(TRITON_MAX_N + 1)
-    if backends.is_available("triton")[0]:
-        with pytest.raises(ValueError, match=f"last dim must be <= {TRITON_MAX_N}"):
-            gf.rms_norm(x, w, backend="triton")
-    assert BACKENDS.select("auto", torch.device("cuda"), dtype=torch.float32, width=TRITON_MAX_N + 1) != "triton"
+def test_auto_on_cuda_picks_triton_at_any_width():
+    """No width limit on Triton: rows past what registers hold take the looped kernels."""
+    if not backends.is_available("triton")[0]:
+        pytest.skip("triton cannot run here")
+    assert BACKENDS.select("auto", torch.device("cuda"), dtype=torch.bfloat16, width=2 ** 20) == "triton"
+
+
+@pytest.mark.skipif(not backends.is_available("triton")[0], reason="triton cannot run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, n, fused", [(5, 130, True), (3, 300, False), (4, 97, False)])
+def test_looped_kernels_for_wide_rows(dtype, rows, n, fused, device):
+    """The looped forward and the two-kernel backward, reached by lowering the one-pass limits below n; the
+    atomic weight gradient gives the same dx."""
+    from gpuforge.kernels.triton import rms_norm as triton_rms_norm
+
+    limits = {"max_one_pass": 64, "block": 32}
+    x, w, dy, r = make_inputs(rows, n, dtype, device, seed=n, residual=fused)
+    y, h, rstd = triton_rms_norm.forward(x, w, r, 1e-6, **limits)
+    dx, dw = triton_rms_norm.backward(dy, h if fused else x, w, rstd, None, True, **limits)
+    ref = float64_outputs(x, w, dy, r)
+    assert_close_rel(y, ref[0], REL_TOL[dtype], "y")
+    if fused:
+        assert_close_rel(h, ref[1], REL_TOL[dtype], "h")
+    assert_close_rel(dx, ref[2], GRAD_TOL[dtype], "dx")
+    assert_close_rel(dw, ref[3], GRAD_TOL[dtype], "dw")
+    atomic = triton_rms_norm.backward(dy, h if fused else x, w, rstd, None, False, **limits)
+    assert torch.equal(atomic[0], dx)
+    assert_close_rel(atomic[1], dw, GRAD_TOL[dtype], "dw (atomics)")
 
 
 @pytest.mark.gpu
-def test_gpu_auto_falls_back_to_torch_for_rows_no_kernel_holds():
-    """auto must not pick a fused backend that rejects the width (Triton > 64K, CUDA backward > 40K)."""
-    x = torch.randn(2, TRITON_MAX_N + 3, device="cuda", requires_grad=True)
+def test_gpu_auto_streams_rows_wider_than_the_cuda_backward_holds():
+    """auto takes Triton's looped kernels past the CUDA backward's width limit."""
+    x = torch.randn(2, CUDA_MAX_N + 3, device="cuda", requires_grad=True)
     w = torch.randn(x.shape[-1], device="cuda", requires_grad=True)
     y = gf.rms_norm(x, w)
     y.sum().backward()
@@ -315,8 +336,6 @@ def test_benchmark_cases_compute_the_reference():
 @pytest.mark.parametrize("rows, n", [(4096, 4096), (1000, 8192), (257, 4097), (64, 30000)])
 @pytest.mark.parametrize("fused", [False, True])
 def test_gpu_numerics(backend, dtype, rows, n, fused):
-    if backend == "triton" and n > 16384 and dtype == torch.float32:
-        pytest.skip("a 30000-wide fp32 row in registers spills; covered in bf16/fp16")
     x, w, dy, r = make_inputs(rows, n, dtype, torch.device("cuda"), seed=rows, residual=fused)
     got = gf_outputs(x, w, dy, r, backend=backend)
     ref = float64_outputs(x, w, dy, r)
