@@ -26,9 +26,10 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def newest_results(folder: Path) -> Path:
-    """The newest kernel benchmark results (files with an "environment", not the parallel step-time ones)."""
+    """The newest kernel benchmark results: files whose "environment" names the timed device ("gpu_timings"), not
+    the parallel step-time results nor the static inspection report."""
     runs = [(payload["environment"]["date"], path) for path in folder.glob("*/results.json")
-            if "environment" in (payload := json.loads(path.read_text()))]
+            if "gpu_timings" in (payload := json.loads(path.read_text())).get("environment", {})]
     if not runs:
         raise FileNotFoundError(f"no kernel benchmark results file under {folder}")
     return max(runs)[1]
