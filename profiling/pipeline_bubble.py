@@ -8,8 +8,10 @@ Every rank runs the same TinyLlama (float32) cut into p = 2 stages of `--layers`
 per-op start/end times (PipelineExecutor.timeline, wall clock of one machine) give the measured bubble
 (pipeline_sim.measured_result: idle stage-time over stage-time between the step's first start and last end);
 the simulator's figure is `simulate` of the same schedule with each action's cost taken from the same step
-(a compute op its measured duration, a message its measured latency; `_costs`), so the difference is what the
-simulator does not model (the stage's own time in send/receive calls, the operating system's scheduling).
+(a compute op its measured duration, a message its measured latency, a send's or receive's own time on its
+stage; `_costs`), so the difference is what the simulator does not model: the runtime's own overhead between
+actions, an order of execution other than the schedule's, a wait the schedule does not have (a thread per
+message once cost every send and receive 1-10 ms on this machine: interleaved 1F1B measured 25 points above).
 The table gives both (medians over the timed
 steps), their difference in points, and the median step time (slowest rank, after a barrier). Rank 0 prints
 the table and writes results.json and report.md.
@@ -68,18 +70,30 @@ def _timed(step, comm) -> float:
 
 
 def _costs(events):
-    """The simulator's cost of each action, from one measured step: a compute op's own duration; a send, the
-    time its message took to arrive once both sides were there (receive end - max(send start, receive start))."""
+    """The simulator's costs of each action, from one measured step: (cost, stage_time) for `simulate`.
+
+    A compute op costs its own duration. A send occupies its stage for its call's duration; a receive, once its
+    message is there, for the stage's median receive of a message already sent when the receive was posted (the
+    copy out; ~0.1-0.3 ms). A message's latency is then what makes its receive end when it did: receive end
+    - the receive's own time - send start (at least 0)."""
     p = 1 + max(e.stage for e in events)
     own = {(e.stage, e.action): e.end - e.start for e in events if e.action.op in COMPUTE_OPS}
+    occupied = {(e.stage, e.action): e.end - e.start for e in events if e.action.op in ("SEND_F", "SEND_B")}
     recvs = {(e.action.op, e.action.microbatch, e.action.chunk * p + e.stage): e for e in events
              if e.action.op in ("RECV_F", "RECV_B")}
+    sends = []
     for e in events:
         if e.action.op in ("SEND_F", "SEND_B"):
             to = e.action.chunk * p + e.stage + (1 if e.action.op == "SEND_F" else -1)
-            r = recvs[("RECV_" + e.action.op[-1], e.action.microbatch, to)]
-            own[(e.stage, e.action)] = max(0.0, r.end - max(e.start, r.start))
-    return lambda stage, action: own.get((stage, action), 0.0)
+            sends.append((e, recvs[("RECV_" + e.action.op[-1], e.action.microbatch, to)]))
+    for stage in range(p):
+        queued = [r.end - r.start for s, r in sends if r.stage == stage and s.end <= r.start]
+        copy_out = statistics.median(queued) if queued else 0.0
+        occupied.update({(r.stage, r.action): copy_out for _, r in sends if r.stage == stage})
+    for s, r in sends:
+        own[(s.stage, s.action)] = max(0.0, r.end - occupied[(r.stage, r.action)] - s.start)
+    return (lambda stage, action: own.get((stage, action), 0.0),
+            lambda stage, action: occupied.get((stage, action), 0.0))
 
 
 def measure_ours(comm, args, schedule: str, chunks: int) -> dict:
@@ -95,7 +109,7 @@ def measure_ours(comm, args, schedule: str, chunks: int) -> dict:
         if i < args.warmup:
             continue
         events = [e for timeline in timelines for e in timeline]
-        sim = simulate(make_schedule(schedule, comm.world_size, args.microbatches, chunks), _costs(events))
+        sim = simulate(make_schedule(schedule, comm.world_size, args.microbatches, chunks), *_costs(events))
         times.append(t)
         measured.append(measured_result(events).bubble_fraction)
         simulated.append(sim.bubble_fraction)
@@ -153,7 +167,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"micro-batches, float32, forward + backward (no optimizer step); medians of {env['steps']} steps "
              f"after {env['warmup']} warm-up; torch {env['torch']}, 1 thread per rank, {env['cpu_cores']} cores, "
              f"load average {env['load'][0]:.1f} before, {env['load'][1]:.1f} after. Simulated: the same schedule "
-             "with each action's measured cost of the same step (compute: its duration; message: its latency).", "",
+             "with each action's measured cost of the same step (compute: its duration; message: its latency; "
+             "send/receive: its own time on the stage).", "",
              "| schedule | chunks/stage | step ms | measured bubble | simulated bubble | diff (points) |",
              "|---|---|---|---|---|---|"]
     for r in rows:

@@ -28,11 +28,13 @@ Interface (every strategy uses only this; ranks are GLOBAL ranks, as in torch.di
     comm.flight_recorder           # deque of the last N calls (CallRecord: seq, op, shape, state, times)
     comm.destroy()
 
-With async_op=True a call returns a `Work` (`wait()`, `is_completed()`); otherwise it waits and returns None.
+With async_op=True a call returns a `Work` (`wait()`, `is_completed()`; gloo's send, recv and all_to_all report
+completion only once waited on); otherwise it waits and returns None.
 Tensors must be contiguous and on one device; a mismatch is a ValueError naming the argument.
 
 Timeout: each call must complete within `comm.timeout` seconds (init_comm(timeout=...), env
-GPUFORGE_COMM_TIMEOUT). Waiting polls the backend's non-blocking handle against a deadline; on expiry a
+GPUFORGE_COMM_TIMEOUT). Waiting polls the backend's non-blocking handle against a deadline (or, for a handle
+that cannot be polled, blocks in the backend's own wait with what is left of the deadline); on expiry a
 `CommTimeoutError` names the rank, the op, the shape and the sequence number, and carries (and prints to
 stderr) this rank's last N calls (the flight recorder). Every rank stuck in the collective raises.
 
@@ -134,14 +136,18 @@ class Work:
     def wait(self) -> None:
         if self._done:
             return
-        pause = 0.0
-        while not self._handle.test():
-            if time.monotonic() > self._deadline:
-                self._record.state = "timed out"
-                raise self._comm._timeout_error(self._record)
-            time.sleep(pause)
-            pause = min(1e-3, pause + 2e-5)
+        blocking = getattr(self._handle, "wait_for", None)
         try:
+            if blocking is not None:
+                if not blocking(self._deadline - time.monotonic()):
+                    self._timed_out()
+            else:
+                pause = 0.0
+                while not self._handle.test():
+                    if time.monotonic() > self._deadline:
+                        self._timed_out()
+                    time.sleep(pause)
+                    pause = min(1e-3, pause + 2e-5)
             self._handle.finish()
         except CommError:
             raise
@@ -149,6 +155,10 @@ class Work:
             self._record.state = "failed"
             raise CommError(f"rank {self._comm.rank}: {self._describe()} failed: {exc}") from exc
         self._record.state, self._record.t_end, self._done = "completed", time.monotonic(), True
+
+    def _timed_out(self):
+        self._record.state = "timed out"
+        raise self._comm._timeout_error(self._record)
 
     def _describe(self) -> str:
         r = self._record
@@ -159,7 +169,8 @@ class Communicator:
     """Validation, sequence numbers, ledger, flight recorder, timeout and desync checks over a backend.
 
     Subclasses implement `_start(op, group, tensors, reduce_op, peer, splits) -> handle` (handle: `test()` -> bool,
-    `finish()` completes and raises backend errors) and `_make_group(ranks) -> Group`."""
+    `finish()` completes and raises backend errors; a handle that cannot be polled has `wait_for(seconds)` ->
+    False on timeout instead, and `Work.wait` blocks in it) and `_make_group(ranks) -> Group`."""
 
     kind = "abstract"
 

@@ -8,14 +8,14 @@ avg is a sum divided by the group size when the work completes. gloo's reduce_sc
 inside `wait()` (its `is_completed()` stays False, so it cannot be polled against a deadline): on CPU tensors
 reduce_scatter is an all-reduce of a copy of the input, then the rank's chunk is copied out. The ledger
 records the logical op (reduce_scatter of the input's bytes) either way. gloo's send/recv and all_to_all works are
-also not pollable: a daemon thread waits on them (`_ThreadedHandle`).
+also not pollable: they are waited on with gloo's own timeout (`_BlockingHandle`).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -40,28 +40,25 @@ class _Handle:
             self.on_done()
 
 
-class _ThreadedHandle(_Handle):
-    """For works whose `is_completed()` never turns True before `wait()` (gloo's send/recv): a daemon
-    thread waits, and `test()` reads its flag; the backend's error is re-raised by `finish()`."""
+class _BlockingHandle(_Handle):
+    """For works whose `is_completed()` stays False until `wait()` (gloo's send, recv and all_to_all): waited
+    on in gloo's own `wait(timeout)` with what is left of our deadline. (A daemon thread per call, polled,
+    cost each send or receive a thread start and up to a scheduler slice, ~1-10 ms on a busy CPU.)"""
 
-    def __init__(self, work):
-        super().__init__(work)
-        self.done, self.error = threading.Event(), None
-        threading.Thread(target=self._wait, daemon=True).start()
-
-    def _wait(self):
+    def wait_for(self, seconds: float) -> bool:
+        """True once complete; False if our deadline passed first (gloo raised at or after it)."""
+        deadline = time.monotonic() + seconds
         try:
-            self.work.wait()
-        except Exception as exc:  # noqa: BLE001 - handed to finish()
-            self.error = exc
-        self.done.set()
-
-    def test(self) -> bool:
-        return self.done.is_set()
+            self.work.wait(datetime.timedelta(seconds=max(seconds, 1e-3)))
+        except RuntimeError:
+            if time.monotonic() >= deadline - 1e-3:
+                return False
+            raise  # the backend's own failure (peer died, connection closed): reported by Work.wait
+        return True
 
     def finish(self) -> None:
-        if self.error is not None:
-            raise self.error
+        if self.on_done is not None:
+            self.on_done()
 
 
 class _BatchHandle:
@@ -126,15 +123,15 @@ class TorchComm(Communicator):
         if op == "all_to_all":
             out, inp = tensors
             work = dist.all_to_all_single(out, inp, list(splits[0]), list(splits[1]), group=pg, async_op=True)
-            return _Handle(work) if out.is_cuda else _ThreadedHandle(work)
+            return _Handle(work) if out.is_cuda else _BlockingHandle(work)
         if op == "broadcast":
             return _Handle(dist.broadcast(tensors[0], src=peer, group=pg, async_op=True))
         if op == "send":
             work = dist.isend(tensors[0], dst=peer, group=pg)
-            return _Handle(work) if tensors[0].is_cuda else _ThreadedHandle(work)
+            return _Handle(work) if tensors[0].is_cuda else _BlockingHandle(work)
         if op == "recv":
             work = dist.irecv(tensors[0], src=peer, group=pg)
-            return _Handle(work) if tensors[0].is_cuda else _ThreadedHandle(work)
+            return _Handle(work) if tensors[0].is_cuda else _BlockingHandle(work)
         if op == "barrier":  # an all-reduce of one element: a barrier we can poll against our deadline
             return _Handle(dist.all_reduce(tensors[0], group=pg, async_op=True))
         raise ValueError(f"unknown op {op!r}")

@@ -1,13 +1,16 @@
 """Run a pipeline schedule on a model of the machine: per-action costs, non-blocking sends, blocking recvs.
 
-`simulate(schedule, cost)` runs every stage's action list in order. A compute action (F, B, W) takes
-`cost(stage, action)` time; a send posts a message that arrives `cost(stage, send)` later and lets the sender
-go on; a receive waits for its message. If at some point no stage can make progress while actions remain, the
-schedule deadlocks and `DeadlockError` names each stage's blocked action. The result carries the timeline, the
-bubble (the fraction of stage-time spent idle between the step's start and its end) and the peak number of
-micro-batches whose forward has run but whose backward has not (under a zero-bubble schedule: whose W has
-not), per stage (the activations a stage keeps). Messages between two stages are matched in order, as on the
-real communicators (no tags): a schedule whose receives come in another order than the sends is rejected.
+`simulate(schedule, cost, stage_time)` runs every stage's action list in order. A compute action (F, B, W)
+takes `cost(stage, action)` time; a send posts a message that arrives `cost(stage, send)` after the send starts
+and lets the sender go on; a receive waits for its message. `stage_time(stage, action)` (default 0) is the time
+a send or receive keeps its own stage occupied besides waiting: the call itself, the copy out of the message
+(on real processes ~0.1-0.3 ms each, which a schedule with many messages per step feels).
+If at some point no stage can make progress while actions remain, the schedule deadlocks and `DeadlockError` names
+each stage's blocked action. The result carries the timeline, the bubble (the fraction of stage-time spent idle
+between the step's start and its end) and the peak number of micro-batches whose forward has run but whose backward
+has not (under a zero-bubble schedule: whose W has not), per stage (the activations a stage keeps). Messages
+between two stages are matched in order, as on the real communicators (no tags): a schedule whose receives come in
+another order than the sends is rejected.
 `plot_timeline` draws the timeline as a PNG: one row per stage, forwards, backwards and W as coloured boxes.
 """
 
@@ -88,7 +91,12 @@ def _validate(schedule: list[list[Action]]) -> None:
                                  f"{sent[:8]} and the receives {received[:8]} differ")
 
 
-def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] = unit_cost) -> SimResult:
+def no_stage_time(stage: int, action: Action) -> float:
+    return 0.0
+
+
+def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] = unit_cost,
+             stage_time: Callable[[int, Action], float] = no_stage_time) -> SimResult:
     """Run `schedule` (one action list per stage) and return its timeline; raise DeadlockError if it hangs."""
     _validate(schedule)
     p = len(schedule)
@@ -111,12 +119,12 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
                 if a.op in _MESSAGE_OF:
                     to = a.chunk * p + s + (1 if a.op == "SEND_F" else -1)
                     arrivals[(_MESSAGE_OF[a.op], a.microbatch, to)] = start + cost(s, a)
-                    end = start
+                    end = start + stage_time(s, a)
                 elif a.op in ("RECV_F", "RECV_B"):
                     key = (a.op, a.microbatch, a.chunk * p + s)
                     if key not in arrivals:
                         break
-                    end = max(start, arrivals.pop(key))
+                    end = max(start, arrivals.pop(key)) + stage_time(s, a)
                 else:
                     end = start + cost(s, a)
                     busy[s] += end - start

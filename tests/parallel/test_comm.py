@@ -95,6 +95,37 @@ def test_timeout_names_rank_op_shape_and_dumps_recorder(kind):
     assert "Flight recorder" in msg and "#0 all_reduce" in msg and "completed" in msg
 
 
+def _peer_never_answers(comm, op):
+    """Rank 1 waits in a receive (or an all-to-all) that rank 0 never joins."""
+    comm.barrier()
+    if comm.rank == 0:
+        time.sleep(2.5)
+        return None
+    try:
+        if op == "recv":
+            comm.recv(torch.empty(5, 2), src=0)
+        else:
+            comm.all_to_all(torch.empty(4, 3), torch.ones(4, 3))
+    except Exception as exc:  # noqa: BLE001 - the test inspects the error
+        return type(exc).__name__, str(exc)
+    return None
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("op", ["recv", "all_to_all"])
+def test_receive_and_all_to_all_time_out_naming_rank_op_shape(kind, op):
+    """gloo's receive and all-to-all cannot be polled; they are waited on with gloo's own timeout, and still
+    end in our CommTimeoutError."""
+    start = time.monotonic()
+    res = run_distributed(_peer_never_answers, 2, op, comm=kind, comm_timeout=0.5)
+    name, msg = res[1]
+    assert name == "CommTimeoutError", msg
+    seq, shape = ("#0", "[5, 2]") if op == "recv" else ("#1", "[4, 3]")  # p2p numbers its own sequence
+    assert msg.startswith(f"rank 1: collective {seq} {op} with shape {shape}"), msg
+    assert "did not complete within 0.5s" in msg and "Flight recorder" in msg, msg
+    assert time.monotonic() - start < 60
+
+
 def _desync(comm):
     try:
         if comm.rank == 0:

@@ -13,7 +13,8 @@ import torch
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
 from gpuforge.parallel.checkpoint.layout import full_name
 from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split, split_layers
-from gpuforge.parallel.model_parallel.pipeline_sim import measured_result, plot_timeline
+from gpuforge.parallel.model_parallel.pipeline_schedule import make_schedule
+from gpuforge.parallel.model_parallel.pipeline_sim import measured_result, plot_timeline, simulate
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, tiny_config
 
@@ -116,18 +117,26 @@ class _Sleep(torch.autograd.Function):
 
 
 class _Sleepy(torch.nn.Module):
-    def __init__(self, inner, f, b):
+    """A block that costs `f` forward and `b` backward; with `w` > 0 it owns a parameter (zero, added to the
+    output) whose gradient costs `w`: autograd reaches it only when the weight gradients are asked for, so a
+    split backward pays `w` in W and `b` in B, an unsplit one b + w in B."""
+
+    def __init__(self, inner, f, b, w=0.0):
         super().__init__()
-        self.inner, self.f, self.b = inner, f, b
+        self.inner, self.f, self.b, self.w = inner, f, b, w
+        self.zero = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64)) if w else None
 
     def forward(self, h, *args):
-        return _Sleep.apply(self.inner(h, *args), self.f, self.b)
+        h = _Sleep.apply(self.inner(h, *args), self.f, self.b)
+        return h + _Sleep.apply(self.zero, 0.0, self.w) if self.w else h
 
 
-def timed_pipeline(comm, schedule, m, f, b):
+def timed_pipeline(comm, schedule, m, f, b, w=0.0, num_chunks=1):
     torch.manual_seed(0)
-    stage = pipeline_split(TinyLlama(tiny_config()).double(), comm.world_size)[comm.rank]
-    stage.layers[0] = _Sleepy(stage.layers[0], f, b)
+    stage = pipeline_split(TinyLlama(tiny_config(n_layers=2 * num_chunks)).double(), comm.world_size,
+                           num_chunks)[comm.rank]
+    for lo, _ in stage.chunk_bounds:
+        stage.layers[lo] = _Sleepy(stage.layers[lo], f, b, w)
     executor = PipelineExecutor(stage, comm, schedule=schedule, num_microbatches=m)
     x, y = make_batch(0, B, S)
     executor.step(x, y)  # warm-up
@@ -137,14 +146,25 @@ def timed_pipeline(comm, schedule, m, f, b):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
-def test_measured_idle_fraction_matches_theory(schedule, tmp_path):
-    """Stage times are sleeps (forward 80 ms, backward 160 ms), long beside the messages and the scheduling
-    noise of a loaded 2-core machine (at 30/60 ms a load of 10 moved the 1F1B bubble from 0.20 to 0.26)."""
+@pytest.mark.parametrize("schedule, chunks, f, b, w", [("gpipe", 1, 0.08, 0.16, 0.0), ("1f1b", 1, 0.08, 0.16, 0.0),
+                                                      ("interleaved-1f1b", 2, 0.04, 0.08, 0.0),
+                                                      ("zb-h1", 1, 0.06, 0.06, 0.06)])
+def test_measured_idle_fraction_matches_the_simulator(schedule, chunks, f, b, w, tmp_path):
+    """Stage costs are sleeps (per model chunk: forward f, input-gradient backward b, weight gradient w), long
+    beside the messages and the scheduling noise of a loaded 2-core machine (at 30/60 ms a load of 10 moved
+    the 1F1B bubble from 0.20 to 0.26). The bubble measured from the run's timestamps is within 5 points of
+    the simulator's for those costs: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(vm+p-1) interleaved, and for
+    ZB-H1 at F = B = W (p-1)/(3m+p-1)."""
     p, m = 2, 4
-    events = [e for timeline in run_distributed(timed_pipeline, p, schedule, m, 0.08, 0.16) for e in timeline]
+    cost = {"F": f, "B": b + (0.0 if schedule == "zb-h1" else w), "W": w}
+    simulated = simulate(make_schedule(schedule, p, m, chunks), lambda s, a: cost.get(a.op, 0.0))
+    theory = {"interleaved-1f1b": (p - 1) / (chunks * m + p - 1), "zb-h1": (p - 1) / (3 * m + p - 1)}
+    assert simulated.bubble_fraction == pytest.approx(theory.get(schedule, (p - 1) / (m + p - 1)))
+    events = [e for timeline in run_distributed(timed_pipeline, p, schedule, m, f, b, w, chunks)
+              for e in timeline]
     result = measured_result(events)
-    assert abs(result.bubble_fraction - (p - 1) / (m + p - 1)) < 0.05, result.bubble_fraction
-    assert result.peak_in_flight == ([m] * p if schedule == "gpipe" else [min(p - s, m) for s in range(p)])
+    assert abs(result.bubble_fraction - simulated.bubble_fraction) < 0.05, (result.bubble_fraction,
+                                                                            simulated.bubble_fraction)
+    assert result.peak_in_flight == simulated.peak_in_flight
     plot_timeline(result, str(tmp_path / "run.png"), f"{schedule} on 2 processes")
     assert (tmp_path / "run.png").stat().st_size > 0

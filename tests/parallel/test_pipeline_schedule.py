@@ -50,6 +50,17 @@ def test_each_send_has_its_receive():
             assert sends == recvs and len(sends) == 2 * m * (p - 1)
 
 
+def test_stage_time_of_sends_and_receives_occupies_the_stage():
+    """GPipe at p = 2, m = 1, F = B = 1, messages arriving as they are sent, each send and receive holding its
+    stage 0.25: stage 1 receives at 1 + 0.25, its backward's gradient arrives at 3.25, stage 0's receive ends
+    at 3.5 and its backward at 4.5."""
+    cost = lambda s, a: 1.0 if a.op in ("F", "B") else 0.0  # noqa: E731
+    result = simulate(gpipe(2, 1), cost, lambda s, a: 0.25)
+    assert result.makespan == 4.5 and result.busy == [2.0, 2.0]
+    assert {str(e.action): (e.start, e.end) for e in result.timeline if e.stage == 1}["F0"] == (1.25, 2.25)
+    assert simulate(gpipe(2, 1), cost).makespan == 4.0
+
+
 def test_deadlock_is_detected():
     # stage 0 waits for a gradient before it has sent the activation that would produce it
     bad = [[Action("F", 0), Action("RECV_B", 0, 1), Action("SEND_F", 0, 1), Action("B", 0)],
