@@ -1,4 +1,4 @@
-"""Layout-free checkpoints of 3D training: saved under one (dp, tp, pp) layout, loaded under any other.
+"""Layout-free checkpoints of 3D/4D training: saved under one (dp, tp, pp, cp) layout, loaded under any other.
 
 The files hold the FULL model, as one process would (the canonical format), under TinyLlama's own parameter
 names (`layers.3.attention.wq.weight`): TP shards joined by concatenation (column-parallel weights along
@@ -10,10 +10,11 @@ names of pipeline stage k of the saving run ({"params": {name: tensor}, "exp_avg
 `metadata.json` (written last): format, training step, number of parts, the saving layout, the config and the
 caller's `extra` (JSON; `gpuforge train` keeps its losses there).
 
-Saving (`save_layout_checkpoint`, every rank calls it): each rank all-gathers its ZeRO-1 shards of the
-master weights and AdamW state over the DP group and cuts them back into per-parameter tensors, each TP
-group all-gathers its TP shards, and one rank per stage writes that stage's part, through sharded.py's
-crash-safe protocol (`commit_checkpoint`: tmp dir, metadata last, rename, then the `latest` pointer).
+Saving (`save_layout_checkpoint`, every rank calls it): each rank all-gathers its ZeRO-1 shards of the master
+weights and AdamW state over the DP × CP group (the CP ranks hold the same weights) and cuts them back into per-
+parameter tensors, each TP group all-gathers its TP shards, and one rank per stage writes that stage's part,
+through sharded.py's crash-safe protocol (`commit_checkpoint`: tmp dir, metadata last, rename, then the `latest`
+pointer).
 Loading (`load_layout_checkpoint` into a Trainer3D of any layout, `load_full_model` into one process's
 model and AdamW) slices every tensor for the new layout; padding rows get zeros, which AdamW keeps at zero.
 """
@@ -122,10 +123,11 @@ def save_layout_checkpoint(root, trainer, step: int, *, keep: int = 2, extra: di
     part["hyper"] = _hyper(zero.optimizer)
 
     def write_files(tmp: Path) -> None:
-        if mesh.dp_index == 0 and mesh.tp_index == 0:
+        if mesh.dp_index == 0 and mesh.cp_index == 0 and mesh.tp_index == 0:
             torch.save(part, tmp / f"part-{mesh.pp_index}.pt")
 
-    meta = {"format": FORMAT, "step": step, "parts": mesh.pp, "layout": {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp},
+    layout = {"dp": mesh.dp, "tp": mesh.tp, "pp": mesh.pp, "cp": mesh.cp}
+    meta = {"format": FORMAT, "step": step, "parts": mesh.pp, "layout": layout,
             "config": dataclasses.asdict(stage.config), "extra": extra or {}}
     return commit_checkpoint(root, step, mesh.comm, write_files, meta, keep=keep)
 

@@ -6,12 +6,14 @@ Expert parallelism splits each DP group into dp/ep blocks of ep consecutive DP r
 one copy of every expert between them, and the `expert_dp_group` joins the ranks (one per block) holding the
 same experts. `DeviceMesh(comm, dp=, tp=, pp=, cp=, ep=)` creates every group on every rank (as
 torch.distributed requires) and keeps this rank's: `tp_group`, `cp_group`, `dp_group`, `pp_group`,
-`ep_group`, `expert_dp_group`. The trainers that combine them are training/trainer_3d.py (dp × tp × pp)
-and training/trainer_cp_ep.py (dp × cp, ep).
+`ep_group`, `expert_dp_group`, and `dp_cp_group` (the dp × cp ranks of one (pp, tp) cell: they hold the same
+weights and average their gradients, Megatron's data-parallel-with-context group). The trainers that combine
+them are training/trainer_3d.py (dp × tp × pp × cp) and training/trainer_cp_ep.py (dp × cp, ep).
 """
 
 from __future__ import annotations
 
+from gpuforge.parallel.model_parallel.context_parallel import check_cp_config, sequence_positions
 from gpuforge.parallel.model_parallel.pipeline_runtime import check_schedule, split_chunks
 from gpuforge.parallel.model_parallel.tp_llama import check_tp_config
 
@@ -29,10 +31,16 @@ def check_degrees(world_size: int, *, dp: int, tp: int, pp: int, cp: int = 1, ep
 
 
 def check_layout(world_size: int, config, *, dp: int, tp: int, pp: int, batch_size: int,
-                 num_microbatches: int, schedule: str = "1f1b", num_chunks: int = 1) -> None:
-    """Raise ValueError for a 3D configuration that cannot run (before any process group is made)."""
-    check_degrees(world_size, dp=dp, tp=tp, pp=pp)
+                 num_microbatches: int, schedule: str = "1f1b", num_chunks: int = 1, cp: int = 1,
+                 cp_attention: str = "ring", seq_len: int | None = None) -> None:
+    """Raise ValueError for a dp × tp × pp (× cp) configuration that cannot run (before any process group is
+    made); with cp > 1 and a `seq_len`, also a sequence the cp ranks cannot share."""
+    check_degrees(world_size, dp=dp, tp=tp, pp=pp, cp=cp)
     check_tp_config(config, tp)
+    if cp > 1:
+        check_cp_config(config, cp, cp_attention, heads_per_rank=tp)
+        if seq_len is not None:
+            sequence_positions(seq_len, cp, 0, cp_attention)
     split_chunks(config.n_layers, pp, num_chunks)
     check_schedule(schedule, pp, num_microbatches, num_chunks)
     if num_microbatches < 1 or batch_size % (dp * num_microbatches):
@@ -72,6 +80,8 @@ class DeviceMesh:
                                lambda s: [at(s, 1, s[1] + i) for i in range(ep)])
         self.expert_dp_group = groups([c for c in cells if c[1] < ep],
                                       lambda s: [at(s, 1, s[1] + b * ep) for b in range(dp // ep)])
+        self.dp_cp_group = groups([c for c in cells if c[1] == 0 and c[2] == 0],
+                                  lambda s: [(s[0], d, c, s[3]) for d in range(dp) for c in range(cp)])
 
     def __repr__(self) -> str:
         return (f"DeviceMesh(dp={self.dp}, cp={self.cp}, tp={self.tp}, pp={self.pp}, ep={self.ep}; rank "

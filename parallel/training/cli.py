@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 -m gpuforge train --model tinyllama --strategy zero2 --steps 5
     mpiexec -n 2 python -m gpuforge train --model tinyllama --strategy ddp --comm mpi --nproc 2
     torchrun --nproc_per_node 2 -m gpuforge train --cp 2 --seq-len 32       # ring attention (or --cp-attention ulysses)
+    torchrun --nproc_per_node 8 -m gpuforge train --strategy 3d --tp 2 --pp 2 --cp 2       # 4D: dp × tp × pp × cp
     mpiexec -n 2 python -m gpuforge train --ep 2 --comm mpi                 # TinyMoE, experts over 2 ranks
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 2 --max-restarts 3 -m gpuforge train \
         --ckpt-dir ckpt --save-every 2 --steps 20
@@ -21,7 +22,7 @@ ambiguous abbreviation of its --nproc-per-node.)
 
 Fault tolerance: with `--ckpt-dir DIR` the run saves a checkpoint (checkpoint/sharded.py) every `--save-every` steps and
 after the last one, and starts from the latest checkpoint in DIR when there is one, at any world size or
-strategy (tp, pp and 3d: the layout-free full-model checkpoint of checkpoint/layout.py, at any dp × tp × pp).
+strategy (tp, pp and 3d: the layout-free full-model checkpoint of checkpoint/layout.py, at any dp × tp × pp × cp).
 A rank that dies makes torchrun (`--max-restarts`) restart the group, which resumes from there and
 ends with the parameters of a run without failure. GPUFORGE_FAIL_AT=step-N@R (checkpoint/faults.py) kills rank R at the
 start of step N, to try it. Give torchrun TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default (torch 2.13) the
@@ -29,7 +30,7 @@ restarted workers share the first group's TCPStore and read its stale gloo/NCCL 
 init fails or hangs (pytorch/pytorch#135712; seen here in 1 of 4 restarts); rank 0 warns when it is missing.
 
 The data-parallel strategies (DATA_PARALLEL) train through `DataParallelTrainer` (data_parallel.py), the
-model-parallel ones (MODEL_PARALLEL: a TinyLlama over a dp × tp × pp mesh) through `Trainer3D`
+model-parallel ones (MODEL_PARALLEL: a TinyLlama over a dp × tp × pp (× cp) mesh) through `Trainer3D`
 (trainer_3d.py); both step through loop.py's one loop. Without a launcher and without --nproc the command
 runs on 1 process (a world of one, still compared with the single-process reference).
 """
@@ -124,7 +125,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=_positive_int, default=None, help="pipeline stages (pp, 3d)")
     p.add_argument("--dp", type=_positive_int, default=None, help="data-parallel degree (3d; default: what is left)")
     p.add_argument("--cp", type=_positive_int, default=None,
-                   help="context-parallel degree (cp: the TinyLlama's sequence over cp ranks; dp: what is left)")
+                   help="context-parallel degree (cp, or with tp/pp/3d a 4D mesh: the TinyLlama's sequence over cp "
+                        "ranks; dp: what is left)")
     p.add_argument("--cp-attention", default="ring", choices=["ring", "ulysses"],
                    help="cp: ring attention (zigzag) or Ulysses all-to-all")
     p.add_argument("--ep", type=_positive_int, default=None,
@@ -161,6 +163,8 @@ def parse_args(argv):
     if args.cp is not None and args.ep is not None and args.cp > 1 and args.ep > 1:
         p.error("--cp and --ep together: the TinyMoE balances its experts per sequence, which a sharded "
                 "sequence would change; use one of them")
+    if args.cp is not None and args.strategy in DATA_PARALLEL:
+        p.error(f"--cp is for --strategy cp, tp, pp or 3d, not {args.strategy!r}")
     if (args.strategy == "cp" and args.ep is not None) or (args.strategy == "ep" and args.cp is not None):
         p.error(f"--strategy {args.strategy} does not take --{'ep' if args.strategy == 'cp' else 'cp'}")
     if args.ckpt_dir is not None and args.strategy in SEQUENCE_AND_EXPERT:
@@ -320,30 +324,34 @@ def _run_data_parallel(comm, args) -> int:
 
 
 def _run_model_parallel(comm, args) -> int:
-    """--strategy tp|pp|3d [--tp T --pp P --dp D --n-layers L]: unset degrees default to 1, except the one the
-    strategy names (the world size) and --dp (whatever is left); the TinyLlama gets max(2, pp) layers unless
+    """--strategy tp|pp|3d [--tp T --pp P --dp D --cp C --n-layers L]: unset degrees default to 1, except the one
+    the strategy names (the world size over cp) and --dp (whatever is left); --cp C > 1 shards the sequence too
+    (4D: dp × tp × pp × cp, ring attention or --cp-attention ulysses); the TinyLlama gets max(2, pp) layers unless
     --n-layers says. A configuration that cannot run exits with a message naming the option, on every rank,
     before any process group is made. Rank 0 compares the losses with one process."""
     if MODEL_ALIASES.get(args.model, args.model) != "tiny_llama":
         raise SystemExit(f"gpuforge train: --strategy {args.strategy} trains the TinyLlama, not --model {args.model}")
     world = comm.world_size
-    tp = args.tp if args.tp is not None else (world if args.strategy == "tp" else 1)
-    pp = args.pp if args.pp is not None else (world if args.strategy == "pp" else 1)
-    dp = args.dp if args.dp is not None else max(1, world // max(1, tp * pp))
+    cp = args.cp or 1
+    tp = args.tp if args.tp is not None else (world // cp if args.strategy == "tp" else 1)
+    pp = args.pp if args.pp is not None else (world // cp if args.strategy == "pp" else 1)
+    dp = args.dp if args.dp is not None else max(1, world // max(1, tp * pp * cp))
     v = args.virtual_stages
     n_layers = args.n_layers or max(2, pp * v)
     schedule = SCHEDULES[args.schedule]
     try:
         config = TinyLlamaConfig(n_layers=n_layers, max_seq_len=max(args.seq_len, 256))
-        check_layout(world, config, dp=dp, tp=tp, pp=pp, batch_size=args.batch, num_microbatches=args.microbatches,
+        check_layout(world, config, dp=dp, tp=tp, pp=pp, cp=cp, cp_attention=args.cp_attention,
+                     seq_len=args.seq_len, batch_size=args.batch, num_microbatches=args.microbatches,
                      schedule=schedule, num_chunks=v)
     except ValueError as e:
-        raise SystemExit(f"gpuforge train --strategy {args.strategy}: {e} (--dp {dp} --tp {tp} --pp {pp} "
+        raise SystemExit(f"gpuforge train --strategy {args.strategy}: {e} (--dp {dp} --tp {tp} --pp {pp} --cp {cp} "
                          f"--n-layers {n_layers} --batch {args.batch} --microbatches {args.microbatches} "
                          f"--schedule {args.schedule} --virtual-stages {v}, world size {world})") from None
     opts = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, max_norm=args.clip,
                 config=config, dtype=getattr(torch, args.dtype))
-    losses = train_model_parallel(comm, dp=dp, tp=tp, pp=pp, num_microbatches=args.microbatches,
+    losses = train_model_parallel(comm, dp=dp, tp=tp, pp=pp, cp=cp, cp_attention=args.cp_attention,
+                                  num_microbatches=args.microbatches,
                                   schedule=schedule, num_chunks=v, checkpoint_activations=args.checkpoint_activations,
                                   **_layout_checkpointing(args, comm), **opts)
     ok = True
@@ -351,7 +359,7 @@ def _run_model_parallel(comm, args) -> int:
         single = single_process_losses(**opts)
         diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
         ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
-        print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} n_layers={n_layers} schedule={args.schedule} "
+        print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} cp={cp} n_layers={n_layers} schedule={args.schedule} "
               f"virtual_stages={v} microbatches={args.microbatches} "
               f"checkpoint_activations={args.checkpoint_activations} dtype={args.dtype}\n"
               f"losses         {[f'{x:.6f}' for x in losses]}\n"

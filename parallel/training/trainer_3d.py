@@ -1,17 +1,21 @@
-"""`Trainer3D`: one rank's part of dp × tp × pp training of a TinyLlama (the same full model on every rank).
+"""`Trainer3D`: one rank's part of dp × tp × pp (× cp) training of a TinyLlama (the same full model on every rank).
 
-It shards the model with tensor parallelism over the mesh's TP group, cuts it into pipeline stages over the PP
-group (run by a GPipe, 1F1B, interleaved 1F1B (`num_chunks` model chunks per stage) or ZB-H1 executor;
-`checkpoint_activations` "full" or "selective" checkpoints every block, models/activation_checkpointing.py),
-and trains the stage with ZeRO-1 over the DP group
-(`ZeroRedundancyOptimizer(zero_stage=1, group=dp_group)`: each DP rank gets its slice of the global batch, the
-gradients are averaged over DP, and every DP rank keeps AdamW state for 1/dp of the stage's parameters).
+It shards the model with tensor parallelism over the mesh's TP group, with cp > 1 swaps every block's attention
+for ring attention (or Ulysses) over the CP group (parallel/model_parallel/context_parallel.py), cuts it into
+pipeline stages over the PP group (run by a GPipe, 1F1B, interleaved 1F1B (`num_chunks` model chunks per stage)
+or ZB-H1 executor; `checkpoint_activations` "full" or "selective" checkpoints every block,
+models/activation_checkpointing.py), and trains the stage with ZeRO-1 over the DP × CP group
+(`ZeroRedundancyOptimizer(zero_stage=1, group=dp_cp_group)`: each DP rank gets its slice of the global batch,
+each CP rank of it its positions of the sequence (the zigzag chunks r and 2cp − 1 − r under ring attention);
+every CP shard holds as many tokens, so the mean of the DP × CP ranks' mean losses is the global mean loss and
+their averaged gradient its gradient; every DP × CP rank keeps AdamW state for 1/(dp·cp) of the stage's
+parameters). The pipeline carries (b/m, s/cp, dim) activations between the stages of one CP rank.
 The global gradient norm for clipping counts every parameter of the full model exactly once. It is summed
-from the ZeRO shards of the DP-averaged gradient (each DP rank holds 1/dp of its stage's gradient; a 0/1
-mask over the shard says which elements count): the DP group sums the shards, the TP group the TP shards
+from the ZeRO shards of the averaged gradient (each rank holds 1/(dp·cp) of its stage's gradient; a 0/1
+mask over the shard says which elements count): the DP × CP group sums the shards, the TP group the TP shards
 (replicated norm weights counted on TP rank 0 only), the PP group the stages (the tied embedding/head
 counted on the first stage only). The clipping factor scales the shard gradients the optimizer steps on.
-`train_model_parallel` runs it for the `tp`, `pp` and `3d` strategies of `gpuforge train`;
+`train_model_parallel` runs it for the `tp`, `pp` and `3d` strategies of `gpuforge train` (4D with `cp`);
 `single_process_losses` is the same run in one process (the oracle).
 """
 
@@ -26,6 +30,7 @@ from gpuforge.parallel.comm import GroupComm
 from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
 from gpuforge.parallel.data_parallel.flat import flatten_padded
 from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
+from gpuforge.parallel.model_parallel.context_parallel import check_cp_config, sequence_positions, shard_attention
 from gpuforge.parallel.model_parallel.mesh import DeviceMesh
 from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split
 from gpuforge.parallel.model_parallel.tensor_parallel import tensor_parallelize
@@ -36,25 +41,29 @@ from gpuforge.parallel.training.loop import Trainer, run_steps
 
 
 class Trainer3D(Trainer):
-    """One rank's part of dp × tp × pp training of a TinyLlama (the same full model on every rank); a batch is
-    the global (inputs, targets)."""
+    """One rank's part of dp × tp × pp × cp training of a TinyLlama (the same full model on every rank); a batch
+    is the global (inputs, targets). `self.dp` is the DP × CP group, the ranks that average gradients."""
 
     def __init__(self, model: nn.Module, mesh: DeviceMesh, *, schedule: str = "1f1b",
                  num_microbatches: int = 1, num_chunks: int = 1, lr: float = 1e-3,
-                 checkpoint_activations: str | None = None):
+                 checkpoint_activations: str | None = None, cp_attention: str = "ring"):
         check_tp_config(model.config, mesh.tp)
-        self.mesh = mesh
+        if mesh.cp > 1:
+            check_cp_config(model.config, mesh.cp, cp_attention, heads_per_rank=mesh.tp)
+        self.mesh, self.cp_attention = mesh, cp_attention
         self.tp = GroupComm(mesh.comm, mesh.tp_group)
         self.pp = GroupComm(mesh.comm, mesh.pp_group)
-        self.dp = GroupComm(mesh.comm, mesh.dp_group)
+        self.dp = GroupComm(mesh.comm, mesh.dp_cp_group)
         if checkpoint_activations is not None:
             checkpoint_blocks(model, checkpoint_activations, blocks=model.layers)
         sharded = tensor_parallelize(model, self.tp)
+        if mesh.cp > 1:
+            shard_attention(sharded.layers, GroupComm(mesh.comm, mesh.cp_group), attention=cp_attention)
         self.stage = pipeline_split(sharded, mesh.pp, num_chunks)[mesh.pp_index]
         self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule,
                                          num_microbatches=num_microbatches)
         self.optimizer = ZeroRedundancyOptimizer(self.stage.parameters(), torch.optim.AdamW, mesh.comm, zero_stage=1,
-                                                 group=mesh.dp_group, lr=lr)
+                                                 group=mesh.dp_cp_group, lr=lr)
         self._counted = self._counted_mask()
 
     def _counted_once(self, name: str) -> bool:
@@ -71,7 +80,7 @@ class Trainer3D(Trainer):
         return flatten_padded(zero.params, ones, zero.padded, torch.float64)[lo:lo + zero.shard_size]
 
     def global_grad_norm(self) -> torch.Tensor:
-        """The 2-norm of the full model's DP-averaged gradient, from this rank's ZeRO shard of it."""
+        """The 2-norm of the full model's averaged gradient, from this rank's ZeRO shard of it."""
         grad = self.optimizer.master_grads()[0]
         sq = (grad.double().pow(2) * self._counted.to(grad.device)).sum().reshape(1)
         for group in (self.dp, self.tp, self.pp):
@@ -82,16 +91,21 @@ class Trainer3D(Trainer):
         return scale_to_max_norm_(self.optimizer.master_grads(), self.global_grad_norm(), max_norm)
 
     def forward_backward(self, batch) -> float | None:
-        """This DP rank's slice of the global (inputs, targets) through the pipeline schedule. Returns the loss,
-        averaged over DP, on the last stage; None on the other stages."""
+        """This rank's slice of the global (inputs, targets) (its DP share of the batch, its CP positions of the
+        sequence) through the pipeline schedule. Returns the loss, averaged over DP × CP, on the last stage;
+        None on the other stages."""
         inputs, targets = batch
-        if inputs.shape[0] % self.mesh.dp:
-            raise ValueError(f"global batch size {inputs.shape[0]} is not divisible by dp={self.mesh.dp}")
-        x, y = (t.chunk(self.mesh.dp)[self.mesh.dp_index] for t in (inputs, targets))
+        mesh = self.mesh
+        if inputs.shape[0] % mesh.dp:
+            raise ValueError(f"global batch size {inputs.shape[0]} is not divisible by dp={mesh.dp}")
+        x, y = (t.chunk(mesh.dp)[mesh.dp_index] for t in (inputs, targets))
+        if mesh.cp > 1:
+            pos = sequence_positions(x.shape[1], mesh.cp, mesh.cp_index, self.cp_attention).to(x.device)
+            x, y = x[:, pos], y[:, pos]
         loss = self.executor.step(x, y)
         if loss is None:
             return None
-        if self.mesh.dp > 1:
+        if self.dp.size > 1:
             loss = self.dp.all_reduce(loss.detach().reshape(1).clone(), op="avg")[0]
         return loss.item()
 
@@ -106,19 +120,20 @@ def _batches(seed: int, batch_size: int, seq_len: int):
     return lambda step: make_batch(seed * 100_003 + step, batch_size, seq_len)
 
 
-def train_model_parallel(comm, *, dp: int = 1, tp: int = 1, pp: int = 1, steps: int = 20, batch_size: int = 8,
+def train_model_parallel(comm, *, dp: int = 1, tp: int = 1, pp: int = 1, cp: int = 1, cp_attention: str = "ring",
+                         steps: int = 20, batch_size: int = 8,
                          seq_len: int = 32, num_microbatches: int = 2, schedule: str = "1f1b", num_chunks: int = 1,
                          lr: float = 1e-3, max_norm: float | None = 1.0, seed: int = 0, config=None,
                          dtype: torch.dtype = torch.float32, checkpoint_activations: str | None = None,
                          losses=(), before_step=None, after_step=None, trainer_ready=None) -> list[float]:
-    """Train a TinyLlama for `steps` steps on dp × tp × pp ranks (the `tp`, `pp` and `3d` strategies of
+    """Train a TinyLlama for `steps` steps on dp × tp × pp × cp ranks (the `tp`, `pp` and `3d` strategies of
     `gpuforge train`). Returns the losses (on every rank: shared from the last stage). `trainer_ready(trainer)`
     may load a checkpoint and return the losses of the steps it holds; `before_step(step)` and
     `after_step(done, losses)` are run_steps' (a resumed run saves and fails where an uninterrupted one would)."""
-    mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp)
+    mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp, cp=cp)
     trainer = Trainer3D(tiny_llama(seed, seq_len, config, dtype), mesh, schedule=schedule,
                         num_microbatches=num_microbatches, num_chunks=num_chunks, lr=lr,
-                        checkpoint_activations=checkpoint_activations)
+                        checkpoint_activations=checkpoint_activations, cp_attention=cp_attention)
     if trainer_ready is not None:
         losses = trainer_ready(trainer)
 

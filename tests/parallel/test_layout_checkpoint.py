@@ -56,7 +56,7 @@ def test_checkpoint_from_tp2_pp2_resumes_under_other_layouts(tmp_path):
     uninterrupted = single_process_losses(steps=BEFORE + AFTER, batch_size=B, seq_len=S, lr=LR, max_norm=MAX_NORM,
                                           config=tiny_config(), dtype=torch.float64)[BEFORE:]
     meta = json.loads((path / "metadata.json").read_text())
-    assert meta["step"] == BEFORE and meta["layout"] == {"dp": 1, "tp": 2, "pp": 2}
+    assert meta["step"] == BEFORE and meta["layout"] == {"dp": 1, "tp": 2, "pp": 2, "cp": 1}
     assert sorted(p.name for p in path.iterdir()) == ["metadata.json", "part-0.pt", "part-1.pt"]  # one per stage
     for layout, losses in results[0].items():
         diff = max(abs(a - b) / b for a, b in zip(losses, uninterrupted, strict=True))

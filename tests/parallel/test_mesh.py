@@ -1,5 +1,5 @@
-"""3D parallelism (dp × tp × pp, ZeRO-1 over dp) on 8 real gloo processes vs one process, with global
-grad-norm clipping."""
+"""3D parallelism (dp × tp × pp, ZeRO-1 over dp) and 4D (× cp: ring attention or Ulysses, ZeRO-1 over dp × cp)
+on 8 real gloo processes vs one process, with global grad-norm clipping."""
 
 import copy
 from types import SimpleNamespace
@@ -18,11 +18,12 @@ from tests.parallel.test_tensor_parallel import S, shard_of, tiny_config
 B, STEPS, MAX_NORM, LR = 8, 20, 0.05, 1e-2
 
 
-def train_3d(comm, dp, tp, pp, m):
+def train_3d(comm, dp, tp, pp, m, cp=1, cp_attention="ring", schedule="1f1b"):
     torch.manual_seed(0)
     ref = TinyLlama(tiny_config(n_layers=2)).double()
-    mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp)
-    trainer = Trainer3D(copy.deepcopy(ref), mesh, schedule="1f1b", num_microbatches=m, lr=LR)
+    mesh = DeviceMesh(comm, dp=dp, tp=tp, pp=pp, cp=cp)
+    trainer = Trainer3D(copy.deepcopy(ref), mesh, schedule=schedule, num_microbatches=m, lr=LR,
+                        cp_attention=cp_attention)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=LR)
     worst_loss, worst_norm, clipped = 0.0, 0.0, False
     for step in range(STEPS):
@@ -46,16 +47,37 @@ def train_3d(comm, dp, tp, pp, m):
     stage_numel = sum(p.numel() for p in trainer.stage.parameters())
     state_elements = optimizer_state_bytes(trainer.optimizer.optimizer) // 8  # AdamW: exp_avg, exp_avg_sq
     return (worst_loss, worst_norm, worst_param, clipped, (mesh.pp_index, mesh.dp_index, mesh.tp_index),
-            state_elements / (2 * stage_numel))
+            state_elements / (2 * stage_numel), mesh.cp_index,
+            {e.op for e in comm.ledger.entries if e.group == tuple(mesh.cp_group.ranks)})
 
 
 @pytest.mark.distributed
 def test_3d_dp2_tp2_pp2_matches_single_process_float64():
     results = run_distributed(train_3d, 8, 2, 2, 2, 2)
     assert [r[4] for r in results] == [(p, d, t) for p in range(2) for d in range(2) for t in range(2)]
-    for worst_loss, worst_norm, worst_param, clipped, _, state_fraction in results:
+    for worst_loss, worst_norm, worst_param, clipped, _, state_fraction, _, _ in results:
         assert clipped  # the clipping path really ran
         assert 0.5 <= state_fraction < 0.5 + 1e-3, state_fraction  # ZeRO-1: AdamW state for 1/dp of the stage
+        assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
+                                                                                    worst_param)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("dp", "tp", "cp_attention", "schedule"), [(1, 2, "ring", "1f1b"), (2, 1, "ulysses", "zb-h1")])
+def test_4d_pp2_cp2_matches_single_process_float64(dp, tp, cp_attention, schedule):
+    """dp × tp × pp × cp = 8 processes, pp = cp = 2: every rank's pipeline stage runs its CP positions of its DP
+    share of the batch, attention talks over CP (ring attention, or Ulysses with ZB-H1's split backward), ZeRO-1
+    shards AdamW over DP × CP; 20 steps equal one process with clipping."""
+    results = run_distributed(train_3d, 8, dp, tp, 2, 2, 2, cp_attention, schedule)
+    cells = [(p, d, c, t) for p in range(2) for d in range(dp) for c in range(2) for t in range(tp)]
+    assert [(*r[4][:2], r[6], r[4][2]) for r in results] == cells
+    for worst_loss, worst_norm, worst_param, clipped, _, state_fraction, _, cp_ops in results:
+        assert clipped
+        assert 1 / (2 * dp) <= state_fraction < 1 / (2 * dp) + 1e-2, state_fraction  # 1/(dp·cp) of the stage
+        # attention over the CP group: K/V blocks round the ring, or Ulysses' all-to-alls (at dp = 1 the group
+        # is also ZeRO's, whose collectives it carries too)
+        ring = {"send", "recv"} <= cp_ops and "all_to_all" not in cp_ops
+        assert ring if cp_attention == "ring" else ("all_to_all" in cp_ops and "send" not in cp_ops), cp_ops
         assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
                                                                                     worst_param)
 

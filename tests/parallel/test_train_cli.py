@@ -101,6 +101,7 @@ def test_cp_and_ep_configurations_that_cannot_run_exit_with_a_message(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--schedule", "1f1b", "--virtual-stages", "2"], "--virtual-stages is for --schedule interleaved"),
     (["--cp", "2", "--ckpt-dir", "x"], "--ckpt-dir is for the data-parallel and tp/pp/3d strategies"),
+    (["--strategy", "zero2", "--cp", "2"], "--cp is for --strategy cp, tp, pp or 3d, not 'zero2'"),
     (["--ep", "2", "--checkpoint-activations"], "--checkpoint-activations is for the data-parallel and tp/pp/3d"),
     (["--checkpoint-activations", "some"], "argument --checkpoint-activations: invalid choice: 'some'"),
     (["--save-every", "0"], "argument --save-every: expected a positive integer, got 0"),
@@ -135,6 +136,22 @@ def test_pipeline_checkpoint_resumes_under_another_schedule(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     assert (tmp_path / "latest").read_text().strip() == "step-00000002"
     second = _run(TORCHRUN, *common, "--schedule", "zb1p", "--checkpoint-activations", "--steps", "4")
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stdout and "after step 2" in second.stdout
+    diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", second.stdout).group(1))
+    assert diff <= 1e-12
+
+
+def test_4d_checkpoint_resumes_under_another_layout(tmp_path):
+    """--strategy 3d --pp 2 --cp 2 on 4 processes (ring attention inside each pipeline stage, ZeRO-1 over cp)
+    for 2 steps, then the same directory resumed for 2 more at pp 2 without cp on 2 processes: the losses
+    equal one uninterrupted process."""
+    common = ["--ckpt-dir", str(tmp_path), "--save-every", "1", "--seq-len", "16", "--batch", "4"]
+    first = _run([*TORCHRUN[:3], "--nproc_per_node=4", *TORCHRUN[4:]], "--strategy", "3d", "--pp", "2", "--cp", "2",
+                 *common, "--steps", "2")
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert "strategy=3d dp=1 tp=1 pp=2 cp=2 " in first.stdout
+    second = _run(TORCHRUN, "--strategy", "pp", *common, "--steps", "4")
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed from" in second.stdout and "after step 2" in second.stdout
     diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", second.stdout).group(1))
