@@ -5,9 +5,10 @@ a norm). While `recording()` is open, each such module's forward output is kept 
 (`Recorded`); `add(params, output)` keeps one more (a parameter the root module uses itself, e.g. a tied head
 reading the logits). Then
 
-- `backward_input(out, grad_out, inputs, recorded)`: one autograd pass from `out` to the stage's inputs AND to
-  every recorded output; the weight branches of the graph are not run (autograd only computes what a requested
-  input needs), so this is the part of the backward the previous stage waits for;
+- `backward_input(roots, root_grads, inputs, recorded)`: one autograd pass from the roots (the stage's output,
+  and its MoE load-balancing loss) to the stage's inputs AND to every recorded output; the weight branches of
+  the graph are not run (autograd only computes what a requested input needs), so this is the part of the
+  backward the previous stage waits for;
 - `backward_weight(recorded, grads)`: for each recorded output, the gradient of its own parameters from the
   gradient B left at that output: only the ops between that output and the parameters run again.
 
@@ -64,11 +65,12 @@ class SplitBackward:
             self._recording = None
 
     @staticmethod
-    def backward_input(out: torch.Tensor, grad_out: torch.Tensor | None, inputs: list[torch.Tensor],
+    def backward_input(roots: list[torch.Tensor], root_grads: list, inputs: list[torch.Tensor],
                        recorded: list[Recorded]) -> tuple[list, list]:
-        """(gradients of `inputs`, gradients of the recorded outputs); None where a tensor does not reach `out`."""
+        """(gradients of `inputs`, gradients of the recorded outputs) of Σ roots · root_grads (None: a scalar
+        root's gradient 1); None where a tensor reaches no root."""
         wrt = inputs + [r.wrt for r in recorded]
-        grads = torch.autograd.grad(out, wrt, grad_out, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(roots, wrt, root_grads, retain_graph=True, allow_unused=True)
         return list(grads[:len(inputs)]), list(grads[len(inputs):])
 
     @staticmethod

@@ -11,7 +11,9 @@ gradient and both add it (Megatron's embedding group), so their copies stay equa
 `pipeline_schedule`: activations go downstream and activation gradients upstream through the communicator
 (sends non-blocking, waited for at the end of the step: gloo's blocking send would wait for its receive and
 1F1B would deadlock), the loss is computed on the last stage only, each micro-batch's loss is divided by m,
-so the gradients equal single-process gradient accumulation over the m micro-batches of the batch. Under
+so the gradients equal single-process gradient accumulation over the m micro-batches of the batch. A stage
+with mixture-of-experts layers adds their load-balancing losses (/ m) to each micro-batch's backward and keeps
+their sum in `aux_loss` (the step's loss is then the last stage's plus every stage's `aux_loss`). Under
 ZB-H1 a backward is B then W (pipeline_backward.py); the first virtual stage cuts its graph after the
 embedding (its B ends at the embedding output, its W computes the embedding's gradient from there), so a
 weight tied between embedding and head is never reached twice by one W.
@@ -107,6 +109,13 @@ class PipelineStage(nn.Module):
         h = self.norm(h)
         return self._tp_head(h, self.head_weight) if self._tp_head else F.linear(h, self.head_weight)
 
+    def aux_loss(self, chunk: int = 0) -> torch.Tensor | None:
+        """The mixture-of-experts load-balancing losses of the chunk's last forward (None: no MoE layers)."""
+        lo, hi = self.chunk_bounds[chunk]
+        losses = [layer.feed_forward.aux_loss for layer in self.layers[lo:hi]
+                  if hasattr(getattr(layer, "feed_forward", None), "aux_loss")]
+        return sum(losses) if losses else None
+
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self._tp_loss:
             return self._tp_loss(logits, targets)
@@ -180,6 +189,7 @@ class PipelineExecutor:
         xs, ys = inputs.chunk(self.m), targets.chunk(self.m)
         shape = self.activation_shape_fn(xs[0])
         received, outputs, out_grads, saved, weight_work, pending, losses = {}, {}, {}, {}, {}, [], []
+        aux, self.aux_loss = {}, torch.zeros((), dtype=torch.float64)
         self.timeline: list[Event] = []  # this stage's actions of the step, wall-clock seconds (time.time)
         for a in self.actions:
             key = (a.microbatch, a.chunk)
@@ -189,6 +199,10 @@ class PipelineExecutor:
             elif a.op == "F":
                 first = self.stage.holds_first(a.chunk)
                 out, saved[key] = self._forward(xs[a.microbatch] if first else received[key], a.chunk)
+                balance = self.stage.aux_loss(a.chunk)
+                if balance is not None:
+                    aux[key] = balance / self.m
+                    self.aux_loss = self.aux_loss + aux[key].detach().double()
                 if self.stage.holds_last(a.chunk):
                     out = self.stage.loss(out, ys[a.microbatch]) / self.m
                     losses.append(out.detach())
@@ -199,11 +213,12 @@ class PipelineExecutor:
                 out_grads[key] = self.comm.recv(torch.empty(shape, dtype=self.dtype), a.peer)
             elif a.op == "B":
                 out, grad = outputs.pop(key), out_grads.pop(key, None)
+                roots, root_grads = ([out, aux.pop(key)], [grad, None]) if key in aux else ([out], [grad])
                 if self.split is None:
-                    out.backward(grad)
+                    torch.autograd.backward(roots, root_grads)
                 else:
                     inputs_ = [received[key]] if key in received else []
-                    input_grads, grads = self.split.backward_input(out, grad, inputs_, saved[key])
+                    input_grads, grads = self.split.backward_input(roots, root_grads, inputs_, saved[key])
                     if inputs_:
                         received[key].grad = input_grads[0]
                     weight_work[key] = grads

@@ -5,6 +5,7 @@
     mpiexec -n 2 python -m gpuforge train --model tinyllama --strategy ddp --comm mpi --nproc 2
     torchrun --nproc_per_node 2 -m gpuforge train --cp 2 --seq-len 32       # ring attention (or --cp-attention ulysses)
     torchrun --nproc_per_node 8 -m gpuforge train --strategy 3d --tp 2 --pp 2 --cp 2       # 4D: dp × tp × pp × cp
+    torchrun --nproc_per_node 4 -m gpuforge train --strategy pp --pp 2 --ep 2     # TinyMoE: dp 2 × pp 2, ep 2
     mpiexec -n 2 python -m gpuforge train --ep 2 --comm mpi                 # TinyMoE, experts over 2 ranks
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --nproc_per_node 2 --max-restarts 3 -m gpuforge train \
         --ckpt-dir ckpt --save-every 2 --steps 20
@@ -67,6 +68,7 @@ from gpuforge.parallel.training.gathered_loss import GATHERED_FORMS, DataParalle
 from gpuforge.parallel.training.loop import run_steps
 from gpuforge.parallel.training.trainer_3d import single_process_losses, train_model_parallel
 from gpuforge.parallel.training.trainer_cp_ep import default_config, single_process_cp_ep_losses, train_cp_ep
+from gpuforge.parallel.training.trainer_moe_pipeline import train_moe_pipeline
 
 MODEL_ALIASES = {"tinyllama": "tiny_llama", "tinymoe": "tiny_moe"}
 DATA_PARALLEL = OURS
@@ -158,8 +160,14 @@ def parse_args(argv):
         args.virtual_stages = 2 if args.schedule == "interleaved" else 1
     if args.strategy is None:
         args.strategy = "cp" if args.cp is not None else "ep" if args.ep is not None else "ddp"
+    moe_pipeline = args.strategy in MODEL_PARALLEL and args.ep is not None
     if args.model is None:
-        args.model = "tinymoe" if args.strategy == "ep" else "tinyllama"
+        args.model = "tinymoe" if args.strategy == "ep" or moe_pipeline else "tinyllama"
+    if args.ep is not None and args.strategy in DATA_PARALLEL:
+        p.error(f"--ep is for --strategy ep, pp or 3d, not {args.strategy!r}")
+    if moe_pipeline and (args.tp or args.cp or args.ckpt_dir or args.checkpoint_activations):
+        p.error("--ep with --strategy pp/3d trains the TinyMoE over dp × pp × ep: no --tp, --cp, --ckpt-dir or "
+                "--checkpoint-activations")
     if args.cp is not None and args.ep is not None and args.cp > 1 and args.ep > 1:
         p.error("--cp and --ep together: the TinyMoE balances its experts per sequence, which a sharded "
                 "sequence would change; use one of them")
@@ -329,8 +337,11 @@ def _run_model_parallel(comm, args) -> int:
     (4D: dp × tp × pp × cp, ring attention or --cp-attention ulysses); the TinyLlama gets max(2, pp) layers unless
     --n-layers says. A configuration that cannot run exits with a message naming the option, on every rank,
     before any process group is made. Rank 0 compares the losses with one process."""
+    if MODEL_ALIASES.get(args.model, args.model) == "tiny_moe" and args.strategy != "tp":
+        return _run_moe_pipeline(comm, args)
     if MODEL_ALIASES.get(args.model, args.model) != "tiny_llama":
-        raise SystemExit(f"gpuforge train: --strategy {args.strategy} trains the TinyLlama, not --model {args.model}")
+        raise SystemExit(f"gpuforge train: --strategy {args.strategy} trains the TinyLlama (or, pp/3d, the TinyMoE), "
+                         f"not --model {args.model}")
     world = comm.world_size
     cp = args.cp or 1
     tp = args.tp if args.tp is not None else (world // cp if args.strategy == "tp" else 1)
@@ -362,6 +373,41 @@ def _run_model_parallel(comm, args) -> int:
         print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} cp={cp} n_layers={n_layers} schedule={args.schedule} "
               f"virtual_stages={v} microbatches={args.microbatches} "
               f"checkpoint_activations={args.checkpoint_activations} dtype={args.dtype}\n"
+              f"losses         {[f'{x:.6f}' for x in losses]}\n"
+              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
+    return 0 if ok else 1
+
+
+def _run_moe_pipeline(comm, args) -> int:
+    """--strategy pp|3d --model tinymoe [--pp P --dp D --ep E]: the TinyMoE over dp × pp with its experts over
+    ep (ep dividing dp; no drops). Rank 0 compares the losses with one process."""
+    world = comm.world_size
+    ep = args.ep or 1
+    pp = args.pp if args.pp is not None else (world // max(ep, 1) if args.strategy == "pp" else 1)
+    dp = args.dp if args.dp is not None else max(1, world // pp)
+    config = default_config("ep", args.seq_len)
+    config.n_layers = args.n_layers or max(2, pp * args.virtual_stages)
+    schedule = SCHEDULES[args.schedule]
+    try:
+        check_layout(world, config, dp=dp, tp=1, pp=pp, batch_size=args.batch, num_microbatches=args.microbatches,
+                     schedule=schedule, num_chunks=args.virtual_stages)
+        check_degrees(world, dp=dp, tp=1, pp=pp, ep=ep)
+        check_ep_config(config.n_experts, ep)
+    except ValueError as e:
+        raise SystemExit(f"gpuforge train --strategy {args.strategy} --model tinymoe: {e} (--dp {dp} --pp {pp} "
+                         f"--ep {ep} --batch {args.batch} --microbatches {args.microbatches}, world size {world})"
+                         ) from None
+    opts = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, max_norm=args.clip,
+                config=config, dtype=getattr(torch, args.dtype))
+    losses = train_moe_pipeline(comm, dp=dp, pp=pp, ep=ep, schedule=schedule, num_microbatches=args.microbatches,
+                                num_chunks=args.virtual_stages, **opts)
+    ok = True
+    if comm.rank == 0:
+        single = single_process_cp_ep_losses("ep", **opts)
+        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
+        ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
+        print(f"strategy={args.strategy} model=tinymoe dp={dp} pp={pp} ep={ep} schedule={args.schedule} "
+              f"microbatches={args.microbatches} dtype={args.dtype}\n"
               f"losses         {[f'{x:.6f}' for x in losses]}\n"
               f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
     return 0 if ok else 1

@@ -91,7 +91,8 @@ class ExpertParallelTrainer(Trainer):
         return scale_to_max_norm_(grads, (experts_sq + replicated_sq).sqrt(), max_norm)
 
 
-def _model(kind: str, seed: int, config, dtype: torch.dtype) -> nn.Module:
+def seeded_model(kind: str, seed: int, config, dtype: torch.dtype) -> nn.Module:
+    """The TinyMoE (ep) or TinyLlama (cp) every rank and the oracle start from."""
     torch.manual_seed(seed)
     return (TinyMoE if kind == "ep" else TinyLlama)(config).to(dtype)
 
@@ -101,7 +102,7 @@ def train_cp_ep(comm, kind: str, *, dp: int, cp: int = 1, ep: int = 1, steps: in
                 attention: str = "ring", capacity_factor: float | None = None) -> list[float]:
     """The `cp` (TinyLlama, dp × cp) or `ep` (TinyMoE, ep dividing dp) run of `gpuforge train`: the losses."""
     mesh = DeviceMesh(comm, dp=dp, cp=cp, ep=ep)
-    model = _model(kind, seed, config, dtype)
+    model = seeded_model(kind, seed, config, dtype)
     trainer = ContextParallelTrainer(model, mesh, attention=attention, lr=lr) if kind == "cp" else \
         ExpertParallelTrainer(model, mesh, capacity_factor=capacity_factor, lr=lr)
     batches = lambda step: make_batch(seed * 100_003 + step, batch_size, seq_len)
@@ -112,7 +113,7 @@ def train_cp_ep(comm, kind: str, *, dp: int, cp: int = 1, ep: int = 1, steps: in
 def single_process_cp_ep_losses(kind: str, *, steps: int, batch_size: int, seq_len: int, lr: float,
                                 max_norm: float | None, config, dtype: torch.dtype, seed: int = 0) -> list[float]:
     """The same run in one process (the oracle)."""
-    model = _model(kind, seed, config, dtype)
+    model = seeded_model(kind, seed, config, dtype)
     loss = loss_fn if kind == "ep" else (lambda m, batch: lm_loss(m(batch[0]), batch[1]))
     trainer = DataParallelTrainer("single", DataParallelLoss(model, loss), lr=lr)
     return run_steps(trainer, lambda step: [make_batch(seed * 100_003 + step, batch_size, seq_len)], steps,

@@ -143,3 +143,51 @@ def test_cp_and_ep_groups_of_the_mesh():
         DeviceMesh(Listing(0, 8, 0, torch.device("cpu")), dp=4, cp=2, ep=3)
     with pytest.raises(ValueError, match=r"dp·cp·tp·pp = 2·2·1·1 = 4 must equal the world size 8"):
         DeviceMesh(Listing(0, 8, 0, torch.device("cpu")), dp=2, cp=2)
+
+
+def train_moe_pipeline(comm, dp, pp, ep, m):
+    """dp × pp × ep TinyMoE (4 experts, top-2, no drops) vs one process: worst relative loss, norm, parameter
+    differences over 20 clipped AdamW steps; and this rank's mesh cell."""
+    import re
+
+    from gpuforge.models.vol2_llm import TinyMoE, loss_fn
+    from gpuforge.parallel.training.trainer_moe_pipeline import MoEPipelineTrainer
+    from tests.parallel.test_expert_parallel import tiny_config as moe_config
+
+    torch.manual_seed(0)
+    ref = TinyMoE(moe_config()).double()
+    mesh = DeviceMesh(comm, dp=dp, pp=pp, ep=ep)
+    trainer = MoEPipelineTrainer(copy.deepcopy(ref), mesh, num_microbatches=m, lr=LR)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=LR)
+    worst_loss = worst_norm = 0.0
+    for step in range(STEPS):
+        x, y = make_batch(step, B, S)
+        loss_ref = loss_fn(ref, (x, y))
+        loss_ref.backward()
+        norm_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), MAX_NORM).item()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        loss, norm = trainer.step((x, y), MAX_NORM)
+        worst_loss = max(worst_loss, abs(loss - loss_ref.item()) / loss_ref.item())
+        worst_norm = max(worst_norm, abs(norm - norm_ref) / norm_ref)
+    full, first = dict(ref.named_parameters()), mesh.ep_index * (4 // ep)
+    worst_param = 0.0
+    for name, p in trainer.stage.named_parameters():
+        ref_name = re.sub(r"experts\.(\d+)\.", lambda e: f"experts.{first + int(e.group(1))}.",
+                          full_name(trainer.stage, name))
+        w = full[ref_name].detach()
+        worst_param = max(worst_param, ((p.detach() - w).abs().max() / w.abs().max()).item())
+    return worst_loss, worst_norm, worst_param, (mesh.pp_index, mesh.dp_index, mesh.ep_index), len(trainer.experts)
+
+
+@pytest.mark.distributed
+def test_moe_dp4_pp2_ep2_matches_single_process_float64():
+    """The TinyMoE on 8 processes: 2 pipeline stages, each over 4 DP ranks whose pairs share the 4 experts of
+    every MoE layer (ep = 2: two experts per rank; the expert-DP groups of 2 sum their experts' gradients);
+    the balance losses of both stages join the loss. 20 clipped steps equal one process (1e-12)."""
+    results = run_distributed(train_moe_pipeline, 8, 4, 2, 2, 2)
+    assert [r[3] for r in results] == [(p, d, d % 2) for p in range(2) for d in range(4)]
+    for worst_loss, worst_norm, worst_param, _, n_expert_tensors in results:
+        assert n_expert_tensors == 2 * 3  # one MoE layer per stage, 2 local SwiGLU experts of 3 weights each
+        assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
+                                                                                    worst_param)

@@ -90,6 +90,17 @@ def test_cp_and_ep_match_single_process(launcher, argv, degrees):
     assert diff <= 1e-12
 
 
+def test_tinymoe_pipeline_with_experts_over_ep_matches_single_process_on_mpi():
+    """--strategy pp --ep 2 on 4 MPI ranks: the TinyMoE in 2 stages of ZB-H1 (the balance losses in each
+    stage's split backward), each over dp 2 sharing its experts: the same losses as one process."""
+    proc = _run([str(BIN / "mpiexec"), "-n", "4", *MPIEXEC[3:]], "--strategy", "pp", "--ep", "2", "--comm", "mpi",
+                "--schedule", "zb1p", "--steps", "2", "--seq-len", "16", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "strategy=pp model=tinymoe dp=2 pp=2 ep=2 schedule=zb1p" in proc.stdout
+    diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", proc.stdout).group(1))
+    assert diff <= 1e-12
+
+
 def test_cp_and_ep_configurations_that_cannot_run_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--cp", "2", "--ep", "2"])
@@ -102,6 +113,8 @@ def test_cp_and_ep_configurations_that_cannot_run_exit_with_a_message(capsys):
     (["--schedule", "1f1b", "--virtual-stages", "2"], "--virtual-stages is for --schedule interleaved"),
     (["--cp", "2", "--ckpt-dir", "x"], "--ckpt-dir is for the data-parallel and tp/pp/3d strategies"),
     (["--strategy", "zero2", "--cp", "2"], "--cp is for --strategy cp, tp, pp or 3d, not 'zero2'"),
+    (["--strategy", "ddp", "--ep", "2"], "--ep is for --strategy ep, pp or 3d, not 'ddp'"),
+    (["--strategy", "3d", "--ep", "2", "--tp", "2"], "--ep with --strategy pp/3d trains the TinyMoE over dp × pp × ep"),
     (["--ep", "2", "--checkpoint-activations"], "--checkpoint-activations is for the data-parallel and tp/pp/3d"),
     (["--checkpoint-activations", "some"], "argument --checkpoint-activations: invalid choice: 'some'"),
     (["--save-every", "0"], "argument --save-every: expected a positive integer, got 0"),
