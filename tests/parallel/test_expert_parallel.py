@@ -1,4 +1,4 @@
-"""Expert parallelism for the TinyMoE on real gloo process groups at ep = 2 and 4 and on real MPI at ep = 4:
+"""Expert parallelism for the TinyMoE on real gloo process groups and real MPI at ep = 2 and 4:
 20 steps in no-drop mode equal one process in float64 (1e-12), the ledger of a step equals theory, the
 capacity factor drops by the documented policy, and experts that ep does not divide raise on every rank.
 Every case of one (communicator, ep) runs in ONE spawned job (`ep_results`, cached)."""
@@ -21,7 +21,7 @@ from gpuforge.parallel.model_parallel.expert_parallel import (
 from tests.parallel.dist_harness import run_distributed
 
 B, S, STEPS = 4, 8, 20
-LAYOUTS = [("torch", 2), ("torch", 4), ("mpi", 4)]  # MPI jobs cost ~5 s of start-up each: one layout
+LAYOUTS = [("torch", 2), ("torch", 4), ("mpi", 2), ("mpi", 4)]
 
 
 def tiny_config(n_experts=4):

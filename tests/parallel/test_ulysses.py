@@ -1,5 +1,5 @@
-"""Ulysses sequence parallelism (all-to-all heads <-> sequence) on real gloo process groups at degree 2 and 4
-and on real MPI at degree 4: 20 TinyLlama steps equal one process in float64, four all-to-alls per layer each
+"""Ulysses sequence parallelism (all-to-all heads <-> sequence) on real gloo process groups and
+real MPI at degree 2 and 4: 20 TinyLlama steps equal one process in float64, four all-to-alls per layer each
 way, and a degree that does not divide the KV heads is a clear ValueError on every rank. The training runs
 inside the context-parallel jobs (test_context_parallel.cp_results: one per communicator and degree)."""
 
