@@ -48,14 +48,16 @@ def train_3d(comm, dp, tp, pp, m, cp=1, cp_attention="ring", schedule="1f1b"):
     state_elements = optimizer_state_bytes(trainer.optimizer.optimizer) // 8  # AdamW: exp_avg, exp_avg_sq
     return (worst_loss, worst_norm, worst_param, clipped, (mesh.pp_index, mesh.dp_index, mesh.tp_index),
             state_elements / (2 * stage_numel), mesh.cp_index,
-            {e.op for e in comm.ledger.entries if e.group == tuple(mesh.cp_group.ranks)})
+            {e.op for e in comm.ledger.entries if e.group == tuple(mesh.cp_group.ranks)},
+            [(e.op, e.shape) for e in comm.ledger.entries if e.op == "send"
+             and e.group in (tuple(mesh.cp_group.ranks), tuple(mesh.pp_group.ranks))])
 
 
 @pytest.mark.distributed
 def test_3d_dp2_tp2_pp2_matches_single_process_float64():
     results = run_distributed(train_3d, 8, 2, 2, 2, 2)
     assert [r[4] for r in results] == [(p, d, t) for p in range(2) for d in range(2) for t in range(2)]
-    for worst_loss, worst_norm, worst_param, clipped, _, state_fraction, _, _ in results:
+    for worst_loss, worst_norm, worst_param, clipped, _, state_fraction, *_ in results:
         assert clipped  # the clipping path really ran
         assert 0.5 <= state_fraction < 0.5 + 1e-3, state_fraction  # ZeRO-1: AdamW state for 1/dp of the stage
         assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
@@ -71,13 +73,22 @@ def test_4d_pp2_cp2_matches_single_process_float64(dp, tp, cp_attention, schedul
     results = run_distributed(train_3d, 8, dp, tp, 2, 2, 2, cp_attention, schedule)
     cells = [(p, d, c, t) for p in range(2) for d in range(dp) for c in range(2) for t in range(tp)]
     assert [(*r[4][:2], r[6], r[4][2]) for r in results] == cells
-    for worst_loss, worst_norm, worst_param, clipped, _, state_fraction, _, cp_ops in results:
+    for (worst_loss, worst_norm, worst_param, clipped, (pp_index, *_), state_fraction, _, cp_ops,
+         sends) in results:
         assert clipped
         assert 1 / (2 * dp) <= state_fraction < 1 / (2 * dp) + 1e-2, state_fraction  # 1/(dp·cp) of the stage
         # attention over the CP group: K/V blocks round the ring, or Ulysses' all-to-alls (at dp = 1 the group
         # is also ZeRO's, whose collectives it carries too)
         ring = {"send", "recv"} <= cp_ops and "all_to_all" not in cp_ops
         assert ring if cp_attention == "ring" else ("all_to_all" in cp_ops and "send" not in cp_ops), cp_ops
+        # ledger = theory per step: each of the m = 2 micro-batches crosses the stage boundary once (activation
+        # forward from stage 0, its gradient back from stage 1: (b/m, s/cp, dim)); under ring attention each
+        # micro-batch and layer (one per stage) sends K and V cp − 1 times forward, K/V cp − 1 times and
+        # dK/dV cp times backward: 4(cp − 1) + 2cp blocks of (b/m, kv heads / tp, s/cp, head dim); and once a
+        # step the first and last stage swap the tied embedding's gradient (this rank's vocabulary rows)
+        boundary = [("send", (B // dp // 2, S // 2, 32))] * 2 * STEPS + [("send", (-(-131 // tp), 32))] * STEPS
+        ring = [("send", (B // dp // 2, 4 // tp, S // 2, 4))] * (4 + 4) * 2 * STEPS if cp_attention == "ring" else []
+        assert sorted(sends) == sorted(boundary + ring), (pp_index, len(sends), sorted(set(sends)))
         assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
                                                                                     worst_param)
 
