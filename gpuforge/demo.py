@@ -2,7 +2,8 @@
 backend that runs here, a quick benchmark of every op with its plots, what an A100 and an H100 would run of a
 few kernels (registers, spills, shared memory, tensor-core and TMA instructions), a tiny HuggingFace Llama patched by
 apply_gpuforge trained beside the unpatched one, and a short 2-process training run of each parallel strategy
-compared with single-process training. Exits non-zero if any part fails."""
+(and 4-process runs of a 4D mesh and of the TinyMoE pipelined with experts over ep) compared with single-process
+training. Exits non-zero if any part fails."""
 
 from __future__ import annotations
 
@@ -73,26 +74,30 @@ def training_strategies() -> list[str]:
     return list(STRATEGIES)
 
 
-# Beyond TinyLlama under every strategy (TinyMoE under ep): an image model, and TinyCLIP's coupled loss in its
-# gathered form.
-OTHER_MODEL_RUNS = (("zero2", "tiny_convnext"), ("ddp", "tiny_clip"))
+# Beyond TinyLlama under every strategy (TinyMoE under ep): an image model, TinyCLIP's coupled loss in its
+# gathered form, and on 4 processes a 4D mesh (pipeline stages with their sequence over cp) and the TinyMoE
+# in a pipeline with its experts over ep: (strategy, model, extra arguments, processes; None: --nproc).
+OTHER_MODEL_RUNS = (("zero2", "tiny_convnext", (), None), ("ddp", "tiny_clip", (), None),
+                    ("3d", "tinyllama", ("--pp", "2", "--cp", "2", "--seq-len", "16"), 4),
+                    ("pp", "tinymoe", ("--pp", "2", "--ep", "2"), 4))
 
 
 def run_training(nproc: int, steps: int) -> bool:
     """One torchrun launch per strategy (and per other model run); each run compares itself with
     single-process training on rank 0."""
     ok = True
-    runs = [(strategy, "tinymoe" if strategy == "ep" else "tinyllama") for strategy in training_strategies()]
+    runs = [(strategy, "tinymoe" if strategy == "ep" else "tinyllama", (), None) for strategy in training_strategies()]
     runs += OTHER_MODEL_RUNS if runs else []
-    for strategy, model in runs:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "gpuforge", "train", "--strategy", strategy, "--model", model, "--steps", str(steps)]
+    for strategy, model, extra, processes in runs:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={processes or nproc}", "-m", "gpuforge", "train", "--strategy", strategy,
+                   "--model", model, "--steps", str(steps), *extra]
         start = time.perf_counter()
         result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         verdict = "ok  " if result.returncode == 0 else "FAIL"
         summary = result.stdout.strip().splitlines()
-        label = f"{strategy} {model}"
-        print(f"{verdict} {label:<22} {time.perf_counter() - start:5.1f}s  {summary[-1] if summary else ''}")
+        label = " ".join((strategy, model, *extra[:4]))
+        print(f"{verdict} {label:<34} {time.perf_counter() - start:5.1f}s  {summary[-1] if summary else ''}")
         if result.returncode != 0:
             print("\n".join((result.stdout + result.stderr).strip().splitlines()[-20:]))
             ok = False
