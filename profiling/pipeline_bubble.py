@@ -1,5 +1,5 @@
-"""Measured pipeline bubble of interleaved 1F1B and ZB-H1 (and 1F1B) beside the simulator's, and step times
-beside torch.distributed.pipelining's Interleaved1F1B and ZBVZeroBubble (a benchmark, not a test).
+"""Measured pipeline bubble of interleaved 1F1B, ZB-H1 and DualPipeV (and 1F1B) beside the simulator's, and step times
+beside torch.distributed.pipelining's Interleaved1F1B, ZBVZeroBubble and DualPipeV (a benchmark, not a test).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 -m gpuforge.profiling.pipeline_bubble \
         --out profiling/results/cpu-pipeline-bubble
@@ -8,8 +8,8 @@ Every rank runs the same TinyLlama (float32) cut into p = 2 stages of `--layers`
 per-op start/end times (PipelineExecutor.timeline, wall clock of one machine) give the measured bubble
 (pipeline_sim.measured_result: idle stage-time over stage-time between the step's first start and last end);
 the simulator's figure is `simulate` of the same schedule with each action's cost taken from the same step
-(a compute op its measured duration, a message its measured latency, a send's or receive's own time on its
-stage; `_costs`), so the difference is what the simulator does not model: the runtime's own overhead between
+(a compute op its measured duration, a send's or receive's own time on its stage, every message the step's
+median latency; `_costs`), so the difference is what the simulator does not model: the runtime's own overhead between
 actions, an order of execution other than the schedule's, a wait the schedule does not have (a thread per
 message once cost every send and receive 1-10 ms on this machine: interleaved 1F1B measured 25 points above).
 The table gives both (medians over the timed
@@ -35,10 +35,10 @@ from torch import nn
 from gpuforge.models.vol2_llm import TinyLlama, TinyLlamaConfig, make_batch
 from gpuforge.parallel.comm import init_comm
 from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split
-from gpuforge.parallel.model_parallel.pipeline_schedule import COMPUTE_OPS, make_schedule
+from gpuforge.parallel.model_parallel.pipeline_schedule import COMPUTE_OPS, make_schedule, placement_of, virtual_stage
 from gpuforge.parallel.model_parallel.pipeline_sim import measured_result, simulate
 
-OURS = [("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1)]  # (schedule, model chunks per stage)
+OURS = [("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("dualpipev", 2)]  # (schedule, model chunks per stage)
 
 
 def parse_args(argv=None):
@@ -69,35 +69,37 @@ def _timed(step, comm) -> float:
     return elapsed.item()
 
 
-def _costs(events):
+def _costs(events, placement: str = "loop"):
     """The simulator's costs of each action, from one measured step: (cost, stage_time) for `simulate`.
 
     A compute op costs its own duration. A send occupies its stage for its call's duration; a receive, once its
     message is there, for the stage's median receive of a message already sent when the receive was posted (the
-    copy out; ~0.1-0.3 ms). A message's latency is then what makes its receive end when it did: receive end
-    - the receive's own time - send start (at least 0)."""
+    copy out; ~0.1-0.3 ms). Every message takes one latency, the median over the receives that waited for their
+    message of (receive end - its own time - send start): one number for the step, not fitted message by
+    message, so a wait the runtime adds somewhere shows up as a difference."""
     p = 1 + max(e.stage for e in events)
     own = {(e.stage, e.action): e.end - e.start for e in events if e.action.op in COMPUTE_OPS}
     occupied = {(e.stage, e.action): e.end - e.start for e in events if e.action.op in ("SEND_F", "SEND_B")}
-    recvs = {(e.action.op, e.action.microbatch, e.action.chunk * p + e.stage): e for e in events
-             if e.action.op in ("RECV_F", "RECV_B")}
+    vs = lambda e: virtual_stage(e.stage, e.action.chunk, p, placement)  # noqa: E731
+    recvs = {(e.action.op, e.action.microbatch, vs(e)): e for e in events if e.action.op in ("RECV_F", "RECV_B")}
     sends = []
     for e in events:
         if e.action.op in ("SEND_F", "SEND_B"):
-            to = e.action.chunk * p + e.stage + (1 if e.action.op == "SEND_F" else -1)
+            to = vs(e) + (1 if e.action.op == "SEND_F" else -1)
             sends.append((e, recvs[("RECV_" + e.action.op[-1], e.action.microbatch, to)]))
     for stage in range(p):
         queued = [r.end - r.start for s, r in sends if r.stage == stage and s.end <= r.start]
         copy_out = statistics.median(queued) if queued else 0.0
         occupied.update({(r.stage, r.action): copy_out for _, r in sends if r.stage == stage})
-    for s, r in sends:
-        own[(s.stage, s.action)] = max(0.0, r.end - occupied[(r.stage, r.action)] - s.start)
+    waited = [max(0.0, r.end - occupied[(r.stage, r.action)] - s.start) for s, r in sends if r.start < s.end]
+    latency = statistics.median(waited) if waited else 0.0
+    own.update({(s.stage, s.action): latency for s, _ in sends})
     return (lambda stage, action: own.get((stage, action), 0.0),
             lambda stage, action: occupied.get((stage, action), 0.0))
 
 
 def measure_ours(comm, args, schedule: str, chunks: int) -> dict:
-    stage = pipeline_split(_model(args), comm.world_size, chunks)[comm.rank]
+    stage = pipeline_split(_model(args), comm.world_size, chunks, placement_of(schedule))[comm.rank]
     executor = PipelineExecutor(stage, comm, schedule=schedule, num_microbatches=args.microbatches)
     x, y = make_batch(0, args.batch, args.seq_len)
     times, measured, simulated = [], [], []
@@ -109,7 +111,8 @@ def measure_ours(comm, args, schedule: str, chunks: int) -> dict:
         if i < args.warmup:
             continue
         events = [e for timeline in timelines for e in timeline]
-        sim = simulate(make_schedule(schedule, comm.world_size, args.microbatches, chunks), *_costs(events))
+        sim = simulate(make_schedule(schedule, comm.world_size, args.microbatches, chunks),
+                       *_costs(events, placement_of(schedule)), placement=placement_of(schedule))
         times.append(t)
         measured.append(measured_result(events).bubble_fraction)
         simulated.append(sim.bubble_fraction)
@@ -137,18 +140,18 @@ class _Chunk(nn.Module):
 
 def measure_torch(comm, args, name: str) -> dict:
     """torch.distributed.pipelining's schedule `name` on the same model, 2 stages per rank."""
-    from torch.distributed.pipelining import PipelineStage, ScheduleInterleaved1F1B, ScheduleZBVZeroBubble
+    from torch.distributed import pipelining
 
     p, rank = comm.world_size, comm.rank
     n_stages = 2 * p
     per = args.layers // n_stages
-    # interleaved: rank r holds stages r and r + p; ZBV (V shape): rank r holds stages r and 2p - 1 - r
+    # interleaved: rank r holds stages r and r + p; ZBV and DualPipeV (V shape): stages r and 2p - 1 - r
     mine = [rank, rank + p] if name == "Interleaved1F1B" else [rank, n_stages - 1 - rank]
     model = _model(args)
-    stages = [PipelineStage(_Chunk(model, s * per, (s + 1) * per), s, n_stages, torch.device("cpu"))
+    stages = [pipelining.PipelineStage(_Chunk(model, s * per, (s + 1) * per), s, n_stages, torch.device("cpu"))
               for s in mine]
     loss_fn = lambda logits, targets: F.cross_entropy(logits.flatten(0, 1), targets.flatten())  # noqa: E731
-    cls = ScheduleInterleaved1F1B if name == "Interleaved1F1B" else ScheduleZBVZeroBubble
+    cls = getattr(pipelining, f"Schedule{name}")
     schedule = cls(stages, n_microbatches=args.microbatches, loss_fn=loss_fn)
     x, y = make_batch(0, args.batch, args.seq_len)
 
@@ -167,8 +170,8 @@ def markdown(env: dict, rows: list[dict]) -> str:
              f"micro-batches, float32, forward + backward (no optimizer step); medians of {env['steps']} steps "
              f"after {env['warmup']} warm-up; torch {env['torch']}, 1 thread per rank, {env['cpu_cores']} cores, "
              f"load average {env['load'][0]:.1f} before, {env['load'][1]:.1f} after. Simulated: the same schedule "
-             "with each action's measured cost of the same step (compute: its duration; message: its latency; "
-             "send/receive: its own time on the stage).", "",
+             "with each action's measured cost of the same step (compute: its duration; send/receive: its own time on "
+             "the stage; every message: the step's median latency).", "",
              "| schedule | chunks/stage | step ms | measured bubble | simulated bubble | diff (points) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
     try:
         load = os.getloadavg()[0]
         rows = [measure_ours(comm, args, s, v) for s, v in OURS]
-        for name in ("Interleaved1F1B", "ZBVZeroBubble"):
+        for name in ("Interleaved1F1B", "ZBVZeroBubble", "DualPipeV"):
             try:
                 rows.append(measure_torch(comm, args, name))
             except Exception as err:  # noqa: BLE001 - recorded in the table: why PyTorch's did not run here

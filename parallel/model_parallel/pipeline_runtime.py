@@ -30,7 +30,13 @@ from torch import nn
 
 from gpuforge.parallel.comm.group import as_group_comm
 from gpuforge.parallel.model_parallel.pipeline_backward import Recorded, SplitBackward, direct_parameters
-from gpuforge.parallel.model_parallel.pipeline_schedule import CHUNKED, SCHEDULES, make_schedule
+from gpuforge.parallel.model_parallel.pipeline_schedule import (
+    CHUNKED,
+    SCHEDULES,
+    make_schedule,
+    placement_of,
+    virtual_stage,
+)
 from gpuforge.parallel.model_parallel.pipeline_sim import Event
 
 
@@ -47,16 +53,19 @@ def split_layers(n_layers: int, num_stages: int) -> list[range]:
     return [range(bounds[s], bounds[s + 1]) for s in range(num_stages)]
 
 
-def split_chunks(n_layers: int, num_stages: int, num_chunks: int = 1) -> list[list[range]]:
-    """For each stage, the layer runs of its chunks (virtual stages c·num_stages + s). Several chunks need
-    n_layers divisible by num_stages · num_chunks: the interleaved schedule assumes equal virtual stages."""
+def split_chunks(n_layers: int, num_stages: int, num_chunks: int = 1, placement: str = "loop") -> list[list[range]]:
+    """For each stage, the layer runs of its chunks (virtual stages by `placement`, pipeline_schedule.py: c·p + s
+    or DualPipeV's V). Several chunks need n_layers divisible by num_stages · num_chunks: the interleaved and
+    V schedules assume equal virtual stages."""
     if not isinstance(num_chunks, int) or num_chunks < 1:
         raise ValueError(f"num_chunks must be a positive int, got {num_chunks!r}")
     if num_chunks > 1 and n_layers % (num_stages * num_chunks):
         raise ValueError(f"n_layers ({n_layers}) must be divisible by pp · virtual stages = {num_stages} · "
                          f"{num_chunks} for the interleaved schedule")
+    if placement == "v" and num_chunks != 2:
+        raise ValueError(f"num_chunks: the V placement holds 2 model chunks per stage, got {num_chunks}")
     runs = split_layers(n_layers, num_stages * num_chunks)
-    return [[runs[c * num_stages + s] for c in range(num_chunks)] for s in range(num_stages)]
+    return [[runs[virtual_stage(s, c, num_stages, placement)] for c in range(num_chunks)] for s in range(num_stages)]
 
 
 class PipelineStage(nn.Module):
@@ -65,13 +74,15 @@ class PipelineStage(nn.Module):
 
     `model` is a TinyLlama or a `TensorParallelLM` (3D: each stage is also tensor-parallel)."""
 
-    def __init__(self, model: nn.Module, index: int, num_stages: int, num_chunks: int = 1):
+    def __init__(self, model: nn.Module, index: int, num_stages: int, num_chunks: int = 1, placement: str = "loop"):
         super().__init__()
-        self.index, self.num_stages, self.num_chunks = index, num_stages, num_chunks
-        self.is_first, self.is_last = index == 0, index == num_stages - 1
+        self.index, self.num_stages, self.num_chunks, self.placement = index, num_stages, num_chunks, placement
+        self.virtual = [virtual_stage(index, c, num_stages, placement) for c in range(num_chunks)]
+        last = num_stages * num_chunks - 1
+        self.is_first, self.is_last = 0 in self.virtual, last in self.virtual  # both: DualPipeV's first stage
         self.config = model.config
         self.comm = getattr(model, "comm", None)  # the TP communicator of a TensorParallelLM
-        runs = split_chunks(len(model.layers), num_stages, num_chunks)[index]
+        runs = split_chunks(len(model.layers), num_stages, num_chunks, placement)[index]
         self.layer_range = [i for run in runs for i in run]  # global layer index of each of self.layers
         bounds = [0]
         for run in runs:
@@ -91,10 +102,15 @@ class PipelineStage(nn.Module):
         return self.tok_embeddings.weight if self.is_first else (self.head_weight if self.is_last else None)
 
     def holds_first(self, chunk: int) -> bool:
-        return self.is_first and chunk == 0
+        return self.virtual[chunk] == 0
 
     def holds_last(self, chunk: int) -> bool:
-        return self.is_last and chunk == self.num_chunks - 1
+        return self.virtual[chunk] == self.num_stages * self.num_chunks - 1
+
+    def local_input(self, chunk: int) -> int | None:
+        """The chunk of this stage whose output is `chunk`'s input (the V's turn), or None: it comes by message."""
+        before = self.virtual[chunk] - 1
+        return self.virtual.index(before) if self.placement == "v" and before in self.virtual else None
 
     def forward(self, x: torch.Tensor, chunk: int = 0) -> torch.Tensor:
         return self.body(self.tok_embeddings(x) if self.holds_first(chunk) else x, chunk)
@@ -123,10 +139,11 @@ class PipelineStage(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def pipeline_split(model: nn.Module, num_stages: int, num_chunks: int = 1) -> list[PipelineStage]:
-    """All stages of `model` (each rank keeps the one at its stage index)."""
-    split_chunks(len(model.layers), num_stages, num_chunks)
-    return [PipelineStage(model, s, num_stages, num_chunks) for s in range(num_stages)]
+def pipeline_split(model: nn.Module, num_stages: int, num_chunks: int = 1,
+                   placement: str = "loop") -> list[PipelineStage]:
+    """All stages of `model` (each rank keeps the one at its stage index); `placement` "v" for DualPipeV."""
+    split_chunks(len(model.layers), num_stages, num_chunks, placement)
+    return [PipelineStage(model, s, num_stages, num_chunks, placement) for s in range(num_stages)]
 
 
 def check_schedule(schedule: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> None:
@@ -144,10 +161,18 @@ class PipelineExecutor:
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
         if stage.num_chunks > 1 and schedule not in CHUNKED:
             raise ValueError(f"schedule: a stage of {stage.num_chunks} model chunks runs {CHUNKED}, not {schedule!r}")
+        if stage.placement != placement_of(schedule):
+            raise ValueError(f"schedule {schedule!r} places its chunks {placement_of(schedule)!r}; the stage was cut "
+                             f"for {stage.placement!r} (pipeline_split(..., placement=placement_of(schedule)))")
         if self.comm.size != stage.num_stages or self.comm.rank != stage.index:
             raise ValueError(f"stage {stage.index} of {stage.num_stages} needs a group of {stage.num_stages} ranks "
                              f"with it at rank {stage.index}; got rank {self.comm.rank} of {self.comm.size}")
         self.actions = make_schedule(schedule, stage.num_stages, num_microbatches, stage.num_chunks)[stage.index]
+        if any(a.op == "W" for a in self.actions) and any(
+                getattr(layer.forward, "checkpoint_policy", None) == "selective" for layer in stage.layers):
+            raise ValueError(f"schedule {schedule!r} splits each backward into B and W, two backward passes over a "
+                             "block, and torch's selective activation checkpointing allows one: checkpoint the "
+                             "blocks 'full' or use another schedule")
         config = stage.config
         self.dtype = next(stage.parameters()).dtype
         # every stage cut from the same model, run with the same schedule (a layer-count or hidden-size
@@ -194,6 +219,9 @@ class PipelineExecutor:
         for a in self.actions:
             key = (a.microbatch, a.chunk)
             start = time.time()
+            local = self.stage.local_input(a.chunk)
+            if a.op == "F" and local is not None:  # the V's turn: chunk `local`'s output, cut for B
+                received[key] = outputs[(a.microbatch, local)].detach().requires_grad_()
             if a.op == "RECV_F":
                 received[key] = self.comm.recv(torch.empty(shape, dtype=self.dtype), a.peer).requires_grad_()
             elif a.op == "F":
@@ -222,6 +250,8 @@ class PipelineExecutor:
                     if inputs_:
                         received[key].grad = input_grads[0]
                     weight_work[key] = grads
+                if local is not None:
+                    out_grads[(a.microbatch, local)] = received.pop(key).grad
             elif a.op == "SEND_B":
                 pending.append(self.comm.isend(received.pop(key).grad.contiguous(), a.peer))
             elif a.op == "W":
@@ -234,7 +264,7 @@ class PipelineExecutor:
 
     def sync_tied_grads(self) -> None:
         """First and last stage swap the tied embedding/head gradient and both add it."""
-        if self.stage.num_stages == 1 or not (self.stage.is_first or self.stage.is_last):
+        if self.stage.is_first == self.stage.is_last:  # one copy here (both), or none (neither)
             return
         w = self.stage.tied_weight()
         peer = self.stage.num_stages - 1 if self.stage.is_first else 0

@@ -14,6 +14,14 @@ Both have the same bubble, (p - 1) / (m + p - 1) of the step at equal per-stage 
 - ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism"): 1F1B with B and W apart and W deferred into the
   bubbles, at most p micro-batches held per stage (1F1B's peak); at F = B = W and m >= p the bubble is
   (p - 1) / (3m + p - 1): p - 1 idle units per stage, a third of 1F1B's 3(p - 1) (its B being B + W).
+- DualPipeV (DeepSeek's DualPipe folded into a V, as in torch's ScheduleDualPipeV): 2 model chunks per stage
+  placed in a V, stage s holding virtual stages s and 2p − 1 − s, so the first stage computes the embedding and
+  the loss and the last stage hands chunk 0's output to its chunk 1 without a message; eight phases of
+  forwards, full and split backwards per stage (`dualpipe_v`). Here a stage runs one action at a time, so the
+  forward-backward pairs DualPipe overlaps run one after the other.
+
+A schedule's placement says where virtual stage k lives: "loop" (interleaved and the one-chunk schedules: chunk
+c of stage s is virtual stage c·p + s) or "v" (DualPipeV). `virtual_stage` maps (stage, chunk) to it.
 """
 
 from __future__ import annotations
@@ -38,6 +46,13 @@ class Action:
         suffix = "" if self.peer is None else f"@{self.peer}"
         chunk = f"c{self.chunk}" if self.chunk else ""
         return f"{self.op}{self.microbatch}{chunk}{suffix}"
+
+
+def virtual_stage(stage: int, chunk: int, num_stages: int, placement: str = "loop") -> int:
+    """The virtual stage (position in the model's chain of chunks) of `chunk` on `stage`."""
+    if placement == "v":
+        return stage if chunk == 0 else 2 * num_stages - 1 - stage
+    return chunk * num_stages + stage
 
 
 def _check(num_stages: int, num_microbatches: int) -> None:
@@ -167,9 +182,125 @@ def zero_bubble_h1(num_stages: int, num_microbatches: int) -> list[list[Action]]
     return schedule
 
 
+def dualpipe_v(num_stages: int, num_microbatches: int) -> list[list[Action]]:
+    """DualPipeV on p stages, m >= 2p micro-batches, chunk 0 of stage s = virtual stage s, chunk 1 = 2p − 1 − s.
+
+    Stage s computes, in order (DeepSeek's DualPipeV phases; a "zb" backward is B alone, its W queued and run
+    later in queue order, any other backward is B then W at once):
+      1. 2(p − s − 1) forwards of chunk 0;            2. s + 1 times: forward chunk 0, forward chunk 1;
+      3. p − s − 1 times: zb backward chunk 1, one queued W, forward chunk 1;
+      4. m − 2p + s + 1 times: forward chunk 0, backward chunk 1, forward chunk 1, backward chunk 0;
+      5. p − s − 1 times: backward chunk 1, forward chunk 1, backward chunk 0;
+      6. s + 1 times: backward chunk 1, backward chunk 0, zb from the middle of the phase on;
+      7. p − s − 1 times: one queued W, zb backward chunk 0;   8. the s + 1 queued W's.
+    Each forward or backward sends its boundary tensor to the stage of the next virtual stage at once (none at
+    the V's turn, the last stage); each receive is posted just before the compute that needs it, or earlier
+    where the peer sent other messages before it (messages between two stages are matched in order)."""
+    _check(num_stages, num_microbatches)
+    p, m = num_stages, num_microbatches
+    if m < 2 * p:
+        raise ValueError(f"DualPipeV needs num_microbatches ({m}) >= 2 · num_stages ({2 * p})")
+    computes = [_dualpipe_v_computes(s, p, m) for s in range(p)]
+
+    def message(s: int, a: Action) -> tuple[str, int, int] | None:
+        """(kind, receiving stage, receiving chunk) of the tensor compute `a` of stage s sends; None: local/last."""
+        v = virtual_stage(s, a.chunk, p, "v")
+        to = v + (1 if a.op == "F" else -1)
+        if a.op == "W" or not 0 <= to < 2 * p:
+            return None
+        dst, chunk = (to, 0) if to < p else (2 * p - 1 - to, 1)
+        return None if dst == s else (a.op, dst, chunk)
+
+    sent = {(src, dst): [] for src in range(p) for dst in (src - 1, src + 1) if 0 <= dst < p}
+    with_sends = []
+    for s, acts in enumerate(computes):
+        out = []
+        for a in acts:
+            out.append(a)
+            msg = message(s, a)
+            if msg is not None:
+                kind, dst, chunk = msg
+                out.append(Action("SEND_" + kind, a.microbatch, dst, a.chunk))
+                sent[(s, dst)].append((kind, a.microbatch, chunk))
+        with_sends.append(out)
+    schedule = []
+    for s, acts in enumerate(with_sends):
+        received = {src: 0 for (src, dst) in sent if dst == s}
+        out = []
+        for a in acts:
+            need = _dualpipe_v_input(s, a, p)
+            if need is not None:
+                src, kind = need
+                queue = sent[(src, s)]
+                target = queue.index((kind, a.microbatch, a.chunk))
+                for k, c_mb, chunk in queue[received[src]:target + 1]:
+                    out.append(Action("RECV_" + k, c_mb, src, chunk))
+                received[src] = max(received[src], target + 1)
+            out.append(a)
+        schedule.append(out)
+    return schedule
+
+
+def _dualpipe_v_input(s: int, a: Action, p: int) -> tuple[int, str] | None:
+    """(stage, kind) whose message compute `a` of stage s needs first; None: its input is on the stage."""
+    if a.op not in ("F", "B"):
+        return None
+    v = virtual_stage(s, a.chunk, p, "v")
+    frm = v - 1 if a.op == "F" else v + 1
+    if not 0 <= frm < 2 * p:
+        return None
+    src = frm if frm < p else 2 * p - 1 - frm
+    return None if src == s else (src, a.op)
+
+
+def _dualpipe_v_computes(s: int, p: int, m: int) -> list[Action]:
+    """The compute actions (F, B, W) of stage s under DualPipeV, in order (see `dualpipe_v`)."""
+    acts, nxt, done, queued = [], {"F": [0, 0], "B": [0, 0]}, [], []
+
+    def run(op: str, chunk: int, zb: bool = False) -> None:
+        mb = nxt[op][chunk]
+        nxt[op][chunk] += 1
+        acts.append(Action(op, mb, None, chunk))
+        if op == "B":
+            (queued if zb else done).append(Action("W", mb, None, chunk))
+            if not zb:
+                acts.append(done.pop())
+
+    def weight() -> None:
+        acts.append(queued.pop(0))
+
+    for _ in range(2 * (p - s - 1)):
+        run("F", 0)
+    for _ in range(s + 1):
+        run("F", 0), run("F", 1)
+    for _ in range(p - s - 1):
+        run("B", 1, zb=True), weight(), run("F", 1)
+    for _ in range(m - 2 * p + s + 1):
+        run("F", 0), run("B", 1), run("F", 1), run("B", 0)
+    for _ in range(p - s - 1):
+        run("B", 1), run("F", 1), run("B", 0)
+    zb = False
+    for i in range(s + 1):
+        zb = zb or (i == (s + 1) // 2 and s % 2 == 1)
+        run("B", 1, zb)
+        zb = zb or (i == (s + 1) // 2 and s % 2 == 0)
+        run("B", 0, zb)
+    for _ in range(p - s - 1):
+        weight(), run("B", 0, zb=True)
+    for _ in range(s + 1):
+        weight()
+    return acts
+
+
 SCHEDULES: dict[str, Callable[..., list[list[Action]]]] = {
-    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_one_f_one_b, "zb-h1": zero_bubble_h1}
-CHUNKED = ("interleaved-1f1b",)  # the schedules that run several model chunks per stage
+    "gpipe": gpipe, "1f1b": one_f_one_b, "interleaved-1f1b": interleaved_one_f_one_b, "zb-h1": zero_bubble_h1,
+    "dualpipev": dualpipe_v}
+CHUNKED = ("interleaved-1f1b", "dualpipev")  # the schedules that run several model chunks per stage
+
+
+def placement_of(name: str) -> str:
+    """Where the schedule puts its virtual stages: "v" for DualPipeV, "loop" otherwise."""
+    return "v" if name == "dualpipev" else "loop"
 
 
 def make_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks: int = 1) -> list[list[Action]]:
@@ -177,6 +308,10 @@ def make_schedule(name: str, num_stages: int, num_microbatches: int, num_chunks:
     schedule, `num_chunks` model chunks per stage (the others run one)."""
     if name not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {name!r}")
+    if name == "dualpipev":
+        if num_chunks != 2:
+            raise ValueError(f"num_chunks: DualPipeV runs 2 model chunks per stage (a V), got {num_chunks}")
+        return dualpipe_v(num_stages, num_microbatches)
     if name in CHUNKED:
         return SCHEDULES[name](num_stages, num_microbatches, num_chunks)
     if num_chunks != 1:

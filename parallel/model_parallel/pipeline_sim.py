@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gpuforge.parallel.model_parallel.pipeline_schedule import COMPUTE_OPS, Action
+from gpuforge.parallel.model_parallel.pipeline_schedule import COMPUTE_OPS, Action, virtual_stage
 
 _MESSAGE_OF = {"SEND_F": "RECV_F", "SEND_B": "RECV_B"}
 
@@ -60,10 +60,12 @@ def releases(actions: list[Action]) -> str:
     return "W" if any(a.op == "W" for a in actions) else "B"
 
 
-def _validate(schedule: list[list[Action]]) -> None:
+def _validate(schedule: list[list[Action]], placement: str = "loop") -> None:
     """Each stage runs F then B (then W, if it runs any) of every micro-batch exactly once; peers are real
-    neighbouring stages; between two stages the receives come in the order of the sends."""
+    neighbouring stages; between two stages the receives come in the order of the sends; a chunk fed by
+    another chunk of its own stage (the V's turn) runs its forward after that chunk's, its backward before."""
     p = len(schedule)
+    vs = lambda s, a: virtual_stage(s, a.chunk, p, placement)  # noqa: E731
     for s, actions in enumerate(schedule):
         units = {op: [(a.microbatch, a.chunk) for a in actions if a.op == op] for op in COMPUTE_OPS}
         ops = ("F", "B", "W") if units["W"] else ("F", "B")
@@ -80,11 +82,18 @@ def _validate(schedule: list[list[Action]]) -> None:
                 seen[a.op].add(key)
             elif a.peer is None or a.peer not in ((s - 1) % p, (s + 1) % p):
                 raise ValueError(f"stage {s}: {a} needs a neighbouring peer stage")
+        chunk_at = {vs(s, Action("F", 0, None, c)): c for c in {a.chunk for a in actions}}
+        order = {(a.op, a.microbatch, a.chunk): i for i, a in enumerate(actions) if a.op in ("F", "B")}
+        for (op, mb, c), i in order.items():
+            before = chunk_at.get(vs(s, Action(op, mb, None, c)) + (-1 if op == "F" else 1))
+            if before is not None and order.get((op, mb, before), i + 1) > i:
+                raise ValueError(f"stage {s}: {Action(op, mb, None, c)} needs {Action(op, mb, None, before)} "
+                                 "of its own stage first")
     for src in range(p):
         for dst in {(src - 1) % p, (src + 1) % p} - {src}:
-            sent = [(a.op[-1], a.microbatch, a.chunk * p + src + (1 if a.op == "SEND_F" else -1))
+            sent = [(a.op[-1], a.microbatch, vs(src, a) + (1 if a.op == "SEND_F" else -1))
                     for a in schedule[src] if a.op in _MESSAGE_OF and a.peer == dst]
-            received = [(a.op[-1], a.microbatch, a.chunk * p + dst) for a in schedule[dst]
+            received = [(a.op[-1], a.microbatch, vs(dst, a)) for a in schedule[dst]
                         if a.op in ("RECV_F", "RECV_B") and a.peer == src]
             if sent != received:
                 raise ValueError(f"stages {src} -> {dst}: messages are matched in order, but the sends "
@@ -96,9 +105,10 @@ def no_stage_time(stage: int, action: Action) -> float:
 
 
 def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] = unit_cost,
-             stage_time: Callable[[int, Action], float] = no_stage_time) -> SimResult:
-    """Run `schedule` (one action list per stage) and return its timeline; raise DeadlockError if it hangs."""
-    _validate(schedule)
+             stage_time: Callable[[int, Action], float] = no_stage_time, placement: str = "loop") -> SimResult:
+    """Run `schedule` (one action list per stage, virtual stages placed by `placement`, pipeline_schedule.py)
+    and return its timeline; raise DeadlockError if it hangs."""
+    _validate(schedule, placement)
     p = len(schedule)
     clock = [0.0] * p
     head = [0] * p
@@ -106,7 +116,7 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
     in_flight = [0] * p
     peak = [0] * p
     release = [releases(actions) for actions in schedule]
-    # (recv op, microbatch, receiving virtual stage) -> arrival time; virtual stage = chunk · p + stage
+    # (recv op, microbatch, receiving virtual stage) -> arrival time
     arrivals: dict[tuple[str, int, int], float] = {}
     timeline: list[Event] = []
     remaining = sum(len(a) for a in schedule)
@@ -117,11 +127,11 @@ def simulate(schedule: list[list[Action]], cost: Callable[[int, Action], float] 
                 a = schedule[s][head[s]]
                 start = clock[s]
                 if a.op in _MESSAGE_OF:
-                    to = a.chunk * p + s + (1 if a.op == "SEND_F" else -1)
+                    to = virtual_stage(s, a.chunk, p, placement) + (1 if a.op == "SEND_F" else -1)
                     arrivals[(_MESSAGE_OF[a.op], a.microbatch, to)] = start + cost(s, a)
                     end = start + stage_time(s, a)
                 elif a.op in ("RECV_F", "RECV_B"):
-                    key = (a.op, a.microbatch, a.chunk * p + s)
+                    key = (a.op, a.microbatch, virtual_stage(s, a.chunk, p, placement))
                     if key not in arrivals:
                         break
                     end = max(start, arrivals.pop(key)) + stage_time(s, a)

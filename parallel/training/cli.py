@@ -75,7 +75,8 @@ DATA_PARALLEL = OURS
 MODEL_PARALLEL = ("tp", "pp", "3d")
 SEQUENCE_AND_EXPERT = ("cp", "ep")
 STRATEGIES = DATA_PARALLEL + MODEL_PARALLEL + SEQUENCE_AND_EXPERT
-SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved-1f1b", "zb1p": "zb-h1"}  # option: runtime
+SCHEDULES = {"gpipe": "gpipe", "1f1b": "1f1b", "interleaved": "interleaved-1f1b", "zb1p": "zb-h1",
+             "dualpipev": "dualpipev"}  # option: runtime
 
 
 def _positive(convert, expected: str):
@@ -138,7 +139,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--microbatches", type=_positive_int, default=2, help="pipeline micro-batches per step")
     p.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES),
                    help="pipeline schedule: gpipe, 1f1b, interleaved (1F1B over --virtual-stages model chunks per "
-                        "stage), zb1p (ZB-H1 zero bubble)")
+                        "stage), zb1p (ZB-H1 zero bubble), dualpipev (2 chunks per stage in a V; micro-batches "
+                        ">= 2 pp)")
     p.add_argument("--virtual-stages", type=_positive_int, default=None,
                    help="model chunks per pipeline stage (--schedule interleaved; default 2)")
     p.add_argument("--checkpoint-activations", nargs="?", const="full", default=None, choices=POLICIES,
@@ -157,7 +159,7 @@ def parse_args(argv):
     if args.virtual_stages is not None and args.schedule != "interleaved":
         p.error(f"--virtual-stages is for --schedule interleaved, not {args.schedule!r}")
     if args.virtual_stages is None:
-        args.virtual_stages = 2 if args.schedule == "interleaved" else 1
+        args.virtual_stages = 2 if args.schedule in ("interleaved", "dualpipev") else 1
     if args.strategy is None:
         args.strategy = "cp" if args.cp is not None else "ep" if args.ep is not None else "ddp"
     moe_pipeline = args.strategy in MODEL_PARALLEL and args.ep is not None
@@ -177,6 +179,9 @@ def parse_args(argv):
         p.error(f"--strategy {args.strategy} does not take --{'ep' if args.strategy == 'cp' else 'cp'}")
     if args.ckpt_dir is not None and args.strategy in SEQUENCE_AND_EXPERT:
         p.error(f"--ckpt-dir is for the data-parallel and tp/pp/3d strategies, not {args.strategy!r}")
+    if args.checkpoint_activations == "selective" and args.schedule in ("zb1p", "dualpipev"):
+        p.error(f"--checkpoint-activations selective: --schedule {args.schedule} runs two backward passes over "
+                "each block (B, then W) and torch's selective checkpointing allows one; use full")
     if args.checkpoint_activations is not None and args.strategy in SEQUENCE_AND_EXPERT:
         p.error(f"--checkpoint-activations is for the data-parallel and tp/pp/3d strategies, not {args.strategy!r}")
     if args.ckpt_dir is not None:

@@ -33,6 +33,7 @@ from gpuforge.parallel.data_parallel.zero import ZeroRedundancyOptimizer
 from gpuforge.parallel.model_parallel.context_parallel import check_cp_config, sequence_positions, shard_attention
 from gpuforge.parallel.model_parallel.mesh import DeviceMesh
 from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split
+from gpuforge.parallel.model_parallel.pipeline_schedule import placement_of
 from gpuforge.parallel.model_parallel.tensor_parallel import tensor_parallelize
 from gpuforge.parallel.model_parallel.tp_llama import check_tp_config
 from gpuforge.parallel.training.data_parallel import DataParallelTrainer
@@ -59,7 +60,7 @@ class Trainer3D(Trainer):
         sharded = tensor_parallelize(model, self.tp)
         if mesh.cp > 1:
             shard_attention(sharded.layers, GroupComm(mesh.comm, mesh.cp_group), attention=cp_attention)
-        self.stage = pipeline_split(sharded, mesh.pp, num_chunks)[mesh.pp_index]
+        self.stage = pipeline_split(sharded, mesh.pp, num_chunks, placement_of(schedule))[mesh.pp_index]
         self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule,
                                          num_microbatches=num_microbatches)
         self.optimizer = ZeroRedundancyOptimizer(self.stage.parameters(), torch.optim.AdamW, mesh.comm, zero_stage=1,

@@ -27,6 +27,7 @@ from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
 from gpuforge.parallel.model_parallel.expert_parallel import ExpertParallelMoE, check_ep_config
 from gpuforge.parallel.model_parallel.mesh import DeviceMesh
 from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split
+from gpuforge.parallel.model_parallel.pipeline_schedule import placement_of
 from gpuforge.parallel.training.loop import Trainer, run_steps
 from gpuforge.parallel.training.trainer_cp_ep import seeded_model
 
@@ -61,7 +62,7 @@ class MoEPipelineTrainer(Trainer):
         if mesh.ep > 1:
             for block in model.layers:
                 block.feed_forward = ExpertParallelMoE(block.feed_forward, self.ep)
-        self.stage = pipeline_split(model, mesh.pp, num_chunks)[mesh.pp_index]
+        self.stage = pipeline_split(model, mesh.pp, num_chunks, placement_of(schedule))[mesh.pp_index]
         self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule, num_microbatches=num_microbatches)
         expert_ids = {id(p) for layer in self.stage.layers for p in layer.feed_forward.experts.parameters()}
         self.experts = [p for p in self.stage.parameters() if id(p) in expert_ids]

@@ -13,7 +13,7 @@ import torch
 from gpuforge.models.vol2_llm import TinyLlama, lm_loss, make_batch
 from gpuforge.parallel.checkpoint.layout import full_name
 from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split, split_layers
-from gpuforge.parallel.model_parallel.pipeline_schedule import make_schedule
+from gpuforge.parallel.model_parallel.pipeline_schedule import make_schedule, placement_of
 from gpuforge.parallel.model_parallel.pipeline_sim import measured_result, plot_timeline, simulate
 from tests.parallel.dist_harness import run_distributed
 from tests.parallel.test_tensor_parallel import S, tiny_config
@@ -25,7 +25,7 @@ SCHEDULES, MICROBATCHES = ("gpipe", "1f1b"), (1, 4, 8)
 def pipeline_parity(comm, schedule, m, steps, n_layers=2, num_chunks=1):
     torch.manual_seed(0)
     ref = TinyLlama(tiny_config(n_layers=n_layers)).double()
-    stage = pipeline_split(copy.deepcopy(ref), comm.world_size, num_chunks)[comm.rank]
+    stage = pipeline_split(copy.deepcopy(ref), comm.world_size, num_chunks, placement_of(schedule))[comm.rank]
     executor = PipelineExecutor(stage, comm, schedule=schedule, num_microbatches=m)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
     opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
@@ -134,7 +134,7 @@ class _Sleepy(torch.nn.Module):
 def timed_pipeline(comm, schedule, m, f, b, w=0.0, num_chunks=1):
     torch.manual_seed(0)
     stage = pipeline_split(TinyLlama(tiny_config(n_layers=2 * num_chunks)).double(), comm.world_size,
-                           num_chunks)[comm.rank]
+                           num_chunks, placement_of(schedule))[comm.rank]
     for lo, _ in stage.chunk_bounds:
         stage.layers[lo] = _Sleepy(stage.layers[lo], f, b, w)
     executor = PipelineExecutor(stage, comm, schedule=schedule, num_microbatches=m)
@@ -148,17 +148,21 @@ def timed_pipeline(comm, schedule, m, f, b, w=0.0, num_chunks=1):
 @pytest.mark.distributed
 @pytest.mark.parametrize("schedule, chunks, f, b, w", [("gpipe", 1, 0.08, 0.16, 0.0), ("1f1b", 1, 0.08, 0.16, 0.0),
                                                       ("interleaved-1f1b", 2, 0.04, 0.08, 0.0),
-                                                      ("zb-h1", 1, 0.06, 0.06, 0.06)])
+                                                      ("zb-h1", 1, 0.06, 0.06, 0.06),
+                                                      ("dualpipev", 2, 0.03, 0.03, 0.03)])
 def test_measured_idle_fraction_matches_the_simulator(schedule, chunks, f, b, w, tmp_path):
     """Stage costs are sleeps (per model chunk: forward f, input-gradient backward b, weight gradient w), long
     beside the messages and the scheduling noise of a loaded 2-core machine (at 30/60 ms a load of 10 moved
     the 1F1B bubble from 0.20 to 0.26). The bubble measured from the run's timestamps is within 5 points of
     the simulator's for those costs: (p-1)/(m+p-1) for GPipe and 1F1B, (p-1)/(vm+p-1) interleaved, and for
-    ZB-H1 at F = B = W (p-1)/(3m+p-1)."""
+    ZB-H1 at F = B = W (p-1)/(3m+p-1), DualPipeV at F = B = W per chunk (p-1)/(6m+p-1)."""
     p, m = 2, 4
-    cost = {"F": f, "B": b + (0.0 if schedule == "zb-h1" else w), "W": w}
-    simulated = simulate(make_schedule(schedule, p, m, chunks), lambda s, a: cost.get(a.op, 0.0))
-    theory = {"interleaved-1f1b": (p - 1) / (chunks * m + p - 1), "zb-h1": (p - 1) / (3 * m + p - 1)}
+    split = schedule in ("zb-h1", "dualpipev")  # W apart from B
+    cost = {"F": f, "B": b + (0.0 if split else w), "W": w}
+    simulated = simulate(make_schedule(schedule, p, m, chunks), lambda s, a: cost.get(a.op, 0.0),
+                         placement=placement_of(schedule))
+    theory = {"interleaved-1f1b": (p - 1) / (chunks * m + p - 1), "zb-h1": (p - 1) / (3 * m + p - 1),
+              "dualpipev": (p - 1) / (6 * m + p - 1)}
     assert simulated.bubble_fraction == pytest.approx(theory.get(schedule, (p - 1) / (m + p - 1)))
     events = [e for timeline in run_distributed(timed_pipeline, p, schedule, m, f, b, w, chunks)
               for e in timeline]

@@ -114,6 +114,8 @@ def test_cp_and_ep_configurations_that_cannot_run_exit_with_a_message(capsys):
     (["--cp", "2", "--ckpt-dir", "x"], "--ckpt-dir is for the data-parallel and tp/pp/3d strategies"),
     (["--strategy", "zero2", "--cp", "2"], "--cp is for --strategy cp, tp, pp or 3d, not 'zero2'"),
     (["--strategy", "ddp", "--ep", "2"], "--ep is for --strategy ep, pp or 3d, not 'ddp'"),
+    (["--strategy", "pp", "--schedule", "zb1p", "--checkpoint-activations", "selective"],
+     "--schedule zb1p runs two backward passes over each block (B, then W)"),
     (["--strategy", "3d", "--ep", "2", "--tp", "2"], "--ep with --strategy pp/3d trains the TinyMoE over dp × pp × ep"),
     (["--ep", "2", "--checkpoint-activations"], "--checkpoint-activations is for the data-parallel and tp/pp/3d"),
     (["--checkpoint-activations", "some"], "argument --checkpoint-activations: invalid choice: 'some'"),
