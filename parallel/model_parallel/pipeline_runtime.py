@@ -1,11 +1,12 @@
 """Pipeline parallelism on real processes: split a TinyLlama into stages and run a schedule with send/recv.
 
-`pipeline_split(model, num_stages, num_chunks=1)` cuts the transformer blocks into num_stages · num_chunks
-contiguous, nearly equal runs, the virtual stages; stage s holds virtual stages c·p + s for c < num_chunks
-(its model chunks; one chunk except under interleaved 1F1B, where the layers must divide evenly). The first
-virtual stage also owns the token embedding, the last the final norm, the (tied) output head and the loss.
-The tied weight therefore lives on two stages: after the backward pass the first and last stage exchange its
-gradient and both add it (Megatron's embedding group), so their copies stay equal.
+`pipeline_split(model, num_stages, num_chunks=1, placement="loop")` cuts the transformer blocks into
+num_stages · num_chunks contiguous, nearly equal runs, the virtual stages; stage s holds virtual stages c·p + s
+for c < num_chunks (its model chunks; one chunk except under interleaved 1F1B, where the layers must divide
+evenly), or under DualPipeV's "v" placement s and 2p − 1 − s. The first virtual stage also owns the token
+embedding, the last the final norm, the (tied) output head and the loss. The tied weight therefore lives on
+two stages: after the backward pass the first and last stage exchange its gradient and both add it
+(Megatron's embedding group), so their copies stay equal; in the V both are stage 0, which holds one copy.
 
 `PipelineExecutor(stage, comm, schedule, num_microbatches)` executes this stage's action list from
 `pipeline_schedule`: activations go downstream and activation gradients upstream through the communicator
