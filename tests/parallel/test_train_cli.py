@@ -101,6 +101,17 @@ def test_tinymoe_pipeline_with_experts_over_ep_matches_single_process_on_mpi():
     assert diff <= 1e-12
 
 
+def test_4d_on_eight_mpi_ranks_matches_single_process():
+    """dp × tp × pp × cp = 1 × 2 × 2 × 2 under mpiexec -n 8: TP all-reduces, pipeline sends and ring attention all
+    on MPI; 2 steps equal one process."""
+    proc = _run([str(BIN / "mpiexec"), "-n", "8", *MPIEXEC[3:]], "--strategy", "3d", "--tp", "2", "--pp", "2",
+                "--cp", "2", "--comm", "mpi", "--steps", "2", "--seq-len", "16", "--batch", "4")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "strategy=3d dp=1 tp=2 pp=2 cp=2 " in proc.stdout
+    diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", proc.stdout).group(1))
+    assert diff <= 1e-12
+
+
 def test_cp_and_ep_configurations_that_cannot_run_exit_with_a_message(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--cp", "2", "--ep", "2"])
