@@ -15,9 +15,10 @@ two stages: after the backward pass the first and last stage exchange its gradie
 so the gradients equal single-process gradient accumulation over the m micro-batches of the batch. A stage
 with mixture-of-experts layers adds their load-balancing losses (/ m) to each micro-batch's backward and keeps
 their sum in `aux_loss` (the step's loss is then the last stage's plus every stage's `aux_loss`). Under
-ZB-H1 a backward is B then W (pipeline_backward.py); the first virtual stage cuts its graph after the
-embedding (its B ends at the embedding output, its W computes the embedding's gradient from there), so a
-weight tied between embedding and head is never reached twice by one W.
+ZB-H1 a backward is B then W (pipeline_backward.py; a W that directly follows its own B, with no send
+between, runs in the same pass); the first virtual stage cuts its graph after the embedding (its B ends at
+the embedding output, its W computes the embedding's gradient from there), so a weight tied between
+embedding and head is never reached twice by one W.
 The stage's rank in `comm` is its stage index.
 """
 
@@ -34,6 +35,7 @@ from gpuforge.parallel.model_parallel.pipeline_backward import Recorded, SplitBa
 from gpuforge.parallel.model_parallel.pipeline_schedule import (
     CHUNKED,
     SCHEDULES,
+    Action,
     make_schedule,
     placement_of,
     virtual_stage,
@@ -184,6 +186,10 @@ class PipelineExecutor:
                                     **{k: getattr(config, k) for k in ("n_layers", "dim", "vocab_size", "n_heads",
                                                                        "n_kv_heads", "hidden_dim")})
         self.split = SplitBackward(stage) if any(a.op == "W" for a in self.actions) else None
+        # a B directly followed by its own W runs as one backward pass (ZB-H1's first stage, DualPipeV's first
+        # chunk and its turn): splitting it would only traverse the graph twice
+        self._fused = {i for i, (a, b) in enumerate(zip(self.actions, self.actions[1:]))
+                       if a.op == "B" and b == Action("W", a.microbatch, None, a.chunk)}
         if self.split is not None:
             self._own = direct_parameters(stage)
             missed = [n for n, p in stage.named_parameters()
@@ -217,7 +223,8 @@ class PipelineExecutor:
         received, outputs, out_grads, saved, weight_work, pending, losses = {}, {}, {}, {}, {}, [], []
         aux, self.aux_loss = {}, torch.zeros((), dtype=torch.float64)
         self.timeline: list[Event] = []  # this stage's actions of the step, wall-clock seconds (time.time)
-        for a in self.actions:
+        fused = set()
+        for i, a in enumerate(self.actions):
             key = (a.microbatch, a.chunk)
             start = time.time()
             local = self.stage.local_input(a.chunk)
@@ -243,8 +250,13 @@ class PipelineExecutor:
             elif a.op == "B":
                 out, grad = outputs.pop(key), out_grads.pop(key, None)
                 roots, root_grads = ([out, aux.pop(key)], [grad, None]) if key in aux else ([out], [grad])
-                if self.split is None:
+                if self.split is None or i in self._fused:
                     torch.autograd.backward(roots, root_grads)
+                    if self.split is not None:  # W's part too: the embedding below the first chunk's cut
+                        fused.add(key)
+                        for r in saved.pop(key):
+                            if r.wrt is not r.output and r.wrt.grad is not None:
+                                torch.autograd.backward(r.output, r.wrt.grad)
                 else:
                     inputs_ = [received[key]] if key in received else []
                     input_grads, grads = self.split.backward_input(roots, root_grads, inputs_, saved[key])
@@ -255,6 +267,8 @@ class PipelineExecutor:
                     out_grads[(a.microbatch, local)] = received.pop(key).grad
             elif a.op == "SEND_B":
                 pending.append(self.comm.isend(received.pop(key).grad.contiguous(), a.peer))
+            elif a.op == "W" and key in fused:
+                fused.discard(key)  # ran with its B
             elif a.op == "W":
                 self.split.backward_weight(saved.pop(key), weight_work.pop(key))
             self.timeline.append(Event(self.stage.index, a, start, time.time()))
