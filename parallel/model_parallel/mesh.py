@@ -80,8 +80,9 @@ class DeviceMesh:
                                lambda s: [at(s, 1, s[1] + i) for i in range(ep)])
         self.expert_dp_group = groups([c for c in cells if c[1] < ep],
                                       lambda s: [at(s, 1, s[1] + b * ep) for b in range(dp // ep)])
-        self.dp_cp_group = groups([c for c in cells if c[1] == 0 and c[2] == 0],
-                                  lambda s: [(s[0], d, c, s[3]) for d in range(dp) for c in range(cp)])
+        self.dp_cp_group = self.dp_group if cp == 1 else self.cp_group if dp == 1 else groups(
+            [c for c in cells if c[1] == 0 and c[2] == 0],
+            lambda s: [(s[0], d, c, s[3]) for d in range(dp) for c in range(cp)])
 
     def __repr__(self) -> str:
         return (f"DeviceMesh(dp={self.dp}, cp={self.cp}, tp={self.tp}, pp={self.pp}, ep={self.ep}; rank "

@@ -171,7 +171,8 @@ class PipelineExecutor:
             raise ValueError(f"stage {stage.index} of {stage.num_stages} needs a group of {stage.num_stages} ranks "
                              f"with it at rank {stage.index}; got rank {self.comm.rank} of {self.comm.size}")
         self.actions = make_schedule(schedule, stage.num_stages, num_microbatches, stage.num_chunks)[stage.index]
-        if any(a.op == "W" for a in self.actions) and any(
+        split = any(a.op == "W" for a in self.actions)
+        if split and any(
                 getattr(layer.forward, "checkpoint_policy", None) == "selective" for layer in stage.layers):
             raise ValueError(f"schedule {schedule!r} splits each backward into B and W, two backward passes over a "
                              "block, and torch's selective activation checkpointing allows one: checkpoint the "
@@ -185,11 +186,12 @@ class PipelineExecutor:
                                     dtype=self.dtype,
                                     **{k: getattr(config, k) for k in ("n_layers", "dim", "vocab_size", "n_heads",
                                                                        "n_kv_heads", "hidden_dim")})
-        self.split = SplitBackward(stage) if any(a.op == "W" for a in self.actions) else None
+        self.split = SplitBackward(stage) if split else None
         # a B directly followed by its own W runs as one backward pass (ZB-H1's first stage, DualPipeV's first
         # chunk and its turn): splitting it would only traverse the graph twice
         self._fused = {i for i, (a, b) in enumerate(zip(self.actions, self.actions[1:]))
                        if a.op == "B" and b == Action("W", a.microbatch, None, a.chunk)}
+        self._local = [stage.local_input(c) for c in range(stage.num_chunks)]
         if self.split is not None:
             self._own = direct_parameters(stage)
             missed = [n for n, p in stage.named_parameters()
@@ -223,11 +225,10 @@ class PipelineExecutor:
         received, outputs, out_grads, saved, weight_work, pending, losses = {}, {}, {}, {}, {}, [], []
         aux, self.aux_loss = {}, torch.zeros((), dtype=torch.float64)
         self.timeline: list[Event] = []  # this stage's actions of the step, wall-clock seconds (time.time)
-        fused = set()
         for i, a in enumerate(self.actions):
             key = (a.microbatch, a.chunk)
             start = time.time()
-            local = self.stage.local_input(a.chunk)
+            local = self._local[a.chunk]
             if a.op == "F" and local is not None:  # the V's turn: chunk `local`'s output, cut for B
                 received[key] = outputs[(a.microbatch, local)].detach().requires_grad_()
             if a.op == "RECV_F":
@@ -253,7 +254,6 @@ class PipelineExecutor:
                 if self.split is None or i in self._fused:
                     torch.autograd.backward(roots, root_grads)
                     if self.split is not None:  # W's part too: the embedding below the first chunk's cut
-                        fused.add(key)
                         for r in saved.pop(key):
                             if r.wrt is not r.output and r.wrt.grad is not None:
                                 torch.autograd.backward(r.output, r.wrt.grad)
@@ -267,9 +267,7 @@ class PipelineExecutor:
                     out_grads[(a.microbatch, local)] = received.pop(key).grad
             elif a.op == "SEND_B":
                 pending.append(self.comm.isend(received.pop(key).grad.contiguous(), a.peer))
-            elif a.op == "W" and key in fused:
-                fused.discard(key)  # ran with its B
-            elif a.op == "W":
+            elif a.op == "W" and i - 1 not in self._fused:  # a fused W ran with its B
                 self.split.backward_weight(saved.pop(key), weight_work.pop(key))
             self.timeline.append(Event(self.stage.index, a, start, time.time()))
         for handle in pending:

@@ -65,7 +65,7 @@ def _validate(schedule: list[list[Action]], placement: str = "loop") -> None:
     neighbouring stages; between two stages the receives come in the order of the sends; a chunk fed by
     another chunk of its own stage (the V's turn) runs its forward after that chunk's, its backward before."""
     p = len(schedule)
-    vs = lambda s, a: virtual_stage(s, a.chunk, p, placement)  # noqa: E731
+    vs = lambda s, chunk: virtual_stage(s, chunk, p, placement)  # noqa: E731
     for s, actions in enumerate(schedule):
         units = {op: [(a.microbatch, a.chunk) for a in actions if a.op == op] for op in COMPUTE_OPS}
         ops = ("F", "B", "W") if units["W"] else ("F", "B")
@@ -82,18 +82,18 @@ def _validate(schedule: list[list[Action]], placement: str = "loop") -> None:
                 seen[a.op].add(key)
             elif a.peer is None or a.peer not in ((s - 1) % p, (s + 1) % p):
                 raise ValueError(f"stage {s}: {a} needs a neighbouring peer stage")
-        chunk_at = {vs(s, Action("F", 0, None, c)): c for c in {a.chunk for a in actions}}
+        chunk_at = {vs(s, c): c for c in {a.chunk for a in actions}}
         order = {(a.op, a.microbatch, a.chunk): i for i, a in enumerate(actions) if a.op in ("F", "B")}
         for (op, mb, c), i in order.items():
-            before = chunk_at.get(vs(s, Action(op, mb, None, c)) + (-1 if op == "F" else 1))
+            before = chunk_at.get(vs(s, c) + (-1 if op == "F" else 1))
             if before is not None and order.get((op, mb, before), i + 1) > i:
                 raise ValueError(f"stage {s}: {Action(op, mb, None, c)} needs {Action(op, mb, None, before)} "
                                  "of its own stage first")
     for src in range(p):
         for dst in {(src - 1) % p, (src + 1) % p} - {src}:
-            sent = [(a.op[-1], a.microbatch, vs(src, a) + (1 if a.op == "SEND_F" else -1))
+            sent = [(a.op[-1], a.microbatch, vs(src, a.chunk) + (1 if a.op == "SEND_F" else -1))
                     for a in schedule[src] if a.op in _MESSAGE_OF and a.peer == dst]
-            received = [(a.op[-1], a.microbatch, vs(dst, a)) for a in schedule[dst]
+            received = [(a.op[-1], a.microbatch, vs(dst, a.chunk)) for a in schedule[dst]
                         if a.op in ("RECV_F", "RECV_B") and a.peer == src]
             if sent != received:
                 raise ValueError(f"stages {src} -> {dst}: messages are matched in order, but the sends "

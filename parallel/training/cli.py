@@ -336,6 +336,19 @@ def _run_data_parallel(comm, args) -> int:
     return 0 if ok else 1
 
 
+def _report_loss_parity(comm, header: str, losses, single_losses, dtype: str, judge=None) -> int:
+    """Rank 0 runs `single_losses()` (the one-process oracle), prints both loss curves under `header` with the
+    verdict on their largest difference (`judge(diff)` -> (ok, line) or the dtype's tolerance). Exit status."""
+    ok = True
+    if comm.rank == 0:
+        single = single_losses()
+        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
+        ok, line = judge(diff) if judge else parity.verdict("loss - single-process loss", diff, dtype)
+        print(f"{header}\nlosses         {[f'{x:.6f}' for x in losses]}\n"
+              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
+    return 0 if ok else 1
+
+
 def _run_model_parallel(comm, args) -> int:
     """--strategy tp|pp|3d [--tp T --pp P --dp D --cp C --n-layers L]: unset degrees default to 1, except the one
     the strategy names (the world size over cp) and --dp (whatever is left); --cp C > 1 shards the sequence too
@@ -370,17 +383,10 @@ def _run_model_parallel(comm, args) -> int:
                                   num_microbatches=args.microbatches,
                                   schedule=schedule, num_chunks=v, checkpoint_activations=args.checkpoint_activations,
                                   **_layout_checkpointing(args, comm), **opts)
-    ok = True
-    if comm.rank == 0:
-        single = single_process_losses(**opts)
-        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
-        ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
-        print(f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} cp={cp} n_layers={n_layers} schedule={args.schedule} "
+    header = (f"strategy={args.strategy} dp={dp} tp={tp} pp={pp} cp={cp} n_layers={n_layers} schedule={args.schedule} "
               f"virtual_stages={v} microbatches={args.microbatches} "
-              f"checkpoint_activations={args.checkpoint_activations} dtype={args.dtype}\n"
-              f"losses         {[f'{x:.6f}' for x in losses]}\n"
-              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
-    return 0 if ok else 1
+              f"checkpoint_activations={args.checkpoint_activations} dtype={args.dtype}")
+    return _report_loss_parity(comm, header, losses, lambda: single_process_losses(**opts), args.dtype)
 
 
 def _run_moe_pipeline(comm, args) -> int:
@@ -406,16 +412,9 @@ def _run_moe_pipeline(comm, args) -> int:
                 config=config, dtype=getattr(torch, args.dtype))
     losses = train_moe_pipeline(comm, dp=dp, pp=pp, ep=ep, schedule=schedule, num_microbatches=args.microbatches,
                                 num_chunks=args.virtual_stages, **opts)
-    ok = True
-    if comm.rank == 0:
-        single = single_process_cp_ep_losses("ep", **opts)
-        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
-        ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
-        print(f"strategy={args.strategy} model=tinymoe dp={dp} pp={pp} ep={ep} schedule={args.schedule} "
-              f"microbatches={args.microbatches} dtype={args.dtype}\n"
-              f"losses         {[f'{x:.6f}' for x in losses]}\n"
-              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
-    return 0 if ok else 1
+    header = (f"strategy={args.strategy} model=tinymoe dp={dp} pp={pp} ep={ep} schedule={args.schedule} "
+              f"microbatches={args.microbatches} dtype={args.dtype}")
+    return _report_loss_parity(comm, header, losses, lambda: single_process_cp_ep_losses("ep", **opts), args.dtype)
 
 
 def _run_sequence_or_expert_parallel(comm, args) -> int:
@@ -449,18 +448,13 @@ def _run_sequence_or_expert_parallel(comm, args) -> int:
                 config=config, dtype=getattr(torch, args.dtype))
     losses = train_cp_ep(comm, kind, dp=dp, cp=cp, ep=ep, attention=args.cp_attention,
                          capacity_factor=args.capacity_factor, **opts)
-    ok = True
-    if comm.rank == 0:
-        single = single_process_cp_ep_losses(kind, **opts)
-        diff = max(abs(a - b) for a, b in zip(losses, single, strict=True))
-        ok, line = parity.verdict("loss - single-process loss", diff, args.dtype)
-        if args.capacity_factor is not None:  # dropping tokens is not what one process computes
-            ok, line = True, f"capacity factor {args.capacity_factor}: max |loss - no-drop loss| = {diff:.3e}"
-        print(f"strategy={kind} dp={dp} cp={cp} ep={ep} attention={args.cp_attention} dtype={args.dtype} "
-              f"ledger bytes (rank 0) = {comm.ledger.total_bytes()}\n"
-              f"losses         {[f'{x:.6f}' for x in losses]}\n"
-              f"single process {[f'{x:.6f}' for x in single]}\n{line}", flush=True)
-    return 0 if ok else 1
+    header = (f"strategy={kind} dp={dp} cp={cp} ep={ep} attention={args.cp_attention} dtype={args.dtype} "
+              f"ledger bytes (rank 0) = {comm.ledger.total_bytes()}")
+    judge = None
+    if args.capacity_factor is not None:  # dropping tokens is not what one process computes
+        judge = lambda diff: (True, f"capacity factor {args.capacity_factor}: max |loss - no-drop loss| = {diff:.3e}")  # noqa: E731
+    return _report_loss_parity(comm, header, losses, lambda: single_process_cp_ep_losses(kind, **opts), args.dtype,
+                               judge)
 
 
 def _single_process_env() -> None:

@@ -26,12 +26,16 @@ from gpuforge.parallel.training.gathered_loss import DataParallelLoss
 from gpuforge.parallel.training.loop import Trainer, run_steps
 
 
-def _average(group: GroupComm, params) -> None:
-    """Average the gradients of `params` over `group` (one all-reduce of them all)."""
+def reduce_grads(group: GroupComm, params, op: str = "avg", scale: float | None = None) -> None:
+    """Reduce the gradients of `params` over `group` in one all-reduce (`op`), then multiply them by `scale`."""
     params = [p for p in params if p.grad is not None]
-    if group.size == 1 or not params:
+    if not params or (group.size == 1 and scale is None):
         return
-    flat = group.all_reduce(torch.cat([p.grad.reshape(-1) for p in params]), op="avg")
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    if group.size > 1:
+        flat = group.all_reduce(flat, op=op)
+    if scale is not None:
+        flat = flat * scale
     for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
         p.grad = g.view_as(p).clone()
 
@@ -53,7 +57,7 @@ class ContextParallelTrainer(Trainer):
         loss = self.forward.loss(*_slice(batch, self.dp, self.mesh.dp_index))
         loss.backward()
         self.forward.allreduce_grads()
-        _average(self.dp, self.forward.parameters())
+        reduce_grads(self.dp, self.forward.parameters())
         return self.dp.all_reduce(loss.detach().reshape(1).clone(), op="avg")[0].item()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
@@ -78,8 +82,8 @@ class ExpertParallelTrainer(Trainer):
         loss = self.forward.loss(inputs, targets)
         loss.backward()
         self.forward.allreduce_grads()
-        _average(self.expert_dp, self.replicated)
-        _average(self.expert_dp, self.experts)
+        reduce_grads(self.expert_dp, self.replicated)
+        reduce_grads(self.expert_dp, self.experts)
         return self.expert_dp.all_reduce(loss.detach().reshape(1).clone(), op="avg")[0].item()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:

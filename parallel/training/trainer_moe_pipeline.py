@@ -29,21 +29,7 @@ from gpuforge.parallel.model_parallel.mesh import DeviceMesh
 from gpuforge.parallel.model_parallel.pipeline_runtime import PipelineExecutor, pipeline_split
 from gpuforge.parallel.model_parallel.pipeline_schedule import placement_of
 from gpuforge.parallel.training.loop import Trainer, run_steps
-from gpuforge.parallel.training.trainer_cp_ep import seeded_model
-
-
-def _all_reduce_grads(group: GroupComm, params, scale: float | None = None, op: str = "avg") -> None:
-    """Reduce the gradients of `params` over `group` in one all-reduce (then multiply by `scale`)."""
-    params = [p for p in params if p.grad is not None]
-    if not params or (group.size == 1 and scale is None):
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in params])
-    if group.size > 1:
-        flat = group.all_reduce(flat, op=op)
-    if scale is not None:
-        flat = flat * scale
-    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-        p.grad = g.view_as(p).clone()
+from gpuforge.parallel.training.trainer_cp_ep import reduce_grads, seeded_model
 
 
 class MoEPipelineTrainer(Trainer):
@@ -80,8 +66,8 @@ class MoEPipelineTrainer(Trainer):
         cross_entropy = self.executor.step(x, y)
         loss = self.executor.aux_loss + (0.0 if cross_entropy is None else cross_entropy.double())
         loss = self.pp.all_reduce(loss.reshape(1).clone())
-        _all_reduce_grads(self.dp, self.replicated)
-        _all_reduce_grads(self.expert_dp, self.experts, scale=1.0 / self.mesh.dp, op="sum")
+        reduce_grads(self.dp, self.replicated)
+        reduce_grads(self.expert_dp, self.experts, op="sum", scale=1.0 / self.mesh.dp)
         return self.dp.all_reduce(loss, op="avg")[0].item()
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
