@@ -110,6 +110,21 @@ PYBIND11_MODULE(_C, m) {
      py::arg("sa_z"), py::arg("sa_m"), py::arg("sa_k"), py::arg("sb_z"), py::arg("sb_k"), py::arg("sb_n"),
      py::arg("dtype"), py::arg("stream"));
 
+  m.def("matmul_wgmma", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t M, int64_t N, int64_t K, int64_t batch,
+                           int64_t sa_z, int64_t sa_m, int64_t sa_k, int64_t sb_z, int64_t sb_k, int64_t sb_n,
+                           int dtype, uintptr_t stream) {
+    check_nonnegative(M, "M");
+    check_nonnegative(N, "N");
+    check_nonnegative(K, "K");
+    check_nonnegative(batch, "batch");
+    throw_if_error(gpuforge::launch_matmul_wgmma(as_ptr<const void>(a), as_ptr<const void>(b), as_ptr<void>(c), M,
+                                                 N, K, batch, sa_z, sa_m, sa_k, sb_z, sb_k, sb_n,
+                                                 checked_dtype(dtype, "dtype"), as_stream(stream)),
+                   "matmul_wgmma (fp16/bf16, rows 16-byte aligned, K and N multiples of 8, compute capability 9.0)");
+  }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("batch"),
+     py::arg("sa_z"), py::arg("sa_m"), py::arg("sa_k"), py::arg("sb_z"), py::arg("sb_k"), py::arg("sb_n"),
+     py::arg("dtype"), py::arg("stream"));
+
   m.def("int4_matmul", [](uintptr_t x, uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t out,
                           uintptr_t workspace, int64_t M, int64_t N, int64_t K, int64_t group_size, int64_t split_k,
                           int x_dtype, int scale_dtype, uintptr_t stream) {

@@ -25,6 +25,15 @@ cudaError_t launch_matmul(const void* a, const void* b, void* c, int64_t M, int6
                           int64_t sa_z, int64_t sa_m, int64_t sa_k, int64_t sb_z, int64_t sb_k, int64_t sb_n,
                           DType dtype, cudaStream_t stream);
 
+// The same product on Hopper (csrc/matmul_wgmma.cu: TMA, mbarriers, wgmma, warp-specialised persistent tiles)
+// for fp16/bf16 with rows contiguous and 16-byte aligned (K, N and the strides multiples of 8) on a compute
+// capability 9.0 device; cudaErrorNotSupported anywhere else.
+bool matmul_wgmma_applies(const void* a, const void* b, int64_t N, int64_t K, int64_t sa_z, int64_t sa_m,
+                          int64_t sa_k, int64_t sb_z, int64_t sb_k, int64_t sb_n, DType dtype);
+cudaError_t launch_matmul_wgmma(const void* a, const void* b, void* c, int64_t M, int64_t N, int64_t K,
+                                int64_t batch, int64_t sa_z, int64_t sa_m, int64_t sa_k, int64_t sb_z, int64_t sb_k,
+                                int64_t sb_n, DType dtype, cudaStream_t stream);
+
 // out (M, N) = x (M, K) @ dequant(W)ᵀ, W (N, K) int4 (csrc/int4_matmul.cu for the format). split_k == 0: the
 // tiled kernel (any M); split_k >= 1: the decode kernel (M <= 16, K and group_size multiples of 32, K / split_k
 // a multiple of 32, 16-byte-aligned x and qweight) with `workspace` fp32 (split_k, M, N) when split_k > 1.

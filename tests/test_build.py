@@ -60,3 +60,23 @@ def test_binding_checks_arguments():
         extension.vector_add(16, 16, 16, 4, 7, 0)
     with pytest.raises(ValueError, match="n must be >= 0"):
         extension.vector_add(16, 16, 16, -1, 0, 0)
+
+
+@needs_nvcc
+def test_the_hopper_matmul_runs_on_wgmma_and_tma_without_spills():
+    """csrc/matmul_wgmma.cu's sm_90a machine code, read back from the built extension: warpgroup MMAs (HGMMA),
+    tensor-map loads and stores (UTMALDG, UTMASTG), register reallocation (USETMAXREG), and no local memory
+    (no spills). Its numbers are checked in the SIMT emulator (tests/csrc/test_matmul_wgmma_simt.py)."""
+    cuobjdump = find_cuobjdump()
+    if cuobjdump is None:
+        pytest.skip("no cuobjdump here (neither the CUDA toolkit's nor triton's bundled one)")
+    so = importlib.import_module("gpuforge._C").__file__
+    listing = subprocess.run([cuobjdump, "-sass", "-arch", "sm_90a", so], capture_output=True, text=True,
+                             check=True).stdout
+    functions = [f for f in listing.split("Function : ")[1:] if f.startswith("_ZN8gpuforge19matmul_wgmma_kernel")]
+    assert len(functions) == 2, "expected the fp16 and bf16 instantiations of matmul_wgmma_kernel"
+    sass = "\n".join(functions)
+    for instruction in ("HGMMA.64x128x16.F32.BF16", "HGMMA.64x128x16.F32 ", "UTMALDG.3D", "UTMASTG.3D",
+                        "USETMAXREG"):
+        assert instruction in sass, f"{instruction} missing from the sm_90a SASS"
+    assert "STL" not in sass and "LDL" not in sass, "the wgmma kernel spills to local memory"

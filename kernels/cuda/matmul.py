@@ -1,7 +1,11 @@
 """cuda backend of gf.matmul: csrc/matmul.cu, mma.sync tensor cores for fp16/bf16 with 16-byte-aligned rows,
-the shared-memory tiled kernel otherwise."""
+the shared-memory tiled kernel otherwise; on a compute capability 9.0 device with GPUFORGE_CUDA_WGMMA=1, the
+same operands take csrc/matmul_wgmma.cu's TMA + wgmma kernel (opt-in until a GPU run has measured it: its
+numbers are checked in the SIMT emulator, its SASS (HGMMA, UTMALDG, UTMASTG) ahead of time)."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -23,11 +27,21 @@ def for_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
     return (a if rows_aligned(a) else a.contiguous()), (b if rows_aligned(b) else b.contiguous())
 
 
+def wgmma_enabled(device: torch.device) -> bool:
+    """GPUFORGE_CUDA_WGMMA=1 on a compute capability 9.0 device (sm_90a machine code runs there only)."""
+    value = os.environ.get("GPUFORGE_CUDA_WGMMA", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"GPUFORGE_CUDA_WGMMA: expected 0 or 1, got {value!r}")
+    return value == "1" and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a, b = for_tensor_cores(a, b)
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
-    extension.call("matmul", a.device, a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n, k, batch, *a.stride(),
-                   *b.stride(), extension.dtype_code(a))
+    hopper = (a.dtype != torch.float32 and k % 8 == 0 and n % 8 == 0 and rows_aligned(a) and rows_aligned(b)
+              and wgmma_enabled(a.device))
+    extension.call("matmul_wgmma" if hopper else "matmul", a.device, a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n,
+                   k, batch, *a.stride(), *b.stride(), extension.dtype_code(a))
     return out

@@ -4,7 +4,9 @@ The kernels' own source is compiled, as C++20 with __CUDACC_RTC__ defined (which
 their <<<...>>> syntax, as for NVRTC), __CUDA_ARCH__ = 800 (the sm_80 tensor-core paths compile) and
 -fno-strict-aliasing (CUDA code reads a uint4 through a T*, as nvcc allows). Every inline PTX statement is
 rewritten, in a copy of the files that hold one, into the call of its emulation (simt.h's lop3, ptx.h's
-mma.sync / ldmatrix / cp.async); an instruction without one fails the build, so nothing is emulated silently."""
+mma.sync / ldmatrix / cp.async, hopper.h's mbarrier / tensor-map copies / wgmma, with __CUDA_ARCH_FEAT_SM90_ALL
+defined so that the sm_90a kernels compile); an instruction without one fails the build, so nothing is emulated
+silently."""
 
 from __future__ import annotations
 
@@ -55,13 +57,27 @@ def _split_top(text: str, sep: str) -> list[str]:
     return parts
 
 
+def _statements(template: str) -> list[str]:
+    """The PTX statements of an asm template, a `{ .reg ...; ...; }` scope's braces and declarations dropped."""
+    text = " ".join(template.replace("\\n", " ").split()).strip()
+    if text.startswith("{") and text.endswith("}"):
+        text = text[1:-1]
+    return [st.strip() for st in text.split(";") if st.strip() and not st.strip().startswith(".reg")]
+
+
 def _emulated_call(template: str, operands: list[tuple[str, str]]) -> str:
     """The simt:: call that does what the PTX `template` does, with operand i the C++ expression operands[i]."""
-    text = " ".join(template.replace("\\n", " ").split()).rstrip(";").strip()
     op = lambda ref: operands[int(ref.strip().lstrip("%"))][1]  # noqa: E731
     address = lambda ref: SMEM_ADDRESS.sub(r"\1", op(ref.strip().strip("[]")))  # noqa: E731
+    statements = _statements(template)
+    if len(statements) == 2:
+        return _scoped_call(statements, op, address)
+    text = " ".join(statements)
     mnemonic, _, rest = text.partition(" ")
     args = [a.strip() for a in _split_top(rest, ",")] if rest else []
+    hopper = _hopper_call(mnemonic, args, rest, op, address)
+    if hopper is not None:
+        return hopper
     if mnemonic == "lop3.b32":
         return f"{op(args[0])} = simt::lop3<{args[4]}>({op(args[1])}, {op(args[2])}, {op(args[3])})"
     if re.fullmatch(r"cp\.async\.c[ag]\.shared\.global", mnemonic):
@@ -86,6 +102,74 @@ def _emulated_call(template: str, operands: list[tuple[str, str]]) -> str:
         kind = "simt::Bf16" if mma.group(1) == "bf16" else "simt::F16"
         return f"simt::mma_m16n8k16<{kind}>({', '.join(d + a + b + c)})"
     raise ValueError(f"the SIMT emulator has no emulation of the PTX instruction {text!r}")
+
+
+NO_EFFECT = {"fence.proxy.async", "fence.proxy.async.shared::cta", "fence.mbarrier_init.release.cluster"}
+
+
+def _hopper_call(mnemonic: str, args: list[str], rest: str, op, address) -> str | None:
+    """hopper.h's call for a one-statement sm_90 instruction, None for any other."""
+    if mnemonic in NO_EFFECT:
+        return "(void)0"
+    if mnemonic == "mbarrier.init.shared::cta.b64":
+        return f"simt::mbarrier_init({address(args[0])}, {op(args[1])})"
+    if mnemonic == "mbarrier.arrive.shared::cta.b64" and args[0] == "_":
+        return f"simt::mbarrier_arrive({address(args[1])})"
+    if mnemonic == "mbarrier.arrive.expect_tx.shared::cta.b64" and args[0] == "_":
+        return f"simt::mbarrier_arrive_expect_tx({address(args[1])}, {op(args[2])})"
+    tensor = re.fullmatch(r"cp\.async\.bulk\.tensor\.([23])d\.(shared::cluster\.global\.tile\.mbarrier::complete_tx::bytes|"
+                          r"global\.shared::cta\.tile\.bulk_group)", mnemonic)
+    if tensor:
+        map_ref, coords = re.fullmatch(r"\[\s*(%\d+)\s*,\s*\{([^}]*)\}\s*\]", [a for a in _split_top(rest, ",")
+                                                                          if "{" in a][0].strip()).groups()
+        coords = [op(c) for c in coords.split(",")]
+        if len(coords) != int(tensor.group(1)):
+            raise ValueError(f"cp.async.bulk.tensor.{tensor.group(1)}d with {len(coords)} coordinates")
+        plain = [a for a in _split_top(rest, ",") if "{" not in a]
+        if tensor.group(2).startswith("shared"):
+            return f"simt::tma_load({address(plain[0])}, {op(map_ref)}, {address(plain[1])}, {', '.join(coords)})"
+        return f"simt::tma_store({op(map_ref)}, {address(plain[0])}, {', '.join(coords)})"
+    if mnemonic == "cp.async.bulk.commit_group":
+        return "simt::bulk_commit()"
+    if mnemonic in ("cp.async.bulk.wait_group", "cp.async.bulk.wait_group.read"):
+        return f"simt::bulk_wait({op(args[0])})"
+    if mnemonic == "wgmma.fence.sync.aligned":
+        return "simt::wgmma_fence()"
+    if mnemonic == "wgmma.commit_group.sync.aligned":
+        return "simt::wgmma_commit()"
+    if mnemonic == "wgmma.wait_group.sync.aligned":
+        return f"simt::wgmma_wait({op(args[0])})"
+    if re.fullmatch(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32", mnemonic):
+        return f"simt::setmaxnreg<{op(args[0])}>()"
+    if mnemonic in ("bar.sync", "barrier.sync"):
+        return f"simt::named_barrier({op(args[0])}, {op(args[1])})"
+    return None
+
+
+def _scoped_call(statements: list[str], op, address) -> str:
+    """The call for a two-statement scope: a predicate set from a register, then used by the instruction."""
+    first, second = (st.partition(" ") for st in statements)
+    first_args = [a.strip() for a in _split_top(first[2], ",")]
+    if first[0] == "mbarrier.try_wait.parity.shared::cta.b64" and second[0] == "selp.u32":
+        pred, bar, parity = first_args
+        out, one, zero, used = (a.strip() for a in _split_top(second[2], ","))
+        if (one, zero, used) != ("1", "0", pred):
+            raise ValueError(f"the SIMT emulator has no emulation of the PTX {statements!r}")
+        return f"{op(out)} = simt::mbarrier_try_wait_parity({address(bar)}, {op(parity)})"
+    mma = re.fullmatch(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.(bf16|f16)\.\2", second[0])
+    if first[0] == "setp.ne.b32" and first_args[2] == "0" and mma:
+        pred, scale_d = first_args[0], op(first_args[1])
+        group = second[2][second[2].index("{") + 1:second[2].index("}")]
+        d = [op(r) for r in group.split(",")]
+        desc_a, desc_b, used, scale_a, scale_b, trans_a, trans_b = (
+            a.strip() for a in _split_top(second[2][second[2].index("}") + 1:].lstrip(" ,"), ","))
+        if used != pred or (scale_a, scale_b) != ("1", "1") or trans_a not in "01" or trans_b not in "01":
+            raise ValueError(f"the SIMT emulator has no emulation of the PTX {statements!r}")
+        kind = "simt::Bf16" if mma.group(2) == "bf16" else "simt::F16"
+        flags = f"{'true' if trans_a == '1' else 'false'}, {'true' if trans_b == '1' else 'false'}"
+        return (f"simt::wgmma<{mma.group(1)}, {kind}, {flags}>({op(desc_a)}, {op(desc_b)}, {scale_d}, "
+                f"{', '.join(d)})")
+    raise ValueError(f"the SIMT emulator has no emulation of the PTX {statements!r}")
 
 
 def translate_ptx(source: str) -> str:
@@ -132,7 +216,7 @@ def build(driver: str, out_dir: Path, mutate: Callable[[str, str], str] | None =
     driver_source.write_text(translate_ptx(driver_text) if ASM.search(driver_text) else driver_text)
     lib = out_dir / f"lib{driver}_simt.so"
     subprocess.run(["g++", "-std=c++20", "-O2", "-fPIC", "-shared", "-fno-strict-aliasing", "-D__CUDACC_RTC__",
-                    "-D__CUDA_ARCH__=800", "-include", str(SIMT_DIR / "ptx.h"),
+                    "-D__CUDA_ARCH__=800", "-D__CUDA_ARCH_FEAT_SM90_ALL", "-include", str(SIMT_DIR / "hopper.h"),
                     "-Wall", "-Werror", "-Wno-unknown-pragmas", f"-I{SIMT_DIR}", f"-I{translated}",
                     str(driver_source), "-o", str(lib)], check=True)
     return ctypes.CDLL(str(lib))

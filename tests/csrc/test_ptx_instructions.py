@@ -59,5 +59,5 @@ def test_an_unknown_instruction_fails_the_build():
     """Nothing is emulated silently: PTX the emulator does not know is a build error naming it."""
     from tests.csrc.simt_build import translate_ptx
 
-    with pytest.raises(ValueError, match="no emulation of the PTX instruction 'wgmma.fence.sync.aligned'"):
-        translate_ptx('asm volatile("wgmma.fence.sync.aligned;\\n" ::);')
+    with pytest.raises(ValueError, match="no emulation of the PTX instruction 'tcgen05.fence::before_thread_sync'"):
+        translate_ptx('asm volatile("tcgen05.fence::before_thread_sync;\\n" ::);')

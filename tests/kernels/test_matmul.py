@@ -282,3 +282,15 @@ def test_fp16_backward_of_a_broadcast_operand_is_summed_in_fp32(backend, device)
     for name, o, t, e in zip(("da", "db"), ours, theirs, exact, strict=True):
         assert o.dtype == torch.float16
         assert max_rel_error(o, e) <= 2 * max_rel_error(t, e) + 1e-4, name
+
+
+def test_the_wgmma_kernel_is_opt_in_and_hopper_only(monkeypatch):
+    """The cuda backend takes csrc/matmul_wgmma.cu only with GPUFORGE_CUDA_WGMMA=1 on compute capability 9.0;
+    a malformed value is a clear error (its numbers are checked in tests/csrc/test_matmul_wgmma_simt.py)."""
+    from gpuforge.kernels.cuda.matmul import wgmma_enabled
+
+    monkeypatch.setenv("GPUFORGE_CUDA_WGMMA", "1")
+    assert not wgmma_enabled(torch.device("cpu"))
+    monkeypatch.setenv("GPUFORGE_CUDA_WGMMA", "yes")
+    with pytest.raises(ValueError, match="GPUFORGE_CUDA_WGMMA: expected 0 or 1"):
+        wgmma_enabled(torch.device("cpu"))

@@ -8,9 +8,12 @@
 // when every live thread of its warp or block has reached it; a thread that returns leaves its barriers, so
 // whole warps may exit early as they do on a GPU. Scheduling is deterministic. What it cannot run: code that
 // relies on warps running in lockstep without a shuffle or barrier between. Inline PTX is rewritten by the test
-// build (tests/csrc/simt_build.py) into calls of simt::lop3 and of the tensor-core and async-copy instructions
-// of ptx.h (mma.sync m16n8k16, ldmatrix, cp.async); the build defines __CUDA_ARCH__ as 800, so the sm_80 paths
-// compile; any other PTX fails the build.
+// build (tests/csrc/simt_build.py) into calls of simt::lop3, of the tensor-core and async-copy instructions
+// of ptx.h (mma.sync m16n8k16, ldmatrix, cp.async) and of Hopper's of hopper.h (mbarrier, tensor-map copies,
+// wgmma); the build defines __CUDA_ARCH__ as 800 and __CUDA_ARCH_FEAT_SM90_ALL, so the sm_80 and the sm_90a
+// paths compile; any other PTX fails the build. Shared-memory addresses (__cvta_generic_to_shared) are offsets
+// into the launch's dynamic shared memory. An exception thrown by a thread (a misused instruction, a deadlock
+// found by hopper.h) stops the launch and is rethrown by simt::launch.
 #pragma once
 
 #include <ucontext.h>
@@ -19,7 +22,9 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -62,6 +67,32 @@ inline void land(const std::vector<PendingCopy>& copies) {
   }
 }
 
+// An asynchronous operation (hopper.h: a wgmma, a tensor-map store) that runs when a wait lets its group complete.
+using AsyncOp = std::function<void()>;
+using AsyncGroups = std::vector<std::vector<AsyncOp>>;  // committed groups, oldest first
+
+inline void run_groups(AsyncGroups& groups, size_t keep) {
+  while (groups.size() > keep) {
+    for (AsyncOp& op : groups.front()) op();
+    groups.erase(groups.begin());
+  }
+}
+
+// One mbarrier of shared memory (hopper.h): its phase completes when the pending arrivals and the transaction
+// bytes are both zero; tensor-map loads tracked by it land (and count their bytes) when a thread waits on it.
+struct Mbarrier {
+  int expected = 0, pending = 0;
+  long long tx = 0, phase = 0;
+  std::vector<std::function<long long()>> copies;  // each lands one box and returns its bytes
+};
+
+// The 128 threads of warps 4i .. 4i+3: their barrier and their wgmma groups.
+struct Warpgroup {
+  Barrier barrier;
+  std::vector<AsyncOp> open;
+  AsyncGroups groups;
+};
+
 struct Fiber {
   ucontext_t context;
   std::vector<char> stack;
@@ -70,6 +101,8 @@ struct Fiber {
   bool done = false;
   std::vector<PendingCopy> cp_open;                // cp.async copies not yet committed
   std::vector<std::vector<PendingCopy>> cp_groups;  // committed groups, oldest first
+  std::vector<AsyncOp> bulk_open;                  // tensor-map stores not yet committed (hopper.h)
+  AsyncGroups bulk_groups;
 };
 
 struct Block {
@@ -81,6 +114,10 @@ struct Block {
   Barrier block;
   std::vector<uint64_t> slots;  // one shuffle slot per thread
   std::vector<Wide> wide;       // one operand record per thread for warp-collective instructions (ptx.h)
+  std::vector<Warpgroup> warpgroups;          // threads / 128 of them (none when that does not divide)
+  Barrier named[16];                          // bar.sync id, count: live is the count of its first use
+  std::map<const void*, Mbarrier> mbarriers;  // by shared-memory address
+  long long idle_waits = 0;                   // mbarrier waits that failed since anything changed (hopper.h)
   ucontext_t scheduler;
   int current = 0;
 };
@@ -101,6 +138,7 @@ inline void open_if_full(Barrier& b) {
   if (b.arrived == b.live && b.live > 0) {
     b.arrived = 0;
     ++b.generation;
+    g_block->idle_waits = 0;
   }
 }
 
@@ -130,15 +168,23 @@ T shuffle(T value, int src_lane) {
 }
 
 inline std::function<void()>* g_body = nullptr;
+inline std::string g_error;  // what the first thread that threw said
 
 inline void fiber_main() {
-  (*g_body)();
   Fiber& me = self();
-  for (const auto& group : me.cp_groups) land(group);  // copies in flight land even if never waited for
-  land(me.cp_open);
+  try {
+    (*g_body)();
+    for (const auto& group : me.cp_groups) land(group);  // copies in flight land even if never waited for
+    land(me.cp_open);
+    me.bulk_groups.push_back(std::move(me.bulk_open));
+    run_groups(me.bulk_groups, 0);
+  } catch (const std::exception& e) {
+    if (g_error.empty()) g_error = e.what();
+  }
   me.done = true;
   leave(g_block->warps[me.warp]);
   leave(g_block->block);
+  if (!g_block->warpgroups.empty()) leave(g_block->warpgroups[me.warp / 4].barrier);
   yield();  // never resumed
 }
 
@@ -158,13 +204,19 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... a
   b.warps.resize(threads / 32);
   b.slots.resize(threads);
   b.wide.resize(threads);
+  b.warpgroups.resize(threads % 128 == 0 ? threads / 128 : 0);
   for (auto& f : b.fibers) f.stack.resize(64 * 1024);
   g_block = &b;
+  g_error.clear();
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
         for (auto& w : b.warps) w = Barrier{32, 0, 0};
         b.block = Barrier{threads, 0, 0};
+        for (auto& wg : b.warpgroups) wg = Warpgroup{Barrier{128, 0, 0}, {}, {}};
+        for (auto& n : b.named) n = Barrier{};
+        b.mbarriers.clear();
+        b.idle_waits = 0;
         g_block_idx = {bx, by, bz};
         if (!g_dynamic_shared.empty())
           std::memset(g_dynamic_shared.data(), 0xff, g_dynamic_shared.size() * sizeof(SharedWord));
@@ -176,6 +228,8 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... a
           f.done = false;
           f.cp_open.clear();
           f.cp_groups.clear();
+          f.bulk_open.clear();
+          f.bulk_groups.clear();
           getcontext(&f.context);
           f.context.uc_stack.ss_sp = f.stack.data();
           f.context.uc_stack.ss_size = f.stack.size();
@@ -187,9 +241,17 @@ void launch(dim3 grid, dim3 block, size_t shared_bytes, Kernel kernel, Args... a
           for (b.current = 0; b.current < threads; ++b.current) {
             if (b.fibers[b.current].done) continue;
             swapcontext(&b.scheduler, &b.fibers[b.current].context);
+            if (!g_error.empty()) {  // the other threads' stacks are dropped where they stand
+              g_block = nullptr;
+              g_body = nullptr;
+              throw std::runtime_error(g_error);
+            }
             remaining += !b.fibers[b.current].done;
           }
         }
+        for (const Warpgroup& wg : b.warpgroups)
+          if (!wg.open.empty() || !wg.groups.empty())
+            throw std::runtime_error("simt: a warpgroup exited with wgmma operations never waited for");
       }
   g_block = nullptr;
   g_body = nullptr;
@@ -227,8 +289,14 @@ inline float __int_as_float(int x) {
   std::memcpy(&f, &x, 4);
   return f;
 }
-inline unsigned __cvta_generic_to_shared(const void*) {
-  throw std::logic_error("simt: shared-memory address spaces (PTX) are not emulated");
+// The shared-memory address of a pointer into the launch's dynamic shared memory: its offset there (so the
+// start is aligned to any swizzle pattern). Static __shared__ arrays have none.
+inline unsigned long long __cvta_generic_to_shared(const void* p) {
+  const auto* base = reinterpret_cast<const unsigned char*>(simt::g_dynamic_shared.data());
+  const auto* at = static_cast<const unsigned char*>(p);
+  if (at < base || at >= base + simt::g_dynamic_shared.size() * sizeof(simt::SharedWord))
+    throw std::invalid_argument("simt: a shared-memory address outside the launch's dynamic shared memory");
+  return static_cast<unsigned long long>(at - base);
 }
 template <typename T>
 T __ldcs(const T* p) { return *p; }  // a load with an evict-first cache hint: the hint has no host meaning
