@@ -1,6 +1,6 @@
 """matmul benchmark: every backend beside cuBLAS (torch.matmul), TFLOP/s and the fraction of the measured GEMM
 peak. The speed targets are bf16 M=N=K=4096 and 8192 on an H100/H200: Triton >= 90% of cuBLAS, the CUDA C++
-fast path >= 75%. fp32 rows run Triton on tf32 tensor cores against cuBLAS in torch's default (full fp32)
+fast path >= 75%, the sm_90a wgmma kernel (row "cuda-wgmma", forward only) >= 90%. fp32 rows run Triton on tf32 tensor cores against cuBLAS in torch's default (full fp32)
 precision, so read them as "what tf32 buys", not as a like-for-like race. Forward+backward rows time the forward
 and the gradients of both operands (three GEMMs, 6·n³ FLOP)."""
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from gpuforge.kernels.cuda import matmul as cuda_matmul
 from gpuforge.kernels.matmul import BACKENDS, matmul
 from gpuforge.profiling.harness import BenchCase
 
@@ -27,6 +28,12 @@ def _backward_sizes(device: torch.device, quick: bool) -> list[int]:
     if device.type == "cuda":
         return [4096] if quick else [4096, 8192]
     return [64]
+
+
+def _wgmma_runs(device: torch.device, dtype: torch.dtype, runnable: list[str]) -> bool:
+    """The sm_90a wgmma kernel runs: the cuda backend built, a compute capability 9.0 device, 16-bit operands."""
+    return ("cuda" in runnable and dtype != torch.float32 and device.type == "cuda"
+            and torch.cuda.get_device_capability(device) == (9, 0))
 
 
 def _with_backward(fn):
@@ -55,6 +62,8 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
             fns = {baseline: torch.matmul}
             fns |= {b: (lambda x, y, b=b: matmul(x, y, backend=b)) for b in runnable
                     if BACKENDS.supports(b, dtype) and (b != "numba" or n <= NUMBA_MAX_SIZE[device.type])}
+            if _wgmma_runs(device, dtype, runnable):  # csrc/matmul_wgmma.cu, opt-in in gf.matmul
+                fns["cuda-wgmma"] = lambda x, y: cuda_matmul.forward(x[None], y[None], wgmma=True)[0]
             cases.append(BenchCase(
                 op="matmul", shape=f"{n}x{n}x{n} fwd", dtype=dtype, size=n,
                 make_inputs=lambda n=n: operands(n), fns=fns, baseline=baseline, bytes=3 * n * n * element,
@@ -64,6 +73,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
                     op="matmul", shape=f"{n}x{n}x{n} fwd+bwd", dtype=dtype, size=n,
                     make_inputs=lambda n=n, dtype=dtype: (*operands(n, grad=True),
                                                           torch.randn(n, n, device=device, dtype=dtype)),
-                    fns={label: _with_backward(fn) for label, fn in fns.items()}, baseline=baseline,
+                    fns={label: _with_backward(fn) for label, fn in fns.items() if label != "cuda-wgmma"},
+                    baseline=baseline,
                     bytes=9 * n * n * element, flops=6 * n**3, reference=_reference_backward))
     return cases

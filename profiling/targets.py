@@ -72,6 +72,7 @@ TARGETS = (
     *_each(("triton", "cuda"), BANDWIDTH, "vector_add", FRACTION, 0.90, (FP32,), _VECTOR, "2^28 fp32"),
     Target(CUBLAS, "matmul", "triton", "cuBLAS", 0.90, (BF16,), _GEMM, "bf16 4096^3, 8192^3"),
     Target(CUBLAS, "matmul", "cuda", "cuBLAS", 0.75, (BF16,), _GEMM, "bf16 4096^3, 8192^3"),
+    Target(CUBLAS, "matmul", "cuda-wgmma", "cuBLAS", 0.90, (BF16,), _GEMM, "bf16 4096^3, 8192^3 (sm_90a wgmma)"),
     *_each(("triton", "cuda"), BANDWIDTH, "softmax", FRACTION, 0.85, (FP16, BF16), _SOFTMAX, "4096 x 1K..32K fwd"),
     *_each(("triton", "cuda"), EAGER, "softmax", "torch", 1.0, (FP16, BF16), _SOFTMAX, "4096 x 1K..32K fwd"),
     *_each(("triton", "cuda"), EAGER, "rms_norm", "torch", 1.3, (BF16,), _RMS, "4096x4096, 16384x8192 fwd+bwd"),

@@ -35,13 +35,15 @@ def wgmma_enabled(device: torch.device) -> bool:
     return value == "1" and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
-def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def forward(a: torch.Tensor, b: torch.Tensor, wgmma: bool | None = None) -> torch.Tensor:
+    """(batch, M, K) @ (batch, K, N). wgmma: None lets GPUFORGE_CUDA_WGMMA decide; True asks for the sm_90a
+    kernel (the benchmark's row; an operand it cannot take is an error), False for csrc/matmul.cu."""
     a, b = for_tensor_cores(a, b)
     batch, m, k = a.shape
     n = b.shape[2]
     out = _alloc.empty((batch, m, n), dtype=a.dtype, device=a.device)
-    hopper = (a.dtype != torch.float32 and k % 8 == 0 and n % 8 == 0 and rows_aligned(a) and rows_aligned(b)
-              and wgmma_enabled(a.device))
+    fits = a.dtype != torch.float32 and k % 8 == 0 and n % 8 == 0 and rows_aligned(a) and rows_aligned(b)
+    hopper = fits and wgmma_enabled(a.device) if wgmma is None else wgmma  # explicit: the launcher checks
     extension.call("matmul_wgmma" if hopper else "matmul", a.device, a.data_ptr(), b.data_ptr(), out.data_ptr(), m, n,
                    k, batch, *a.stride(), *b.stride(), extension.dtype_code(a))
     return out

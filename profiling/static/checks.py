@@ -4,7 +4,8 @@
 - its shared memory fits the architecture's per-block limit, and at least one block fits an SM;
 - it does not spill (STACK + LOCAL bytes beyond what its docstring tolerates, or STL/LDL in its SASS);
 - a kernel whose point is tensor cores uses them: HMMA on sm_80, HGMMA on sm_90 for a Triton tile of 4+ warps
-  whose MMA is at least 64 rows (wgmma's m64; smaller tiles get mma.sync, HMMA), UTC*MMA or HMMA on sm_100;
+  whose MMA is at least 64 rows (wgmma's m64; smaller tiles get mma.sync, HMMA) and for a CUDA wgmma kernel,
+  UTC*MMA or HMMA on sm_100;
 - a pipelined GEMM or attention loop copies asynchronously (LDGSTS or TMA), and a kernel on tensor descriptors
   with bulk tensor copies (UTMALDG).
 """
@@ -35,10 +36,10 @@ def problems(record: dict) -> list[str]:
         out.append(f"spills {spill} B per thread (STL {mix['STL']}, LDL {mix['LDL']})")
     if record.get("tensor_cores"):
         arch = record["arch"]
-        wants_wgmma = (arch == "sm_90" and record["source"] == "triton" and (record.get("num_warps") or 0) >= 4
-                       and _mma_rows(record) >= 64)
+        wants_wgmma = record.get("wgmma") or (arch == "sm_90" and record["source"] == "triton"
+                                              and (record.get("num_warps") or 0) >= 4 and _mma_rows(record) >= 64)
         if wants_wgmma and not mix["HGMMA"]:
-            out.append("no HGMMA (wgmma) on sm_90 for a 4-warp tile of 64+ rows")
+            out.append("no HGMMA (wgmma) on sm_90 for a wgmma kernel or a 4-warp tile of 64+ rows")
         elif not any(mix[f] for f in TENSOR_CORE_FAMILIES):
             out.append("no tensor-core instructions")
     if record.get("tma") and not mix["UTMALDG"]:

@@ -48,7 +48,14 @@ LAUNCHES = {
     "flash_attention_bwd_delta_kernel": (128, None, False, False),
     "flash_attention_bwd_dq_kernel": (128, None, False, False),
     "flash_attention_bwd_dkdv_kernel": (128, None, False, False),
+    "matmul_wgmma_kernel": (384, lambda args: WGMMA_MATMUL_SHARED, True, True),
 }
+# csrc/matmul_wgmma.cu's kWgmmaSharedBytes: 1024 alignment + 4 stages x (A 16 KiB + B 16 KiB) + 2 x 16 KiB of output
+# + 8 mbarriers
+WGMMA_MATMUL_SHARED = 1024 + 4 * (16384 + 16384) + 2 * 16384 + 8 * 8
+# Kernels with sm_90a code only (a trap elsewhere): on sm_90 they must run wgmma (HGMMA) fed by TMA (UTMALDG);
+# their other architectures' stubs are not tensor-core kernels.
+SM90A_ONLY = {"matmul_wgmma_kernel"}
 _NAME = re.compile(r"gpuforge::(\w+)<(.*)>\(")
 
 
@@ -63,10 +70,14 @@ def _records(binary: Path, source: str, archs: dict[str, int], arch: str | None 
         m = _NAME.search(demangled)
         name, args = (m.group(1), [a.strip() for a in m.group(2).split(",")]) if m else (demangled, [])
         threads, dynamic, tensor_cores, async_copies = LAUNCHES.get(name, (None, None, False, False))
+        hopper = name in SM90A_ONLY and target.removesuffix("a") == "sm_90"
+        if name in SM90A_ONLY and not hopper:
+            tensor_cores = async_copies = False
         shared = res["static_shared"] + (dynamic(args) if dynamic else 0)
         record = {"source": source, "op": name.split("_kernel")[0], "kernel": name,
                   "label": "<" + ", ".join(args) + ">" if args else "", "arch": target, "num_warps": None,
                   "num_stages": None, "tensor_cores": tensor_cores, "async_copies": async_copies,
+                  "wgmma": hopper, "tma": hopper,
                   "tolerated_spill_bytes": 0, **res, "shared": shared, "threads": threads,
                   "mix": mix}
         if threads is None:
