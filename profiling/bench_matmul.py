@@ -1,8 +1,9 @@
 """matmul benchmark: every backend beside cuBLAS (torch.matmul), TFLOP/s and the fraction of the measured GEMM
 peak. The speed targets are bf16 M=N=K=4096 and 8192 on an H100/H200: Triton >= 90% of cuBLAS, the CUDA C++
-fast path >= 75%, the sm_90a wgmma kernel (row "cuda-wgmma", forward only) >= 90%. fp32 rows run Triton on tf32 tensor cores against cuBLAS in torch's default (full fp32)
-precision, so read them as "what tf32 buys", not as a like-for-like race. Forward+backward rows time the forward
-and the gradients of both operands (three GEMMs, 6·n³ FLOP)."""
+fast path >= 75%, the sm_90a wgmma kernel (row "cuda-wgmma", forward only) >= 90%. fp32 rows run Triton on tf32
+tensor cores against cuBLAS in torch's default (full fp32) precision, so read them as "what tf32 buys", not as a
+like-for-like race. Forward+backward rows time the forward and the gradients of both operands (three GEMMs,
+6·n³ FLOP)."""
 
 from __future__ import annotations
 

@@ -117,8 +117,8 @@ def _hopper_call(mnemonic: str, args: list[str], rest: str, op, address) -> str 
         return f"simt::mbarrier_arrive({address(args[1])})"
     if mnemonic == "mbarrier.arrive.expect_tx.shared::cta.b64" and args[0] == "_":
         return f"simt::mbarrier_arrive_expect_tx({address(args[1])}, {op(args[2])})"
-    tensor = re.fullmatch(r"cp\.async\.bulk\.tensor\.([23])d\.(shared::cluster\.global\.tile\.mbarrier::complete_tx::bytes|"
-                          r"global\.shared::cta\.tile\.bulk_group)", mnemonic)
+    tensor = re.fullmatch(r"cp\.async\.bulk\.tensor\.([23])d\.(shared::cluster\.global\.tile\.mbarrier::"
+                          r"complete_tx::bytes|global\.shared::cta\.tile\.bulk_group)", mnemonic)
     if tensor:
         map_ref, coords = re.fullmatch(r"\[\s*(%\d+)\s*,\s*\{([^}]*)\}\s*\]", [a for a in _split_top(rest, ",")
                                                                           if "{" in a][0].strip()).groups()
