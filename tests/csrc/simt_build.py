@@ -195,6 +195,18 @@ def translate_ptx(source: str) -> str:
     return "".join(out)
 
 
+def replacing(file: str, original: str, mutated: str) -> Callable[[str, str], str]:
+    """A `mutate` for build() (the tests' mutation checks): `original` replaced by `mutated` in csrc/<file>, which
+    must still contain it."""
+    def mutate(name: str, text: str) -> str:
+        if name != file:
+            return text
+        if original not in text:
+            raise ValueError(f"{file} no longer contains the text the mutation replaces: {original!r}")
+        return text.replace(original, mutated)
+    return mutate
+
+
 def gxx_available() -> bool:
     return shutil.which("g++") is not None
 

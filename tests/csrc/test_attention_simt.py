@@ -141,13 +141,7 @@ def test_a_k_fragment_row_moved_by_one_fails(tmp_path):
     original = "const int k_row = (lane % 8) + 8 * (lane / 16), k_chunk = (lane / 8) % 2;"
     mutated = "const int k_row = ((lane + 1) % 8) + 8 * (lane / 16), k_chunk = (lane / 8) % 2;"
 
-    def mutate(name, text):
-        if name == "flash_attention.cu":
-            assert original in text
-            return text.replace(original, mutated)
-        return text
-
-    lib = simt_build.build("attention", tmp_path, mutate)
+    lib = simt_build.build("attention", tmp_path, simt_build.replacing("flash_attention.cu", original, mutated))
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 1, 64, 64, generator=gen).to(torch.float16) for _ in range(3))
     out, _ = simt_forward_mma(lib, q, k, v, 0.125, -1, -1)

@@ -90,13 +90,7 @@ def test_a_fragment_row_moved_by_one_fails(tmp_path):
     original = "const int frag_row = (lane % 8) + 8 * ((lane / 8) % 2);"
     mutated = "const int frag_row = ((lane + 1) % 8) + 8 * ((lane / 8) % 2);"
 
-    def mutate(name, text):
-        if name == "matmul.cu":
-            assert original in text
-            return text.replace(original, mutated)
-        return text
-
-    lib = simt_build.build("matmul", tmp_path, mutate)
+    lib = simt_build.build("matmul", tmp_path, simt_build.replacing("matmul.cu", original, mutated))
     gen = torch.Generator().manual_seed(0)
     a, b = (_operand(gen, torch.float16, 1, *shape, "n") for shape in ((64, 32), (32, 64)))
     err = max_rel_error(simt_matmul_mma(lib, a, b), matmul_reference(a.double(), b.double()))

@@ -74,13 +74,7 @@ MUTATIONS = {
 def test_a_mutated_kernel_fails(tmp_path, capfd, name):
     original, mutated = MUTATIONS[name]
 
-    def mutate(file, text):
-        if file == "matmul_wgmma.cu":
-            assert original in text
-            return text.replace(original, mutated)
-        return text
-
-    lib = simt_build.build("matmul_wgmma", tmp_path, mutate)
+    lib = simt_build.build("matmul_wgmma", tmp_path, simt_build.replacing("matmul_wgmma.cu", original, mutated))
     a, b = _operands(torch.bfloat16, 1, 130, 136, 136, False, 0)
     rc, c = simt_matmul_wgmma(lib, a, b, 2)
     stopped = {"producer waits on the wrong phase": "deadlock: an mbarrier wait never completes",
