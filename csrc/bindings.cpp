@@ -199,25 +199,33 @@ PYBIND11_MODULE(_C, m) {
      py::arg("rstd"), py::arg("dh"), py::arg("dh_row_stride"), py::arg("dx"), py::arg("dw"), py::arg("partial"),
      py::arg("blocks"), py::arg("rows"), py::arg("n"), py::arg("deterministic"), py::arg("dtype"), py::arg("stream"));
 
-  m.def("flash_attention_forward", [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse,
-                                      int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
-                                      int64_t seqlen_k, int64_t head_dim, int64_t window_left, int64_t window_right,
-                                      int64_t q_b, int64_t q_h, int64_t q_s, int64_t k_b, int64_t k_h, int64_t k_s,
-                                      int64_t v_b, int64_t v_h, int64_t v_s, float scale, int dtype,
-                                      uintptr_t stream) {
-    check_attention_problem(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right);
-    const int64_t q_strides[3] = {q_b, q_h, q_s}, k_strides[3] = {k_b, k_h, k_s}, v_strides[3] = {v_b, v_h, v_s};
-    throw_if_error(gpuforge::launch_flash_attention_forward(
-                       as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), as_ptr<void>(out),
-                       as_ptr<float>(lse), batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
-                       window_right, q_strides, k_strides, v_strides, scale, checked_dtype(dtype, "dtype"),
-                       as_stream(stream)),
-                   "flash_attention_forward");
-  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("batch"),
-     py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
-     py::arg("window_left"), py::arg("window_right"), py::arg("q_b"), py::arg("q_h"), py::arg("q_s"),
-     py::arg("k_b"), py::arg("k_h"), py::arg("k_s"), py::arg("v_b"), py::arg("v_h"), py::arg("v_s"),
-     py::arg("scale"), py::arg("dtype"), py::arg("stream"));
+  // The tensor-core forwards of csrc/flash_attention.cu and, explicitly (compute capability 9.0, fp16/bf16, D 128,
+  // 16-byte aligned rows), the sm_90a kernel of csrc/flash_attention_wgmma.cu: the same arguments.
+  using AttentionForward = decltype(&gpuforge::launch_flash_attention_forward);
+  const auto def_attention_forward = [&m](const char* name, AttentionForward launch, const char* what) {
+    m.def(name, [launch, what](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t batch,
+                               int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k,
+                               int64_t head_dim, int64_t window_left, int64_t window_right, int64_t q_b, int64_t q_h,
+                               int64_t q_s, int64_t k_b, int64_t k_h, int64_t k_s, int64_t v_b, int64_t v_h,
+                               int64_t v_s, float scale, int dtype, uintptr_t stream) {
+      check_attention_problem(batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right);
+      const int64_t q_strides[3] = {q_b, q_h, q_s}, k_strides[3] = {k_b, k_h, k_s}, v_strides[3] = {v_b, v_h, v_s};
+      throw_if_error(launch(as_ptr<const void>(q), as_ptr<const void>(k), as_ptr<const void>(v), as_ptr<void>(out),
+                            as_ptr<float>(lse), batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
+                            window_right, q_strides, k_strides, v_strides, scale, checked_dtype(dtype, "dtype"),
+                            as_stream(stream)),
+                     what);
+    }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("batch"),
+       py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
+       py::arg("window_left"), py::arg("window_right"), py::arg("q_b"), py::arg("q_h"), py::arg("q_s"),
+       py::arg("k_b"), py::arg("k_h"), py::arg("k_s"), py::arg("v_b"), py::arg("v_h"), py::arg("v_s"),
+       py::arg("scale"), py::arg("dtype"), py::arg("stream"));
+  };
+  def_attention_forward("flash_attention_forward", gpuforge::launch_flash_attention_forward,
+                        "flash_attention_forward");
+  def_attention_forward("flash_attention_forward_wgmma", gpuforge::launch_flash_attention_forward_wgmma,
+                        "flash_attention_forward_wgmma (fp16/bf16, D 128, rows 16-byte aligned, strides multiples "
+                        "of 8, Sk > 0, compute capability 9.0)");
 
   m.def("flash_attention_backward", [](uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t dout,
                                        uintptr_t lse, uintptr_t dlse, uintptr_t dq, uintptr_t dk, uintptr_t dv,

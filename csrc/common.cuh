@@ -58,4 +58,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The same over the 4 lanes of a quad (lanes 4g..4g+3: the threads that share a row of an MMA fragment).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
 }  // namespace gpuforge

@@ -105,26 +105,6 @@ __device__ __forceinline__ int fa_smem_offset(int row, int chunk) {
   return row * kHeadDim + ((chunk ^ (row & 7)) * 8);
 }
 
-template <typename T>
-__device__ __forceinline__ unsigned pack_pair(float x, float y) {
-  if constexpr (MmaType<T>::kIsBf16) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    return *reinterpret_cast<const unsigned*>(&h);
-  } else {
-    const __half2 h = __floats2half2_rn(x, y);
-    return *reinterpret_cast<const unsigned*>(&h);
-  }
-}
-
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // Preconditions (checked by the launcher): D == kHeadDim; the strides over (batch, head, row) of q, k, v are
 // multiples of 8 elements and the pointers 16-byte aligned. Grid: (cdiv(Sq, 64), B * Hq); dynamic shared
 // memory 2 stages x (K + V) x 64 x D elements.

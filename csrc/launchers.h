@@ -70,6 +70,18 @@ cudaError_t launch_flash_attention_forward(const void* q, const void* k, const v
                                            const int64_t* v_strides, float scale, DType dtype,
                                            cudaStream_t stream);
 
+// The same on Hopper (csrc/flash_attention_wgmma.cu: TMA, wgmma, warp specialisation): fp16/bf16, D 128, pointers
+// 16-byte aligned, strides multiples of 8, seqlen_k > 0, compute capability 9.0; cudaErrorNotSupported otherwise.
+bool flash_attention_wgmma_applies(const void* q, const void* k, const void* v, int64_t seqlen_k, int64_t head_dim,
+                                   const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides,
+                                   DType dtype);
+cudaError_t launch_flash_attention_forward_wgmma(const void* q, const void* k, const void* v, void* out, float* lse,
+                                                 int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                                                 int64_t seqlen_k, int64_t head_dim, int64_t window_left,
+                                                 int64_t window_right, const int64_t* q_strides,
+                                                 const int64_t* k_strides, const int64_t* v_strides, float scale,
+                                                 DType dtype, cudaStream_t stream);
+
 // dq (B, Hq, Sq, D), dk and dv (B, Hkv, Sk, D), all contiguous, of the attention above (csrc/flash_attention_bwd.cu:
 // probabilities recomputed from q, k and the forward's lse; no atomics, so bit-reproducible). q, k, v strided as
 // for the forward; out and dout contiguous like the forward's output; lse, dlse and the fp32 scratch `delta`

@@ -34,9 +34,6 @@ constexpr int kWgmmaOutBytes = 64 * kWgmmaBlockN * 2;    // one consumer's 64 ro
 constexpr int kWgmmaSharedBytes = 1024 + kWgmmaStages * (kWgmmaStageBytesA + kWgmmaStageBytesB) +
                                   2 * kWgmmaOutBytes + 2 * kWgmmaStages * 8;
 
-// The 128-byte swizzle of a byte offset within a 1024-byte-aligned box (the tensor map's and wgmma's).
-__device__ __forceinline__ unsigned swizzle_128b(unsigned offset) { return offset ^ (((offset >> 7) & 7u) << 4); }
-
 template <typename T>
 __global__ void __launch_bounds__(kWgmmaThreads, 1)
 matmul_wgmma_kernel(const __grid_constant__ TensorMap a_map,  // (batch_a, M, K), box 1 x 128 x 64
@@ -109,7 +106,7 @@ matmul_wgmma_kernel(const __grid_constant__ TensorMap a_map,  // (batch_a, M, K)
       for (int k16 = 0; k16 < kWgmmaBlockK / 16; ++k16) {
         // A: 8-row groups 1024 bytes apart, k16 steps 32 bytes along the swizzled row; B: k-rows of 64 columns,
         // the second 64 columns 8 KiB on (the leading offset), 8-row groups 1024 bytes apart, k16 = 16 rows.
-        wgmma_m64n128k16<T>(acc, smem_descriptor_sw128(a_rows + 32 * k16, 16, 1024),
+        wgmma_m64n128k16<T, 1>(acc, smem_descriptor_sw128(a_rows + 32 * k16, 16, 1024),
                             smem_descriptor_sw128(b_rows + 16 * 128 * k16, kWgmmaHalfBytesB, 1024),
                             slab > 0 || k16 > 0);
       }
@@ -119,6 +116,7 @@ matmul_wgmma_kernel(const __grid_constant__ TensorMap a_map,  // (batch_a, M, K)
       previous = stage;
     }
     wgmma_wait<0>();
+    pin_registers(acc);  // read by the epilogue, after the wait
     if (previous >= 0 && thread == 0) mbarrier_arrive(&empty[previous]);
 
     if (thread == 0) tma_store_wait_read<0>();  // the last tile's store has read `out`
@@ -149,7 +147,7 @@ matmul_wgmma_kernel(const __grid_constant__ TensorMap a_map,  // (batch_a, M, K)
 #include <cudaTypedefs.h>
 
 #include "launchers.h"
-#include "matmul_wgmma_maps.h"
+#include "tensor_maps.h"
 
 namespace gpuforge {
 
@@ -179,14 +177,11 @@ cudaError_t launch_matmul_wgmma(const void* a, const void* b, void* c, int64_t M
   cudaGetLastError();  // a failed probe above must not be reported as this launch's error
   if (!applies || M > INT32_MAX || N > INT32_MAX || K > INT32_MAX) return cudaErrorNotSupported;
   if (K == 0) return cudaMemsetAsync(c, 0, M * N * batch * 2, stream);
-  void* encode = nullptr;
-  cudaDriverEntryPointQueryResult found{};
-  GF_CUDA_RETURN_IF_ERROR(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &encode, 12000,
-                                                           cudaEnableDefault, &found));
-  if (found != cudaDriverEntryPointSuccess) return cudaErrorNotSupported;
+  const auto encode = driver_tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorNotSupported;
   MatmulWgmmaMaps maps;
-  if (encode_matmul_wgmma_maps(reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(encode), maps, a, b, c, M, N,
-                               K, batch, sa_z, sa_m, sb_z, sb_k, dtype == DType::BFloat16) != CUDA_SUCCESS)
+  if (encode_matmul_wgmma_maps(encode, maps, a, b, c, M, N, K, batch, sa_z, sa_m, sb_z, sb_k,
+                               dtype == DType::BFloat16) != CUDA_SUCCESS)
     return cudaErrorInvalidValue;
   int device = 0, sms = 0;
   GF_CUDA_RETURN_IF_ERROR(cudaGetDevice(&device));

@@ -64,4 +64,17 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* p, float x, float y) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
 }
 
+
+// Two fp32 values rounded to T and packed in one register (the low half first): an A-fragment register.
+template <typename T>
+__device__ __forceinline__ unsigned pack_pair(float x, float y) {
+  if constexpr (MmaType<T>::kIsBf16) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    return *reinterpret_cast<const unsigned*>(&h);
+  } else {
+    const __half2 h = __floats2half2_rn(x, y);
+    return *reinterpret_cast<const unsigned*>(&h);
+  }
+}
+
 }  // namespace gpuforge

@@ -1,21 +1,14 @@
 """cuda backend of gf.matmul: csrc/matmul.cu, mma.sync tensor cores for fp16/bf16 with 16-byte-aligned rows,
 the shared-memory tiled kernel otherwise; on a compute capability 9.0 device with GPUFORGE_CUDA_WGMMA=1, the
-same operands take csrc/matmul_wgmma.cu's TMA + wgmma kernel (opt-in until a GPU run has measured it: its
-numbers are checked in the SIMT emulator, its SASS (HGMMA, UTMALDG, UTMASTG) ahead of time)."""
+same operands take csrc/matmul_wgmma.cu's TMA + wgmma kernel (opt-in: kernels/cuda/hopper.py)."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
 from gpuforge.kernels import _alloc
 from gpuforge.kernels.cuda import extension
-
-
-def rows_aligned(t: torch.Tensor) -> bool:
-    """Rows contiguous and 16-byte aligned: what cp.async and ldmatrix need (csrc/matmul.cu)."""
-    return t.stride(2) == 1 and t.stride(1) % 8 == 0 and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0
+from gpuforge.kernels.cuda.hopper import rows_aligned, wgmma_enabled
 
 
 def for_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,14 +18,6 @@ def for_tensor_cores(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, to
     if a.dtype == torch.float32 or a.shape[2] % 8 or b.shape[2] % 8:
         return a, b
     return (a if rows_aligned(a) else a.contiguous()), (b if rows_aligned(b) else b.contiguous())
-
-
-def wgmma_enabled(device: torch.device) -> bool:
-    """GPUFORGE_CUDA_WGMMA=1 on a compute capability 9.0 device (sm_90a machine code runs there only)."""
-    value = os.environ.get("GPUFORGE_CUDA_WGMMA", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"GPUFORGE_CUDA_WGMMA: expected 0 or 1, got {value!r}")
-    return value == "1" and device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
 
 
 def forward(a: torch.Tensor, b: torch.Tensor, wgmma: bool | None = None) -> torch.Tensor:

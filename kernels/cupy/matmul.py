@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from gpuforge.kernels import _alloc
-from gpuforge.kernels.cuda.matmul import for_tensor_cores, rows_aligned
+from gpuforge.kernels.cuda.hopper import rows_aligned
+from gpuforge.kernels.cuda.matmul import for_tensor_cores
 from gpuforge.kernels.cupy import module
 
 # Block tiles and threads of csrc/matmul.cu's kernels (kTiledBlockM/N, kTiledThreads; kMma…).

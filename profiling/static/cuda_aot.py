@@ -49,13 +49,17 @@ LAUNCHES = {
     "flash_attention_bwd_dq_kernel": (128, None, False, False),
     "flash_attention_bwd_dkdv_kernel": (128, None, False, False),
     "matmul_wgmma_kernel": (384, lambda args: WGMMA_MATMUL_SHARED, True, True),
+    "flash_attention_fwd_wgmma_kernel": (384, lambda args: WGMMA_ATTENTION_SHARED, True, True),
 }
 # csrc/matmul_wgmma.cu's kWgmmaSharedBytes: 1024 alignment + 4 stages x (A 16 KiB + B 16 KiB) + 2 x 16 KiB of output
 # + 8 mbarriers
 WGMMA_MATMUL_SHARED = 1024 + 4 * (16384 + 16384) + 2 * 16384 + 8 * 8
+# csrc/flash_attention_wgmma.cu's kFa3SharedBytes: 1024 alignment + Q 32 KiB + 2 stages x (K 32 KiB + V 32 KiB)
+# + 9 mbarriers
+WGMMA_ATTENTION_SHARED = 1024 + 5 * 32768 + 9 * 8
 # Kernels with sm_90a code only (a trap elsewhere): on sm_90 they must run wgmma (HGMMA) fed by TMA (UTMALDG);
 # their other architectures' stubs are not tensor-core kernels.
-SM90A_ONLY = {"matmul_wgmma_kernel"}
+SM90A_ONLY = {"matmul_wgmma_kernel", "flash_attention_fwd_wgmma_kernel"}
 _NAME = re.compile(r"gpuforge::(\w+)<(.*)>\(")
 
 

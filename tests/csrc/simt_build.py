@@ -70,6 +70,8 @@ def _emulated_call(template: str, operands: list[tuple[str, str]]) -> str:
     op = lambda ref: operands[int(ref.strip().lstrip("%"))][1]  # noqa: E731
     address = lambda ref: SMEM_ADDRESS.sub(r"\1", op(ref.strip().strip("[]")))  # noqa: E731
     statements = _statements(template)
+    if not statements:  # an empty statement that only orders the compiler's instructions (hopper.cuh)
+        return "(void)0"
     if len(statements) == 2:
         return _scoped_call(statements, op, address)
     text = " ".join(statements)
@@ -117,7 +119,7 @@ def _hopper_call(mnemonic: str, args: list[str], rest: str, op, address) -> str 
         return f"simt::mbarrier_arrive({address(args[1])})"
     if mnemonic == "mbarrier.arrive.expect_tx.shared::cta.b64" and args[0] == "_":
         return f"simt::mbarrier_arrive_expect_tx({address(args[1])}, {op(args[2])})"
-    tensor = re.fullmatch(r"cp\.async\.bulk\.tensor\.([23])d\.(shared::cluster\.global\.tile\.mbarrier::"
+    tensor = re.fullmatch(r"cp\.async\.bulk\.tensor\.([234])d\.(shared::cluster\.global\.tile\.mbarrier::"
                           r"complete_tx::bytes|global\.shared::cta\.tile\.bulk_group)", mnemonic)
     if tensor:
         map_ref, coords = re.fullmatch(r"\[\s*(%\d+)\s*,\s*\{([^}]*)\}\s*\]", [a for a in _split_top(rest, ",")
@@ -158,18 +160,32 @@ def _scoped_call(statements: list[str], op, address) -> str:
         return f"{op(out)} = simt::mbarrier_try_wait_parity({address(bar)}, {op(parity)})"
     mma = re.fullmatch(r"wgmma\.mma_async\.sync\.aligned\.m64n(\d+)k16\.f32\.(bf16|f16)\.\2", second[0])
     if first[0] == "setp.ne.b32" and first_args[2] == "0" and mma:
-        pred, scale_d = first_args[0], op(first_args[1])
-        group = second[2][second[2].index("{") + 1:second[2].index("}")]
-        d = [op(r) for r in group.split(",")]
-        desc_a, desc_b, used, scale_a, scale_b, trans_a, trans_b = (
-            a.strip() for a in _split_top(second[2][second[2].index("}") + 1:].lstrip(" ,"), ","))
-        if used != pred or (scale_a, scale_b) != ("1", "1") or trans_a not in "01" or trans_b not in "01":
-            raise ValueError(f"the SIMT emulator has no emulation of the PTX {statements!r}")
-        kind = "simt::Bf16" if mma.group(2) == "bf16" else "simt::F16"
-        flags = f"{'true' if trans_a == '1' else 'false'}, {'true' if trans_b == '1' else 'false'}"
-        return (f"simt::wgmma<{mma.group(1)}, {kind}, {flags}>({op(desc_a)}, {op(desc_b)}, {scale_d}, "
-                f"{', '.join(d)})")
+        return _wgmma_call(mma.group(1), mma.group(2), second[2], first_args[0], op(first_args[1]), op)
     raise ValueError(f"the SIMT emulator has no emulation of the PTX {statements!r}")
+
+
+def _wgmma_call(n: str, dtype: str, operands: str, pred: str, scale_d: str, op) -> str:
+    """The call for `wgmma.mma_async ... {d}, a-desc | {a regs}, b-desc, p, 1, 1[, tA], tB` whose scale-d
+    predicate `pred` was set from `scale_d`. A transpose flag is a literal 0/1 or an "n" operand."""
+    groups = re.findall(r"\{([^}]*)\}", operands)
+    d = [op(r) for r in groups[0].split(",")]
+    rest = [a.strip() for a in _split_top(re.sub(r"\{[^}]*\}", "", operands).strip(" ,"), ",") if a.strip()]
+    register_a = len(groups) == 2
+    flag = lambda f: f"(({op(f)}) != 0)" if f.startswith("%") else {"0": "false", "1": "true"}.get(f)  # noqa: E731
+    kind = "simt::Bf16" if dtype == "bf16" else "simt::F16"
+    if register_a:
+        desc_b, used, scale_a, scale_b, trans_b = rest
+        flags = [flag(trans_b)]
+    else:
+        desc_a, desc_b, used, scale_a, scale_b, trans_a, trans_b = rest
+        flags = [flag(trans_a), flag(trans_b)]
+    if used != pred or (scale_a, scale_b) != ("1", "1") or None in flags:
+        raise ValueError(f"the SIMT emulator has no emulation of the PTX wgmma operands {operands!r}")
+    if register_a:
+        a = [op(r) for r in groups[1].split(",")]
+        return (f"simt::wgmma_rs<{n}, {kind}, {flags[0]}>({', '.join(a)}, {op(desc_b)}, {scale_d}, "
+                f"{', '.join(d)})")
+    return f"simt::wgmma<{n}, {kind}, {', '.join(flags)}>({op(desc_a)}, {op(desc_b)}, {scale_d}, {', '.join(d)})"
 
 
 def translate_ptx(source: str) -> str:

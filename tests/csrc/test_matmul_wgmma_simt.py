@@ -2,7 +2,7 @@
 TMA loads into a 4-stage ring guarded by mbarriers, wgmma m64n128k16 from 128-byte-swizzled shared-memory
 descriptors (A K-major, B MN-major), a producer warpgroup and two consumers with setmaxnreg, persistent tiles
 (fewer blocks than tiles, so stages and phases carry over from tile to tile) and a TMA-store epilogue through
-shared memory. The tensor maps are the launcher's own (matmul_wgmma_maps.h) through the emulator's
+shared memory. The tensor maps are the launcher's own (tensor_maps.h) through the emulator's
 cuTensorMapEncodeTiled.
 
 Sizes cross the 128x128x64 tiles in every direction (M odd, N and K multiples of 8 only: the launcher's
@@ -63,7 +63,7 @@ def test_wgmma_matmul_matches_float64(lib, case, dtype):
 MUTATIONS = {
     "B leading offset": ("smem_descriptor_sw128(b_rows + 16 * 128 * k16, kWgmmaHalfBytesB, 1024)",
                          "smem_descriptor_sw128(b_rows + 16 * 128 * k16, kWgmmaHalfBytesB / 2, 1024)"),
-    "epilogue swizzle": ("return offset ^ (((offset >> 7) & 7u) << 4);", "return offset;"),
+    "epilogue swizzle": ("swizzle_128b(row * 128 + (col % 64) * 2)", "(row * 128 + (col % 64) * 2)"),
     "no wait before the epilogue": ("    wgmma_wait<0>();\n", "\n"),
     "producer waits on the wrong phase": ("mbarrier_wait(&empty[stage], phase ^ 1);",
                                           "mbarrier_wait(&empty[stage], phase);"),

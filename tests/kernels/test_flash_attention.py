@@ -376,6 +376,45 @@ def test_gpu_cuda_backward(case, dtype):
         assert_close_rel(g, e, tol, f"{name} {case} {dtype}")
 
 
+def test_the_wgmma_forward_is_opt_in_and_takes_what_tma_can_load():
+    """csrc/flash_attention_wgmma.cu runs only with GPUFORGE_CUDA_WGMMA=1 on compute capability 9.0 (the switch:
+    tests/kernels/test_matmul.py), for fp16/bf16 at D 128 with TMA-ready strides and at least one key; its
+    numbers are checked in the SIMT emulator (tests/csrc/test_flash_attention_wgmma_simt.py)."""
+    from gpuforge.kernels.attention_problem import Problem
+    from gpuforge.kernels.cuda.flash_attention import wgmma_fits
+
+    def fits(q, k):
+        return wgmma_fits(q, k, k, Problem.dense(q, k, 0.1, -1, -1))
+
+    q = torch.randn(1, 2, 33, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 45, 128, dtype=torch.bfloat16)
+    assert fits(q, k)
+    assert fits(torch.randn(1, 33, 2, 128, dtype=torch.float16).transpose(1, 2), k.half())  # strided heads
+    assert not fits(q.float(), k.float())                                  # fp32
+    assert not fits(q[..., :64], k[..., :64])                              # D 64
+    assert not fits(q, k[:, :, :0])                                        # no key
+    assert not fits(torch.randn(1, 2, 33, 132, dtype=torch.bfloat16)[..., :128], k)  # row stride 132: not x8
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_wgmma_forward(dtype, causal):
+    """The sm_90a kernel on the GPU itself (compute capability 9.0 only), odd lengths and GQA, vs float64."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("csrc/flash_attention_wgmma.cu is sm_90a code: compute capability 9.0 only")
+    from gpuforge.kernels.attention_problem import Problem
+    from gpuforge.kernels.cuda import flash_attention as cuda_fa
+
+    q, k, v = make((2, 8, 1000, 128), dtype), make((2, 2, 1037, 128), dtype), make((2, 2, 1037, 128), dtype)
+    left, right = fa._window(None, causal)
+    out, lse = cuda_fa.forward(q, k, v, Problem.dense(q, k, 128 ** -0.5, left, right), wgmma=True)
+    ref_out, ref_lse = fa.attention_math(q.double(), k.double(), v.double(), 128 ** -0.5, left, right)
+    torch_out, _ = fa.attention_math(q, k, v, 128 ** -0.5, left, right)
+    assert max_rel_error(out, ref_out) <= 2 * max_rel_error(torch_out, ref_out) + 1e-6
+    assert_close_rel(lse, ref_lse, 1e-5, "lse")
+
+
 def test_cuda_backward_binding_checks_arguments():
     ext = pytest.importorskip("gpuforge._C", reason="the CUDA extension is not built here")
     args = dict(q=16, k=16, v=16, out=16, dout=16, lse=16, dlse=16, dq=16, dk=16, dv=16, delta=16, batch=1,

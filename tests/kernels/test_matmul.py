@@ -287,7 +287,7 @@ def test_fp16_backward_of_a_broadcast_operand_is_summed_in_fp32(backend, device)
 def test_the_wgmma_kernel_is_opt_in_and_hopper_only(monkeypatch):
     """The cuda backend takes csrc/matmul_wgmma.cu only with GPUFORGE_CUDA_WGMMA=1 on compute capability 9.0;
     a malformed value is a clear error (its numbers are checked in tests/csrc/test_matmul_wgmma_simt.py)."""
-    from gpuforge.kernels.cuda.matmul import wgmma_enabled
+    from gpuforge.kernels.cuda.hopper import wgmma_enabled
 
     monkeypatch.setenv("GPUFORGE_CUDA_WGMMA", "1")
     assert not wgmma_enabled(torch.device("cpu"))

@@ -5,7 +5,7 @@
 //    make_gmma_desc builds the descriptor; the emulator's decoding of it must give, for every element of the
 //    block, the address CuTe's swizzled layout gives.
 //  - accumulators: the emulator's (thread, value) -> (row, column) map equals CuTe's CLayout_64xN for N = 8 ..
-//    256.
+//    256, and its A-from-registers fragment map CuTe's ALayout_64x16.
 //  - tensor-map swizzle: a box that a copy with the 32/64/128 B swizzle writes is read back through the GMMA
 //    atom of the same swizzle (K-major: box rows are MN rows; MN-major: box rows are k), as CUTLASS pairs them.
 // Prints each mismatch and the number of comparisons; exits 1 on any mismatch. Built and run by
@@ -67,6 +67,18 @@ void check_accumulators() {
     }
 }
 
+// A register-sourced wgmma's A fragment: the emulator's (thread, element) -> (row, k) map equals CuTe's
+// ALayout_64x16 (16-bit types).
+void check_register_a() {
+  const auto a = SM90::GMMA::ALayout_64x16{};
+  for (int thread = 0; thread < 128; ++thread)
+    for (int index = 0; index < 8; ++index) {
+      const int theirs = a(thread, index);  // column-major over (64, 16)
+      const simt::AccumulatorCoord e = simt::register_a_element(thread, index);
+      expect(theirs == e.row + 64 * e.col, "register A", thread, index, theirs, e.row + 64 * e.col);
+    }
+}
+
 // A copy box of `rows` rows of kSwizzle bytes (the swizzle span), element (row, col) of the box (col innermost)
 // landing at box_address(...); CuTe's atom must hold that element at (row, col) (K-major) or (col, row)
 // (MN-major).
@@ -104,6 +116,7 @@ int main() {
   check_accumulators<64>();
   check_accumulators<128>();
   check_accumulators<256>();
+  check_register_a();
   check_box<Major::K, Layout_K_SW32_Atom<Element>, 32>("box 32B, K-major");
   check_box<Major::K, Layout_K_SW64_Atom<Element>, 64>("box 64B, K-major");
   check_box<Major::K, Layout_K_SW128_Atom<Element>, 128>("box 128B, K-major");

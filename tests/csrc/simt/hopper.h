@@ -9,12 +9,12 @@
 //     once the phase of parity p has completed (the current phase's parity differs from p). A failed wait
 //     lets the other threads run; a wait that fails a million times with nothing changing is a deadlock and
 //     stops the launch with an error.
-//   cp.async.bulk.tensor.{2,3}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [dst], [map, {c}], [bar]
+//   cp.async.bulk.tensor.{2,3,4}d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [dst], [map, {c}], [bar]
 //     one box of the tensor map at coordinates c (innermost first) into shared memory, out-of-bounds elements
 //     filled with zeros (or NaN, as the map says), swizzled as the map says. The bytes land when a thread
 //     waits on `bar` (not before: a kernel that reads the box before its wait reads the old bytes), and the
 //     whole box's bytes count towards the barrier's transaction, as on the GPU.
-//   cp.async.bulk.tensor.{2,3}d.global.shared::cta.tile.bulk_group [map, {c}], [src]; commit_group;
+//   cp.async.bulk.tensor.{2,3,4}d.global.shared::cta.tile.bulk_group [map, {c}], [src]; commit_group;
 //     wait_group[.read] n
 //     the box from shared memory to global memory, out-of-bounds elements not written; it reads shared memory
 //     when a wait lets its group complete (or when the thread exits).
@@ -25,6 +25,9 @@
 //     queued when the warpgroup issues it and computed when a wait_group lets its group complete: shared
 //     memory is read then, and the accumulators written then, so a kernel that reads them, or overwrites its
 //     operands, before the wait sees what a GPU could show. Products are exact, sums in double, one rounding.
+//   wgmma.mma_async.sync.aligned.m64nNk16.f32.{f16,bf16}.{f16,bf16} {d}, {a0, a1, a2, a3}, b-desc, scale-d, 1, 1, tB
+//     the same with A from registers (hopper_layouts.h's register_a_element, checked against CuTe's
+//     ALayout_64x16), read when the group completes too.
 //   setmaxnreg.{inc,dec}.sync.aligned.u32 n: checks 24 <= n <= 256, n a multiple of 8; no other effect.
 //   fence.proxy.async[.shared::cta], fence.mbarrier_init.release.cluster: no effect (one memory, one order).
 //   bar.sync id, count: a named barrier of `count` threads.
@@ -33,6 +36,7 @@
 #pragma once
 
 #include <array>
+#include <memory>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -212,6 +216,9 @@ inline void tma_load(void* dst, unsigned long long map, void* bar, int c0, int c
 inline void tma_load(void* dst, unsigned long long map, void* bar, int c0, int c1, int c2) {
   tma_load<3>(dst, map, bar, {c0, c1, c2});
 }
+inline void tma_load(void* dst, unsigned long long map, void* bar, int c0, int c1, int c2, int c3) {
+  tma_load<4>(dst, map, bar, {c0, c1, c2, c3});
+}
 
 template <int kRank>
 void tma_store(unsigned long long map, const void* src, const int (&coords)[kRank]) {
@@ -229,6 +236,9 @@ void tma_store(unsigned long long map, const void* src, const int (&coords)[kRan
 inline void tma_store(unsigned long long map, const void* src, int c0, int c1) { tma_store<2>(map, src, {c0, c1}); }
 inline void tma_store(unsigned long long map, const void* src, int c0, int c1, int c2) {
   tma_store<3>(map, src, {c0, c1, c2});
+}
+inline void tma_store(unsigned long long map, const void* src, int c0, int c1, int c2, int c3) {
+  tma_store<4>(map, src, {c0, c1, c2, c3});
 }
 inline void bulk_commit() {
   Fiber& me = self();
@@ -257,27 +267,73 @@ inline void wgmma_commit() {
 
 inline void wgmma_wait(int pending) { run_groups(my_warpgroup().groups, static_cast<size_t>(pending)); }
 
-template <int kN, typename In, bool kTransA, bool kTransB, typename... D>
-void wgmma(unsigned long long desc_a, unsigned long long desc_b, int scale_d, D&... d) {
+template <typename In>
+double smem_operand(unsigned long long desc, bool mn_major, int mn, int k) {
+  unsigned short bits;
+  std::memcpy(&bits, shared_at(operand_address(desc, mn_major, 2, mn, k)), 2);
+  return static_cast<double>(In::to_float(bits));
+}
+
+// Queues this thread's part of an m64nNk16 wgmma whose A element (row, k) is a_at(row, k) when it runs, and
+// waits for the warpgroup's other threads to queue theirs.
+template <int kN, typename In, bool kTransB, typename AAt, typename... D>
+void queue_wgmma(AAt a_at, unsigned long long desc_b, int scale_d, D&... d) {
   static_assert(sizeof...(D) == kN / 2, "wgmma m64nN: N / 2 accumulators per thread");
   static_assert(kN % 8 == 0 && kN >= 8 && kN <= 256);
   Warpgroup& wg = my_warpgroup();
   const int thread = (self().warp % 4) * 32 + self().lane;
   std::array<float*, kN / 2> out{&d...};
   wg.open.push_back([=] {
-    const auto element = [](unsigned long long desc, bool mn_major, int mn, int k) {
-      unsigned short bits;
-      std::memcpy(&bits, shared_at(operand_address(desc, mn_major, 2, mn, k)), 2);
-      return static_cast<double>(In::to_float(bits));
-    };
     for (int v = 0; v < kN / 2; ++v) {
       const AccumulatorCoord e = accumulator_element(thread, v);
       double dot = 0;
-      for (int k = 0; k < 16; ++k) dot += element(desc_a, kTransA, e.row, k) * element(desc_b, kTransB, e.col, k);
+      for (int k = 0; k < 16; ++k) dot += a_at(e.row, k) * smem_operand<In>(desc_b, kTransB, e.col, k);
       *out[v] = static_cast<float>(scale_d ? dot + *out[v] : dot);
     }
   });
   wait(wg.barrier);
+}
+
+// Both operands from shared memory.
+template <int kN, typename In, bool kTransA, bool kTransB, typename... D>
+void wgmma(unsigned long long desc_a, unsigned long long desc_b, int scale_d, D&... d) {
+  const auto a_at = [desc_a](int row, int k) { return smem_operand<In>(desc_a, kTransA, row, k); };
+  queue_wgmma<kN, In, kTransB>(a_at, desc_b, scale_d, d...);
+}
+
+// A from the warpgroup's registers (four 32-bit registers of two 16-bit values per thread, the map of
+// hopper_layouts.h's register_a_element), read when the operation runs: a kernel that overwrites them before
+// its wait_group changes the product, as it may on the GPU.
+struct RegisterA {
+  std::array<const unsigned*, 128 * 4> registers{};
+  bool gathered = false;
+  double a[64][16];
+};
+
+template <int kN, typename In, bool kTransB, typename... D>
+void wgmma_rs(const unsigned& a0, const unsigned& a1, const unsigned& a2, const unsigned& a3,
+              unsigned long long desc_b, int scale_d, D&... d) {
+  Warpgroup& wg = my_warpgroup();
+  const int thread = (self().warp % 4) * 32 + self().lane;
+  if (thread == 0) wg.register_a = std::make_shared<RegisterA>();
+  wait(wg.barrier);  // one RegisterA per operation, before anyone records into it
+  const std::shared_ptr<RegisterA> fragment = wg.register_a;
+  const unsigned* mine[4] = {&a0, &a1, &a2, &a3};
+  for (int r = 0; r < 4; ++r) fragment->registers[thread * 4 + r] = mine[r];
+  const auto a_at = [fragment](int row, int k) {
+    RegisterA& f = *fragment;
+    if (!f.gathered) {
+      for (int t = 0; t < 128; ++t)
+        for (int index = 0; index < 8; ++index) {
+          const AccumulatorCoord e = register_a_element(t, index);
+          const unsigned bits = (*f.registers[t * 4 + index / 2] >> (16 * (index % 2))) & 0xffffu;
+          f.a[e.row][e.col] = static_cast<double>(In::to_float(static_cast<unsigned short>(bits)));
+        }
+      f.gathered = true;
+    }
+    return f.a[row][k];
+  };
+  queue_wgmma<kN, In, kTransB>(a_at, desc_b, scale_d, d...);
 }
 
 template <int kRegisters>

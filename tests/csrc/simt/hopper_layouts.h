@@ -71,6 +71,14 @@ inline AccumulatorCoord accumulator_element(int thread, int value) {
   return {16 * warp + g + 8 * ((value / 2) % 2), 8 * (value / 4) + 2 * t + value % 2};
 }
 
+// (row, k) of element `index` (0..7: register index / 2, the low half first) of thread `thread`'s A fragment of a
+// 16-bit wgmma m64nNk16 that reads A from registers: warp w holds rows 16w..16w+15 as mma.sync's 16x16 A
+// fragment, so an accumulator pair (values 8j + index of a result) converted to 16 bits is A's k16 block j.
+inline AccumulatorCoord register_a_element(int thread, int index) {
+  const int warp = thread / 32, g = (thread % 32) / 4, t = thread % 4;
+  return {16 * warp + g + 8 * ((index / 2) % 2), 2 * t + index % 2 + 8 * (index / 4)};
+}
+
 // The shared-memory byte offset (from the box's start) at which a tensor-map copy puts element `index` (in
 // row-major order over the box, innermost dimension first) of a box whose innermost dimension is
 // `inner_bytes` long, under a swizzle of `swizzle_bytes` (0, 32, 64 or 128): the box is packed densely and the

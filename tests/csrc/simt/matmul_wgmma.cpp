@@ -1,13 +1,13 @@
 // C entry point that runs csrc/matmul_wgmma.cu's Hopper kernel (TMA, mbarriers, wgmma, warp specialisation,
 // persistent tiles, TMA-store epilogue) on the CPU through the SIMT emulator (simt.h, hopper.h), for
 // tests/csrc/test_matmul_wgmma_simt.py. The tensor maps come from the launcher's own encoder
-// (matmul_wgmma_maps.h) through the emulator's cuTensorMapEncodeTiled.
+// (tensor_maps.h) through the emulator's cuTensorMapEncodeTiled.
 #include <cstdio>
 
 #include "driver.h"
 
 #include "matmul_wgmma.cu"
-#include "matmul_wgmma_maps.h"
+#include "tensor_maps.h"
 
 // c (batch, M, N, contiguous) = a (batch, M, K) @ b (batch, K, N), fp16 (dtype 1) or bf16 (2), the launcher's
 // preconditions (rows contiguous, K, N and the strides multiples of 8, 16-byte aligned pointers) the caller's;

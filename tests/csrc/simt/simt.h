@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -87,10 +88,13 @@ struct Mbarrier {
 };
 
 // The 128 threads of warps 4i .. 4i+3: their barrier and their wgmma groups.
+struct RegisterA;  // hopper.h: the A fragment of a wgmma reading A from registers
+
 struct Warpgroup {
   Barrier barrier;
   std::vector<AsyncOp> open;
   AsyncGroups groups;
+  std::shared_ptr<RegisterA> register_a;  // the one being issued
 };
 
 struct Fiber {
