@@ -4,7 +4,8 @@ fwd+bwd row times its forward and the backward of the same backend in kernels/fl
 
 TFLOP/s counts 4·B·H·Sq·Sk·D for the forward (two GEMMs), halved when causal; the backward is 2.5× the
 forward, so a forward+backward row counts 3.5×. The speed targets (H100/H200, bf16, B=4, H=32, D=128,
-S=4096, causal and not): forward >= 1.0× SDPA-flash, backward >= 0.8×. `python -m
+S=4096, causal and not): forward >= 1.0× SDPA-flash, backward >= 0.8×; the sm_90a kernel (row "cuda-wgmma",
+forward only, compute capability 9.0) >= 550 TFLOP/s at D=128, S=8K..16K. `python -m
 gpuforge.profiling.bench_flash_attention --memory` prints peak memory of one forward+backward at S = 1K..32K
 (it must grow linearly in S).
 """
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from gpuforge.kernels import backends
+from gpuforge.kernels.attention_problem import Problem
+from gpuforge.kernels.cuda import flash_attention as cuda_flash_attention
 from gpuforge.kernels.flash_attention import attention_math, flash_attention
 from gpuforge.profiling.harness import BenchCase
 
@@ -46,11 +49,25 @@ def _with_backward(fn):
     return run
 
 
-def _implementations(device: torch.device) -> dict[str, object]:
+def _wgmma(q, k, v, causal):
+    """csrc/flash_attention_wgmma.cu (sm_90a, opt-in in gf.flash_attention), forward only."""
+    problem = Problem.dense(q, k, q.shape[-1] ** -0.5, -1, 0 if causal else -1)
+    return cuda_flash_attention.forward(q, k, v, problem, wgmma=True)[0]
+
+
+def _wgmma_runs(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """The Hopper kernel runs: the cuda backend built, a compute capability 9.0 device, fp16/bf16, D 128."""
+    return (backends.is_available("cuda")[0] and device.type == "cuda" and dtype != torch.float32
+            and head_dim == 128 and torch.cuda.get_device_capability(device) == (9, 0))
+
+
+def _implementations(device: torch.device, dtype: torch.dtype, head_dim: int, backward: bool) -> dict[str, object]:
     fns = {}
     for name in ("triton", "cuda"):
         if backends.is_available(name)[0] and backends.runs_on(name, device):
             fns[name] = lambda q, k, v, causal, name=name: flash_attention(q, k, v, causal=causal, backend=name)
+    if not backward and _wgmma_runs(device, dtype, head_dim):
+        fns["cuda-wgmma"] = _wgmma
     if device.type == "cuda":
         fns["SDPA-flash"] = _sdpa("flash")
         fns["SDPA-math"] = _sdpa("math")
@@ -64,10 +81,10 @@ def _shapes(device: torch.device, quick: bool) -> list[tuple[tuple[int, int, int
     (head dim, dtype) autotunes 16 forward and 14 backward configs, which dominates the sweep's time."""
     if device.type != "cuda":
         return [((1, 2, 64, 32), torch.float32)]
-    target = (4, 32, 4096, 128)
+    target, long = (4, 32, 4096, 128), (2, 16, 8192, 128)  # the SDPA targets' shape, the 550 TFLOP/s one's
     if quick:
-        return [(target, torch.bfloat16)]
-    others = [(4, 32, 4096, 64), (8, 16, 2048, 128), (2, 16, 8192, 128), (1, 8, 4096, 256)]
+        return [(target, torch.bfloat16), (long, torch.bfloat16)]
+    others = [(4, 32, 4096, 64), (8, 16, 2048, 128), long, (1, 16, 16384, 128), (1, 8, 4096, 256)]
     return [(target, torch.bfloat16), (target, torch.float16)] + [(shape, torch.bfloat16) for shape in others]
 
 
@@ -93,7 +110,7 @@ def bench_cases(device: torch.device, quick: bool) -> list[BenchCase]:
                 def make(b=b, h=h, s=s, d=d, dtype=dtype, grad=backward):
                     return tuple(torch.randn(b, h, s, d, device=device, dtype=dtype, requires_grad=grad)
                                  for _ in range(3))
-                impls = _implementations(device)
+                impls = _implementations(device, dtype, d, backward)
                 if backward:
                     impls = {label: _with_backward(fn) for label, fn in impls.items()}
                 fwd_flops = attention_flops(b, h, s, s, d, causal)

@@ -1,8 +1,9 @@
 """The project's speed targets for its kernels on an H100/H200, checked against a run's records.
 
 A Target names the rows it judges (op, dtypes, a regular expression on the shape string), one gpuforge
-implementation and a metric: the fraction of the measured peak, or a speed ratio
-`time(baseline) / time(implementation)` against a baseline measured in the same case. A target is met when
+implementation and a metric: the fraction of the measured peak, a speed ratio
+`time(baseline) / time(implementation)` against a baseline measured in the same case, or an absolute TFLOP/s
+(where the bar is a published figure rather than a library in the same run). A target is met when
 every matching (shape, dtype) reaches the threshold; its reported value is the worst one. A CPU run
 (interpreter / simulator) measures nothing: every target is "not measured (CPU)". A target whose rows are
 absent (a backend that did not build, a sweep cut by --quick or the time budget) is "not measured (no rows)".
@@ -14,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 FRACTION = "fraction_of_peak"
+TFLOPS = "tflops"  # an absolute rate: the published figure of the best kernel of its class
 
 
 @dataclass(frozen=True)
@@ -28,8 +30,8 @@ class Target:
     what: str  # the rows, in words
 
     def describe(self) -> str:
-        need = f">= {100 * self.threshold:.0f}% of peak" if self.metric == FRACTION else \
-            f">= {self.threshold:g}x {self.metric}"
+        need = (f">= {100 * self.threshold:.0f}% of peak" if self.metric == FRACTION else
+                f">= {self.threshold:g} TFLOP/s" if self.metric == TFLOPS else f">= {self.threshold:g}x {self.metric}")
         return f"{self.implementation} {need}, {self.what}"
 
 
@@ -48,6 +50,7 @@ _GEMM = r"^(4096|8192)x\1x\1 fwd$"
 _SOFTMAX = r"^\(4096, \d+\) fwd$"
 _RMS = r"^\((4096, 4096|16384, 8192)\) fwd\+bwd$"
 _FLASH = r"^B4 H32 S4096 D128( causal)? "
+_LONG_FLASH = r"^B\d+ H\d+ S(8192|16384) D128( causal)? fwd$"
 _DECODE = r"^M=(1|4|16) N=(4096|11008|8192) K=(4096|11008|8192) g128$"
 _PREFILL = r"^M=2048 .* g128$"
 
@@ -64,6 +67,7 @@ CUBLAS = "speed vs cuBLAS (tensor-core GEMM)"
 EAGER = "speed vs PyTorch eager"
 COMPILED = "speed vs torch.compile's fused kernel"
 SDPA = "speed vs SDPA's FlashAttention-2"
+FA3 = "rate of FlashAttention-3's class (published, H100)"
 TINYGEMM = "speed vs torch's int4 kernel (tinygemm)"
 DECODE_CUBLAS = "int4 decode vs bf16 cuBLAS (4x fewer weight bytes)"
 
@@ -83,6 +87,8 @@ TARGETS = (
     Target(SDPA, "flash_attention", "cuda", "SDPA-flash", 0.8, (BF16,), _FLASH + "fwd$", "B4 H32 S4096 D128 fwd"),
     Target(SDPA, "flash_attention", "triton", "SDPA-flash", 0.8, (BF16,), _FLASH + r"fwd\+bwd$",
            "B4 H32 S4096 D128 backward (timed as fwd+bwd)"),
+    Target(FA3, "flash_attention", "cuda-wgmma", TFLOPS, 550, (BF16,), _LONG_FLASH,
+           "S 8K..16K D128 fwd (sm_90a wgmma)"),
     Target(BANDWIDTH, "paged_attention", "triton", FRACTION, 0.70, (BF16,), r"^B32 .* ctx\d+ ",
            "batch 32, 4K..32K context"),
     *_each(("cuda", "triton"), DECODE_CUBLAS, "int4_matmul", "cuBLAS", 2.5, (BF16,), _DECODE,
@@ -100,6 +106,8 @@ def _value(target: Target, group: dict[str, dict]) -> float | None:
         return None
     if target.metric == FRACTION:
         return row["fraction_of_peak"]
+    if target.metric == TFLOPS:
+        return row["tflops"]
     baseline = group.get(target.metric)
     return baseline["median_ms"] / row["median_ms"] if baseline is not None else None
 
@@ -135,6 +143,8 @@ def _format_value(verdict: Verdict) -> str:
         return "–"
     if verdict.target.metric == FRACTION:
         return f"{100 * verdict.value:.0f}%"
+    if verdict.target.metric == TFLOPS:
+        return f"{verdict.value:.0f} TFLOP/s"
     return f"{verdict.value:.2f}x"
 
 

@@ -52,3 +52,18 @@ def test_fraction_and_secondary_baseline_targets():
     assert verdict(decode, "int4_matmul", "cuda", "cuBLAS").status == "met"
     assert verdict(decode, "int4_matmul", "cuda", "torch int4 (tinygemm)").status == "met"
     assert verdict(decode, "int4_matmul", "triton", "cuBLAS").status == "not measured (no rows)"
+
+
+def test_absolute_rate_target_reads_each_long_sequence_row():
+    def attention(label, shape, tflops):
+        return row("flash_attention", label, shape, 1.0) | {"tflops": tflops}
+
+    records = [attention("cuda-wgmma", "B2 H16 S8192 D128 fwd", 610.0),
+               attention("cuda-wgmma", "B1 H16 S16384 D128 causal fwd", 560.0),
+               attention("cuda-wgmma", "B4 H32 S4096 D128 fwd", 100.0),  # S 4K: not a row of this target
+               attention("cuda-wgmma", "B2 H16 S8192 D128 fwd+bwd", 100.0)]
+    rate = verdict(records, "flash_attention", "cuda-wgmma", targets.TFLOPS)
+    assert (rate.status, rate.value, rate.rows) == ("met", 560.0, 2)
+    assert "560 TFLOP/s" in targets.markdown_table([rate]) and ">= 550 TFLOP/s" in rate.target.describe()
+    records[1] = attention("cuda-wgmma", "B1 H16 S16384 D128 causal fwd", 500.0)
+    assert verdict(records, "flash_attention", "cuda-wgmma", targets.TFLOPS).status == "missed"
