@@ -98,13 +98,6 @@ constexpr int kFaBlockN = 64;   // keys per pipeline stage
 constexpr int kFaThreads = 128;
 constexpr int kFaStages = 2;
 
-// K/V tiles: 64 rows x D halves, XOR-swizzled in 16-byte chunks (chunk ^ (row % 8)): the 8 row addresses of
-// every ldmatrix, and the cp.async writes of 8 consecutive rows, hit 8 different 16-byte bank groups.
-template <int kHeadDim>
-__device__ __forceinline__ int fa_smem_offset(int row, int chunk) {
-  return row * kHeadDim + ((chunk ^ (row & 7)) * 8);
-}
-
 // Preconditions (checked by the launcher): D == kHeadDim; the strides over (batch, head, row) of q, k, v are
 // multiples of 8 elements and the pointers 16-byte aligned. Grid: (cdiv(Sq, 64), B * Hq); dynamic shared
 // memory 2 stages x (K + V) x 64 x D elements.
@@ -117,7 +110,6 @@ flash_attention_fwd_mma_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) strid
                                float* __restrict__ lse,  // (B, Hq, Sq) natural log
                                AttentionParams prm) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  constexpr int kChunks = kHeadDim / 8;      // 16-byte chunks per row
   constexpr int kTileElems = kFaBlockN * kHeadDim;
   GF_DYNAMIC_SHARED(unsigned char, fa_smem_raw);
   T* k_smem = reinterpret_cast<T*>(fa_smem_raw);  // [stage][kTileElems]
@@ -144,17 +136,9 @@ flash_attention_fwd_mma_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) strid
   const long long tile_lo = key_lo / kFaBlockN;
   const long long tile_hi = key_hi > key_lo ? (key_hi + kFaBlockN - 1) / kFaBlockN : tile_lo;
 
-  auto load_tile = [&](int stage, long long n0) {
-#pragma unroll
-    for (int i = 0; i < kFaBlockN * kChunks / kFaThreads; ++i) {
-      const int id = threadIdx.x + i * kFaThreads;
-      const int row = id / kChunks, chunk = id % kChunks;  // a warp copies whole rows: coalesced
-      const long long key = n0 + row;
-      const bool in = key < prm.seqlen_k;                  // keys past Sk are zero-filled
-      const int off = stage * kTileElems + fa_smem_offset<kHeadDim>(row, chunk);
-      cp_async_16(k_smem + off, in ? k_head + key * prm.k_s + chunk * 8 : k_head, in ? 16 : 0);
-      cp_async_16(v_smem + off, in ? v_head + key * prm.v_s + chunk * 8 : v_head, in ? 16 : 0);
-    }
+  auto load_tile = [&](int stage, long long n0) {  // keys past Sk are zero-filled
+    cp_async_tile<kFaBlockN, kHeadDim, kFaThreads>(k_smem + stage * kTileElems, k_head, prm.k_s, n0, prm.seqlen_k);
+    cp_async_tile<kFaBlockN, kHeadDim, kFaThreads>(v_smem + stage * kTileElems, v_head, prm.v_s, n0, prm.seqlen_k);
   };
   if (tile_lo < tile_hi) load_tile(0, tile_lo * kFaBlockN);
   cp_async_commit();
@@ -178,12 +162,9 @@ flash_attention_fwd_mma_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) strid
   float m_run[2] = {neg_inf, neg_inf};  // rows g, g + 8; scores in log2 units
   float l_run[2] = {0.f, 0.f};              // this thread's partial row sums (quad-reduced at the end)
   const float scale_log2 = prm.scale * 1.4426950408889634f;  // exp(x) = 2^(x log2 e)
-  // ldmatrix lane addresses. K (B operand, no transpose): matrices {keys 0-7, 8-15} x {dims 0-7, 8-15} in
-  // the order (keys 0-7, d 0-7), (keys 0-7, d 8-15), (keys 8-15, d 0-7), (keys 8-15, d 8-15) -> b0, b1 of
-  // n8 tile 0, then of tile 1. V (B operand, transposed): (keys 0-7, d 0-7), (keys 8-15, d 0-7), (keys 0-7,
-  // d 8-15), (keys 8-15, d 8-15) -> b0, b1 of dim tile 0, then of dim tile 1.
-  const int k_row = (lane % 8) + 8 * (lane / 16), k_chunk = (lane / 8) % 2;
-  const int v_row = (lane % 8) + 8 * ((lane / 8) % 2), v_chunk = lane / 16;
+  // ldmatrix lane addresses: K is the B operand with keys = n (chunks first: b0, b1 of n8 tile 0, then of tile
+  // 1), V the transposed B operand with keys = k (rows first: b0, b1 of dim tile 0, then of dim tile 1).
+  const LdmatrixLane k_lane = ldmatrix_chunks_first(lane), v_lane = ldmatrix_rows_first(lane);
 
   for (long long tile = tile_lo; tile < tile_hi; ++tile) {
     cp_async_wait<0>();  // this tile has landed (for this thread) ...
@@ -201,7 +182,7 @@ flash_attention_fwd_mma_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) strid
 #pragma unroll
       for (int p = 0; p < kFaBlockN / 16; ++p) {
         unsigned kf[4];
-        ldmatrix_x4(kf, ks + fa_smem_offset<kHeadDim>(p * 16 + k_row, kk * 2 + k_chunk));
+        ldmatrix_x4(kf, ks + swizzled_offset<kHeadDim>(p * 16 + k_lane.row, kk * 2 + k_lane.chunk));
         mma_16x8x16<T>(s[2 * p], q_frag[kk], kf[0], kf[1]);
         mma_16x8x16<T>(s[2 * p + 1], q_frag[kk], kf[2], kf[3]);
       }
@@ -263,7 +244,7 @@ flash_attention_fwd_mma_kernel(const T* __restrict__ q,  // (B, Hq, Sq, D) strid
 #pragma unroll
       for (int p = 0; p < kHeadDim / 16; ++p) {
         unsigned vf[4];
-        ldmatrix_x4_trans(vf, vs + fa_smem_offset<kHeadDim>(kk * 16 + v_row, p * 2 + v_chunk));
+        ldmatrix_x4_trans(vf, vs + swizzled_offset<kHeadDim>(kk * 16 + v_lane.row, p * 2 + v_lane.chunk));
         mma_16x8x16<T>(o[2 * p], pf, vf[0], vf[1]);
         mma_16x8x16<T>(o[2 * p + 1], pf, vf[2], vf[3]);
       }
@@ -323,11 +304,11 @@ cudaError_t launch_mma(const void* q, const void* k, const void* v, void* out, f
   return cudaGetLastError();
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+}  // namespace
 
 // The tensor-core kernel's preconditions: D 64 or 128, rows 16-byte aligned (cp.async), sm_80+.
-bool mma_path_applies(const void* q, const void* k, const void* v, int64_t head_dim, const int64_t* q_strides,
-                      const int64_t* k_strides, const int64_t* v_strides) {
+bool attention_mma_applies(const void* q, const void* k, const void* v, int64_t head_dim, const int64_t* q_strides,
+                           const int64_t* k_strides, const int64_t* v_strides) {
   if (head_dim != 64 && head_dim != 128) return false;
   if (!aligned16(q) || !aligned16(k) || !aligned16(v)) return false;
   for (const int64_t* strides : {q_strides, k_strides, v_strides})
@@ -338,8 +319,6 @@ bool mma_path_applies(const void* q, const void* k, const void* v, int64_t head_
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
   return major >= 8;
 }
-
-}  // namespace
 
 cudaError_t launch_flash_attention_forward(const void* q, const void* k, const void* v, void* out, float* lse,
                                            int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
@@ -353,7 +332,7 @@ cudaError_t launch_flash_attention_forward(const void* q, const void* k, const v
                             q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
                             v_strides[0], v_strides[1], v_strides[2], scale};
   const bool fast = dtype != DType::Float32 &&
-                    mma_path_applies(q, k, v, head_dim, q_strides, k_strides, v_strides);
+                    attention_mma_applies(q, k, v, head_dim, q_strides, k_strides, v_strides);
   cudaGetLastError();  // a failed device probe above must not be reported as this launch's error
   return GF_DISPATCH_FLOAT_TYPES(dtype, [&]() -> cudaError_t {
     if constexpr (!std::is_same_v<scalar_t, float>) {

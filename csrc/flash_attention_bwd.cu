@@ -11,7 +11,9 @@
 //    of its GQA group, dK and dV in registers: the group's sum is formed in the kernel, without atomics and
 //    without repeating K/V.
 // No atomics anywhere, so the result is bit-reproducible (deterministic=True costs nothing here). No tensor
-// cores and no shared-memory tiling: the readable baseline that the tests check numerically.
+// cores and no shared-memory tiling: the readable baseline, for every dtype and D <= 256; the launcher takes
+// flash_attention_bwd_mma.cu's tensor-core dQ and dK/dV where the tensor-core forward applies (fp16/bf16, D 64
+// or 128, 16-byte aligned rows, sm_80+), after this file's delta kernel.
 #include "attention_params.cuh"
 #include "common.cuh"
 
@@ -173,10 +175,13 @@ namespace gpuforge {
 
 namespace {
 
+// delta, then dQ and dK/dV on the row-per-warp kernels, or (tensor_cores) on flash_attention_bwd_mma.cu's.
 template <typename T, int kPerLane>
 cudaError_t launch_backward(const void* q, const void* k, const void* v, const void* out, const void* dout,
                             const float* lse, const float* dlse, void* dq, void* dk, void* dv, float* delta,
-                            int64_t batch, const AttentionParams& prm, cudaStream_t stream) {
+                            int64_t batch, const AttentionParams& prm, const int64_t* q_strides,
+                            const int64_t* k_strides, const int64_t* v_strides, bool tensor_cores, DType dtype,
+                            cudaStream_t stream) {
   constexpr int kThreads = kAttnBwdWarpsPerBlock * 32;
   auto rows = [](long long n) {
     return static_cast<unsigned>((n + kAttnBwdWarpsPerBlock - 1) / kAttnBwdWarpsPerBlock);
@@ -187,12 +192,18 @@ cudaError_t launch_backward(const void* q, const void* k, const void* v, const v
   const auto* dot = static_cast<const T*>(dout);
   const unsigned bhq = static_cast<unsigned>(batch * prm.heads_q);
   if (prm.seqlen_q > 0) {
-    const dim3 grid(rows(prm.seqlen_q), bhq);
-    flash_attention_bwd_delta_kernel<T, kPerLane><<<grid, kThreads, 0, stream>>>(
+    flash_attention_bwd_delta_kernel<T, kPerLane><<<dim3(rows(prm.seqlen_q), bhq), kThreads, 0, stream>>>(
         static_cast<const T*>(out), dot, dlse, delta, prm);
     GF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
-    flash_attention_bwd_dq_kernel<T, kPerLane><<<grid, kThreads, 0, stream>>>(qt, kt, vt, dot, lse, delta,
-                                                                                static_cast<T*>(dq), prm);
+  }
+  if (tensor_cores)
+    return launch_flash_attention_backward_mma(q, k, v, dout, lse, delta, dq, dk, dv, batch, prm.heads_q,
+                                               prm.heads_kv, prm.seqlen_q, prm.seqlen_k, prm.head_dim,
+                                               prm.window_left, prm.window_right, q_strides, k_strides, v_strides,
+                                               prm.scale, dtype, stream);
+  if (prm.seqlen_q > 0) {
+    flash_attention_bwd_dq_kernel<T, kPerLane><<<dim3(rows(prm.seqlen_q), bhq), kThreads, 0, stream>>>(
+        qt, kt, vt, dot, lse, delta, static_cast<T*>(dq), prm);
     GF_CUDA_RETURN_IF_ERROR(cudaGetLastError());
   }
   if (prm.seqlen_k > 0) {
@@ -218,10 +229,14 @@ cudaError_t launch_flash_attention_backward(const void* q, const void* k, const 
   const AttentionParams prm{heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right,
                             q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
                             v_strides[0], v_strides[1], v_strides[2], scale};
+  const bool tensor_cores = dtype != DType::Float32 &&
+                            attention_mma_applies(q, k, v, head_dim, q_strides, k_strides, v_strides);
+  cudaGetLastError();  // a failed device probe above must not be reported as this launch's error
   return GF_DISPATCH_FLOAT_TYPES(dtype, [&]() -> cudaError_t {
     auto run = [&](auto per_lane) {
       return launch_backward<scalar_t, decltype(per_lane)::value>(q, k, v, out, dout, lse, dlse, dq, dk, dv,
-                                                                  delta, batch, prm, stream);
+                                                                  delta, batch, prm, q_strides, k_strides,
+                                                                  v_strides, tensor_cores, dtype, stream);
     };
     // the per-lane register arrays are sized at compile time: D <= 32, 64, 128, 256
     if (head_dim <= 32) return run(std::integral_constant<int, 1>{});

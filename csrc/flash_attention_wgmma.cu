@@ -276,8 +276,7 @@ bool flash_attention_wgmma_applies(const void* q, const void* k, const void* v, 
                                    const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides,
                                    DType dtype) {
   if (dtype == DType::Float32 || head_dim != kFa3HeadDim || seqlen_k == 0) return false;
-  for (const void* p : {q, k, v})
-    if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
+  if (!aligned16(q) || !aligned16(k) || !aligned16(v)) return false;
   for (const int64_t* strides : {q_strides, k_strides, v_strides})
     for (int i = 0; i < 3; ++i)
       if (strides[i] % 8 != 0) return false;

@@ -9,6 +9,9 @@
 
 namespace gpuforge {
 
+// A 16-byte aligned pointer: what vectorised (uint4) accesses, cp.async and tensor maps need.
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 cudaError_t launch_vector_add(const void* a, const void* b, void* out, int64_t n, DType dtype,
                               cudaStream_t stream);
 
@@ -82,8 +85,14 @@ cudaError_t launch_flash_attention_forward_wgmma(const void* q, const void* k, c
                                                  const int64_t* k_strides, const int64_t* v_strides, float scale,
                                                  DType dtype, cudaStream_t stream);
 
+// The tensor-core forward's preconditions (csrc/flash_attention.cu), shared by the tensor-core backward: D 64
+// or 128, q, k, v 16-byte aligned with strides multiples of 8 (cp.async rows), an sm_80+ device.
+bool attention_mma_applies(const void* q, const void* k, const void* v, int64_t head_dim, const int64_t* q_strides,
+                           const int64_t* k_strides, const int64_t* v_strides);
+
 // dq (B, Hq, Sq, D), dk and dv (B, Hkv, Sk, D), all contiguous, of the attention above (csrc/flash_attention_bwd.cu:
-// probabilities recomputed from q, k and the forward's lse; no atomics, so bit-reproducible). q, k, v strided as
+// probabilities recomputed from q, k and the forward's lse; tensor cores where the forward's apply, else the
+// row-per-warp baseline; no atomics, so bit-reproducible). q, k, v strided as
 // for the forward; out and dout contiguous like the forward's output; lse, dlse and the fp32 scratch `delta`
 // (B, Hq, Sq). D <= 256.
 cudaError_t launch_flash_attention_backward(const void* q, const void* k, const void* v, const void* out,
@@ -93,5 +102,15 @@ cudaError_t launch_flash_attention_backward(const void* q, const void* k, const 
                                             int64_t window_left, int64_t window_right, const int64_t* q_strides,
                                             const int64_t* k_strides, const int64_t* v_strides, float scale,
                                             DType dtype, cudaStream_t stream);
+
+// dq, dk, dv as above from delta (already computed) on tensor cores (csrc/flash_attention_bwd_mma.cu): fp16/bf16,
+// D 64 or 128, attention_mma_applies' preconditions the caller's; cudaErrorNotSupported for another dtype or D.
+cudaError_t launch_flash_attention_backward_mma(const void* q, const void* k, const void* v, const void* dout,
+                                                const float* lse, const float* delta, void* dq, void* dk, void* dv,
+                                                int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+                                                int64_t seqlen_k, int64_t head_dim, int64_t window_left,
+                                                int64_t window_right, const int64_t* q_strides,
+                                                const int64_t* k_strides, const int64_t* v_strides, float scale,
+                                                DType dtype, cudaStream_t stream);
 
 }  // namespace gpuforge

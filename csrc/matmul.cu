@@ -222,8 +222,6 @@ matmul_mma_kernel(const T* __restrict__ a,   // A, row (z, m) starts at z*sa_z +
 
 namespace gpuforge {
 
-static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // The tensor-core kernel's preconditions: 16-bit type, sm_80+, rows contiguous and 16-byte aligned.
 static bool mma_path_applies(DType dtype, const void* a, const void* b, int64_t N, int64_t K, int64_t sa_z,
                              int64_t sa_m, int64_t sa_k, int64_t sb_z, int64_t sb_k, int64_t sb_n) {

@@ -152,7 +152,7 @@ matmul_wgmma_kernel(const __grid_constant__ TensorMap a_map,  // (batch_a, M, K)
 namespace gpuforge {
 
 static bool rows_ok(const void* p, std::initializer_list<int64_t> multiples_of_8) {
-  if ((reinterpret_cast<uintptr_t>(p) & 15u) != 0) return false;
+  if (!aligned16(p)) return false;
   for (int64_t v : multiples_of_8)
     if (v % 8 != 0) return false;
   return true;

@@ -37,6 +37,48 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_address(smem)));
 }
 
+// A tile of rows x kRowElems 16-bit values in shared memory, XOR-swizzled in 16-byte chunks (chunk ^ (row % 8)):
+// the 8 row addresses of every ldmatrix, and the cp.async writes of 8 consecutive rows, hit 8 different 16-byte
+// bank groups.
+template <int kRowElems>
+__device__ __forceinline__ int swizzled_offset(int row, int chunk) {
+  return row * kRowElems + ((chunk ^ (row & 7)) * 8);
+}
+
+// Rows row0 .. row0 + kRows - 1 of a matrix of kRowElems-wide 16-bit rows (`stride` elements apart) into such a
+// tile with cp.async, by all kThreads threads of the block (a warp copies whole rows: coalesced); rows at or past
+// `rows` are zero-filled.
+template <int kRows, int kRowElems, int kThreads, typename T>
+__device__ __forceinline__ void cp_async_tile(T* tile, const T* src, long long stride, long long row0, long long rows) {
+  constexpr int kChunks = kRowElems / 8;
+  static_assert(kRows * kChunks % kThreads == 0, "every thread copies the same number of chunks");
+#pragma unroll
+  for (int i = 0; i < kRows * kChunks / kThreads; ++i) {
+    const int id = threadIdx.x + i * kThreads;
+    const int row = id / kChunks, chunk = id % kChunks;
+    const long long r = row0 + row;
+    const bool in = r < rows;
+    cp_async_16(tile + swizzled_offset<kRowElems>(row, chunk), in ? src + r * stride + chunk * 8 : src, in ? 16 : 0);
+  }
+}
+
+// The shared-memory element (row, 16-byte chunk) whose address this lane gives to an ldmatrix.x4 over a 16x16
+// block of a swizzled tile (add the block's first row and chunk):
+//  - rows_first: matrices (rows 0-7, chunk 0), (rows 8-15, chunk 0), (rows 0-7, chunk 1), (rows 8-15, chunk 1):
+//    the A fragment of rows = m, chunks = k (non-transposed), or with .trans the B fragments of two n8 tiles of
+//    rows = k, chunks = n;
+//  - chunks_first: (rows 0-7, chunk 0), (rows 0-7, chunk 1), (rows 8-15, chunk 0), (rows 8-15, chunk 1): the B
+//    fragments of two n8 tiles of rows = n, chunks = k (non-transposed).
+struct LdmatrixLane {
+  int row, chunk;
+};
+__device__ __forceinline__ LdmatrixLane ldmatrix_rows_first(int lane) {
+  return {(lane % 8) + 8 * ((lane / 8) % 2), lane / 16};
+}
+__device__ __forceinline__ LdmatrixLane ldmatrix_chunks_first(int lane) {
+  return {(lane % 8) + 8 * (lane / 16), (lane / 8) % 2};
+}
+
 template <typename T> struct MmaType;
 template <> struct MmaType<__half> { static constexpr bool kIsBf16 = false; };
 template <> struct MmaType<__nv_bfloat16> { static constexpr bool kIsBf16 = true; };

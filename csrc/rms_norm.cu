@@ -193,8 +193,6 @@ constexpr int kRmsNormMaxThreads = 512;
 constexpr int kSumPartialsThreads = 256;
 constexpr int kBackwardBlocksPerSm = 2;  // two resident bands per SM hide the block_sum barriers
 
-static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 // One thread per VEC-wide chunk of the row, in whole warps, at most 512: short rows get one warp, 4096-wide
 // bf16 rows one 16-byte chunk per thread.
 static int rms_norm_threads(int64_t n, int vec) {

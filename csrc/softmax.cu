@@ -315,8 +315,6 @@ cudaError_t with_chunks(long long n, long long per_chunk, Launch&& launch) {
   return cudaErrorInvalidValue;  // the caller checked n <= kMax · per_chunk
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 template <typename T, int kVec>
 cudaError_t forward_typed(const T* x, long long x_row_stride, T* y, long long rows, long long n,
                           cudaStream_t stream) {

@@ -59,8 +59,6 @@ namespace gpuforge {
 constexpr int kVectorAddThreads = 256;
 constexpr long long kMaxBlocks = 1LL << 30;  // grid-stride loops cover anything beyond
 
-static bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 cudaError_t launch_vector_add(const void* a, const void* b, void* out, int64_t n, DType dtype,
                               cudaStream_t stream) {
   if (n == 0) return cudaSuccess;

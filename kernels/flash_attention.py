@@ -78,10 +78,11 @@ def attention_math(q, k, v, scale, window_left, window_right):
     return torch.matmul(p, vc).to(q.dtype), lse
 
 
-def attention_math_backward(dout, dlse, q, k, v, out, lse, scale, window_left, window_right):
+def attention_math_backward(dout, dlse, q, k, v, out, lse, scale, window_left, window_right, upcast=True):
     """The gradients of attention_math for (dout, dlse); `lse` is part of every backend's contract but not read
-    here: P is recomputed by softmax (see _probabilities)."""
-    ct = compute_dtype(q.dtype)
+    here: P is recomputed by softmax (see _probabilities). upcast=False computes in the inputs' own dtype, every
+    matmul rounded to it: the same-precision PyTorch computation that the tests' error budget is measured by."""
+    ct = compute_dtype(q.dtype) if upcast else q.dtype
     batch, heads_kv, sk, d = k.shape
     group = q.shape[1] // heads_kv
     qc, do, oc = q.to(ct), dout.to(ct), out.to(ct)

@@ -1,8 +1,9 @@
 """cuda backend of gf.flash_attention (dense layout only): csrc/flash_attention.cu forward (mma.sync for
 fp16/bf16 with D 64 or 128 on sm_80+, a row-per-warp baseline otherwise; on a compute capability 9.0 device with
 GPUFORGE_CUDA_WGMMA=1, fp16/bf16 at D 128 take csrc/flash_attention_wgmma.cu's TMA + wgmma kernel, opt-in:
-kernels/cuda/hopper.py) and csrc/flash_attention_bwd.cu backward (row-per-warp, P recomputed from the LSE, no
-atomics: bit-reproducible whatever `deterministic` says)."""
+kernels/cuda/hopper.py) and the backward of csrc/flash_attention_bwd.cu (P recomputed from the LSE; on tensor
+cores, csrc/flash_attention_bwd_mma.cu, where the mma.sync forward applies, row-per-warp otherwise; no atomics:
+bit-reproducible whatever `deterministic` says)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ NAME_EXPRESSIONS = {
     "flash_attention_bwd.cu": [f"gpuforge::flash_attention_bwd_{kind}_kernel<{t}, {p}>"
                                for kind in ("delta", "dq", "dkdv") for t in ("float", "__half", "__nv_bfloat16")
                                for p in (1, 2, 4, 8)],
+    "flash_attention_bwd_mma.cu": [f"gpuforge::flash_attention_bwd_{kind}_mma_kernel<{t}, {d}>"
+                                   for kind in ("dq", "dkdv") for t in ("__half", "__nv_bfloat16") for d in (64, 128)],
     "int4_matmul.cu": [f"gpuforge::int4_matmul_tiled_kernel<{x}, {s}>" for x in ("__half", "__nv_bfloat16")
                        for s in ("float", "__half", "__nv_bfloat16")],
 }

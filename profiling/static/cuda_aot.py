@@ -26,6 +26,12 @@ def _fa_mma_shared(args: list[str]) -> int:
     return 2 * 2 * 64 * int(args[1]) * _SIZES[args[0]]
 
 
+def _fa_bwd_mma_shared(args: list[str]) -> int:
+    """flash_attention_bwd_{dq,dkdv}_mma_kernel<T, D>: 2 owned tiles of 64 rows + 2 stages x 2 streamed tiles of
+    32 rows, x D elements (bwd_mma_shared_bytes)."""
+    return (2 * 64 + 2 * 2 * 32) * int(args[1]) * _SIZES[args[0]]
+
+
 # kernel name -> (threads per block, dynamic shared memory bytes from the template arguments, tensor cores,
 # asynchronous copies): what the launchers in csrc/ pass
 LAUNCHES = {
@@ -48,6 +54,8 @@ LAUNCHES = {
     "flash_attention_bwd_delta_kernel": (128, None, False, False),
     "flash_attention_bwd_dq_kernel": (128, None, False, False),
     "flash_attention_bwd_dkdv_kernel": (128, None, False, False),
+    "flash_attention_bwd_dq_mma_kernel": (128, _fa_bwd_mma_shared, True, True),
+    "flash_attention_bwd_dkdv_mma_kernel": (128, _fa_bwd_mma_shared, True, True),
     "matmul_wgmma_kernel": (384, lambda args: WGMMA_MATMUL_SHARED, True, True),
     "flash_attention_fwd_wgmma_kernel": (384, lambda args: WGMMA_ATTENTION_SHARED, True, True),
 }

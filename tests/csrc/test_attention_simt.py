@@ -134,14 +134,83 @@ def test_tensor_core_forward_matches_float64(simt, case, dtype):
     assert_close_rel(lse.nan_to_num(neginf=0), ref_lse.nan_to_num(neginf=0), 1e-5, f"lse {case}")
 
 
+def simt_backward_mma(lib, q, k, v, out, dout, lse, dlse, scale, left, right):
+    dq, dk, dv = (poison_(torch.empty_like(t, memory_format=torch.contiguous_format)) for t in (q, k, v))
+    delta = poison_(torch.empty(q.shape[:3]))
+    status = lib.gf_simt_attention_backward_mma(
+        DTYPE_CODES[q.dtype], *(ptr(t) for t in (q, k, v, out, dout, lse, dlse, dq, dk, dv, delta)),
+        ctypes.c_longlong(q.shape[0]), _params(q, k, v, left, right), ctypes.c_float(scale))
+    assert status == 0
+    return dq, dk, dv
+
+
+# The tensor-core backward's cases: the forward's, plus MQA (the dK/dV sum over 4 query heads) and rows and keys
+# past several 32-row tiles and 64-row blocks
+BWD_MMA_CASES = MMA_CASES + [(1, 4, 1, 100, 70, 128, True, None), (2, 2, 1, 65, 129, 64, False, (30, 10))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", BWD_MMA_CASES, ids=lambda c: "B{}-Hq{}-Hkv{}-Sq{}-Sk{}-D{}-c{}-w{}".format(*c))
+def test_tensor_core_backward_matches_float64(simt, case, dtype):
+    """dQ, dK, dV of csrc/flash_attention_bwd_mma.cu within twice the error of PyTorch's backward computed in the
+    same dtype (flash-attention's rule and its upcast=False reference: the kernel rounds P and dS to 16 bits
+    before their products, as every FlashAttention does), from the forward's own output and LSE; q strided over
+    heads and rows."""
+    b, hq, hkv, sq, sk, d, causal, window = case
+    left, right = fa._window(window, causal)
+    scale = d ** -0.5
+    gen = torch.Generator().manual_seed(sum(case[:6]) + 1)
+    make = lambda *shape: torch.randn(*shape, generator=gen).to(dtype)  # noqa: E731
+    q = make(b, sq, hq, d).transpose(1, 2)
+    k, v, dout = make(b, hkv, sk, d), make(b, hkv, sk, d), make(b, hq, sq, d)
+    dlse = torch.randn(b, hq, sq, generator=gen)
+    out, lse = simt_forward_mma(simt, q, k, v, scale, left, right)
+    grads = simt_backward_mma(simt, q, k, v, out, dout, lse, dlse, scale, left, right)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    ref_out, ref_lse = fa.attention_math(q64, k64, v64, scale, left, right)
+    expected = fa.attention_math_backward(dout.double(), dlse.double(), q64, k64, v64, ref_out, ref_lse, scale,
+                                          left, right)
+    theirs = fa.attention_math_backward(dout, dlse, q, k, v, out, lse, scale, left, right, upcast=False)
+    for name, got, ref, torch_grad in zip(("dq", "dk", "dv"), grads, expected, theirs, strict=True):
+        assert not got.isnan().any(), name
+        err, torch_err = max_rel_error(got, ref), max_rel_error(torch_grad, ref)
+        assert err <= 2 * torch_err + 1e-6, f"{name} {case}: {err:.3e}, PyTorch's {dtype} backward {torch_err:.3e}"
+
+
+BWD_MUTATIONS = {  # a wrong dK/dV kernel, a wrong dQ kernel
+    "dV from dSᵀ": ("accumulate_times_rows<T, kHeadDim>(dv_acc, p, dos, lane);",
+                    "accumulate_times_rows<T, kHeadDim>(dv_acc, ds, dos, lane);"),
+    "dQ with the other row's delta": ("ds[j][e] = pe * (dp[j][e] - row_delta[e / 2]);",
+                                      "ds[j][e] = pe * (dp[j][e] - row_delta[1 - e / 2]);"),
+}
+
+
+@pytest.mark.parametrize("name", list(BWD_MUTATIONS))
+def test_a_mutated_tensor_core_backward_fails(tmp_path, name):
+    from tests.csrc import simt_build
+
+    original, mutated = BWD_MUTATIONS[name]
+    lib = simt_build.build("attention", tmp_path, simt_build.replacing("flash_attention_bwd_mma.cu", original, mutated))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(1, 2, 40, 64, generator=gen).to(torch.float16) for _ in range(4))
+    dlse = torch.zeros(1, 2, 40)
+    out, lse = simt_forward_mma(lib, q, k, v, 0.125, -1, 0)
+    grads = simt_backward_mma(lib, q, k, v, out, dout, lse, dlse, 0.125, -1, 0)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    ref_out, ref_lse = fa.attention_math(q64, k64, v64, 0.125, -1, 0)
+    expected = fa.attention_math_backward(dout.double(), dlse.double(), q64, k64, v64, ref_out, ref_lse, 0.125, -1, 0)
+    worst = max(max_rel_error(g, e) for g, e in zip(grads, expected, strict=True))
+    assert worst > 0.05, f"the mutated backward still matches (worst error {worst:.2e})"
+
+
 def test_a_k_fragment_row_moved_by_one_fails(tmp_path):
     """The mutation check: the K operand's ldmatrix rows off by one give wrong scores, and a wrong output."""
     from tests.csrc import simt_build
 
-    original = "const int k_row = (lane % 8) + 8 * (lane / 16), k_chunk = (lane / 8) % 2;"
-    mutated = "const int k_row = ((lane + 1) % 8) + 8 * (lane / 16), k_chunk = (lane / 8) % 2;"
+    original = "return {(lane % 8) + 8 * (lane / 16), (lane / 8) % 2};"
+    mutated = "return {((lane + 1) % 8) + 8 * (lane / 16), (lane / 8) % 2};"
 
-    lib = simt_build.build("attention", tmp_path, simt_build.replacing("flash_attention.cu", original, mutated))
+    lib = simt_build.build("attention", tmp_path, simt_build.replacing("mma.cuh", original, mutated))
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 1, 64, 64, generator=gen).to(torch.float16) for _ in range(3))
     out, _ = simt_forward_mma(lib, q, k, v, 0.125, -1, -1)

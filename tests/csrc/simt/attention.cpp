@@ -1,11 +1,13 @@
 // C entry points that run csrc/flash_attention.cu's forward kernels (the row-per-warp baseline and the
-// tensor-core FlashAttention-2 kernel) and csrc/flash_attention_bwd.cu's backward kernels on the CPU through the
+// tensor-core FlashAttention-2 kernel), csrc/flash_attention_bwd.cu's backward kernels and
+// csrc/flash_attention_bwd_mma.cu's tensor-core ones on the CPU through the
 // SIMT emulator (simt.h, ptx.h), for tests/csrc/test_attention_simt.py. The grids and
 // the dispatch on head_dim mirror the launchers in those files (which g++ cannot compile: <<<...>>>).
 #include "driver.h"
 
 #include "flash_attention.cu"
 #include "flash_attention_bwd.cu"
+#include "flash_attention_bwd_mma.cu"
 
 namespace {
 
@@ -90,6 +92,43 @@ extern "C" int gf_simt_attention_forward_mma(int dtype, const void* q, const voi
         simt::launch(grid, dim3{gpuforge::kFaThreads, 1, 1}, smem, gpuforge::flash_attention_fwd_mma_kernel<T, kD>,
                      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
                      static_cast<T*>(out), lse, prm);
+        return 0;
+      };
+      return prm.head_dim == 64 ? run(Constant<64>{}) : run(Constant<128>{});
+    }
+  });
+}
+
+// The tensor-core backward: flash_attention_bwd.cu's delta kernel, then flash_attention_bwd_mma.cu's dQ and
+// dK/dV kernels (fp16/bf16, D 64 or 128; the caller meets the launcher's alignment preconditions).
+extern "C" int gf_simt_attention_backward_mma(int dtype, const void* q, const void* k, const void* v,
+                                              const void* out, const void* dout, const float* lse, const float* dlse,
+                                              void* dq, void* dk, void* dv, float* delta, long long batch,
+                                              const long long* p, float scale) {
+  const AttentionParams prm = params(p, scale);
+  if (dtype == 0 || (prm.head_dim != 64 && prm.head_dim != 128)) return 1;
+  return simt_driver::with_dtype(dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (std::is_same_v<T, float>) {
+      return 1;
+    } else {
+      auto run = [&](auto d) {
+        constexpr int kD = decltype(d)::value;
+        const auto* qt = static_cast<const T*>(q);
+        const auto* kt = static_cast<const T*>(k);
+        const auto* vt = static_cast<const T*>(v);
+        const auto* dot = static_cast<const T*>(dout);
+        const size_t smem = gpuforge::bwd_mma_shared_bytes<kD, T>();
+        const dim3 block{gpuforge::kBwdThreads, 1, 1};
+        simt::launch(dim3{cdiv(prm.seqlen_q, 4), static_cast<unsigned>(batch * prm.heads_q), 1}, block, 0,
+                     gpuforge::flash_attention_bwd_delta_kernel<T, kD / 32>, static_cast<const T*>(out), dot, dlse,
+                     delta, prm);
+        simt::launch(dim3{cdiv(prm.seqlen_q, gpuforge::kBwdOwnRows), static_cast<unsigned>(batch * prm.heads_q), 1},
+                     block, smem, gpuforge::flash_attention_bwd_dq_mma_kernel<T, kD>, qt, kt, vt, dot, lse, delta,
+                     static_cast<T*>(dq), prm);
+        simt::launch(dim3{cdiv(prm.seqlen_k, gpuforge::kBwdOwnRows), static_cast<unsigned>(batch * prm.heads_kv), 1},
+                     block, smem, gpuforge::flash_attention_bwd_dkdv_mma_kernel<T, kD>, qt, kt, vt, dot, lse, delta,
+                     static_cast<T*>(dk), static_cast<T*>(dv), prm);
         return 0;
       };
       return prm.head_dim == 64 ? run(Constant<64>{}) : run(Constant<128>{});
