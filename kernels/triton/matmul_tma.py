@@ -6,7 +6,9 @@ so the launch is a single wave and the next tile's loads start while the last ti
 written through device-side tensor descriptors: on sm_90 each BLOCK_M × BLOCK_K / BLOCK_K × BLOCK_N slab is one
 bulk tensor copy (UTMALDG) into swizzled shared memory, `num_stages` deep, completing on an mbarrier, and the dot
 lowers to wgmma (HGMMA) reading both operands from shared memory; the accumulator stays in registers and the
-C tile leaves through shared memory by a bulk tensor store (UTMASTG). On sm_80 the same code lowers to ordinary
+C tile leaves through shared memory by a bulk tensor store (UTMASTG). On Blackwell (sm_100) the tile loop is also
+warp-specialised (`warp_specialize=True`: Triton splits it into load and MMA partitions); Triton 3.x offers that
+on Blackwell only, so on sm_90 the loop stays one software pipeline. On sm_80 the same code lowers to ordinary
 pointer loads; it is meant for sm_90+, where kernels/triton/matmul.py's host wrapper sends it contiguous
 16-bit operands whose rows are 16-byte aligned (TMA's requirement).
 
@@ -57,6 +59,7 @@ def _matmul_tma_kernel(
     M, N, K,
     NUM_PROGRAMS: tl.constexpr,  # the grid: one program per SM
     UPCAST_OPERANDS: tl.constexpr,  # dot in fp32 (exact for bf16 operands): interpreter bf16-dot workaround
+    WARP_SPECIALIZE: tl.constexpr,  # producer/consumer warp partitions of the tile loop (where Triton offers it)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -65,7 +68,8 @@ def _matmul_tma_kernel(
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True):
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGRAMS, flatten=True,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coordinates(tile, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for kk in range(k_tiles):
@@ -88,6 +92,11 @@ def _scratch_on(device: torch.device):
 @functools.cache
 def _tuned(interpreter: bool):
     return triton.autotune(configs=configs(interpreter), key=["M", "N", "K"])(_matmul_tma_kernel)
+
+
+def _warp_specialize(device: torch.device) -> bool:
+    """Blackwell and later: the compute capabilities where Triton 3.x warp-specialises a loop."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 10
 
 
 def _programs(device: torch.device) -> int:
@@ -121,7 +130,8 @@ def forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     programs = min(_programs(a.device), triton.cdiv(m, 32) * triton.cdiv(n, 32))
     triton.set_allocator(_scratch_on(a.device))
     _tuned(interpreted())[(programs,)](a, b, out, m, n, k, NUM_PROGRAMS=programs,
-                                       UPCAST_OPERANDS=upcast_bf16_dot(a.dtype))
+                                       UPCAST_OPERANDS=upcast_bf16_dot(a.dtype),
+                                       WARP_SPECIALIZE=_warp_specialize(a.device))
     return out
 
 
@@ -133,10 +143,14 @@ def compile_variants() -> list:
     out = []
     for dtype in ("float16", "bfloat16"):
         for config in configs(interpreter=False):
-            constexprs = {**config.kwargs, "NUM_PROGRAMS": 132, "UPCAST_OPERANDS": False}
-            sig = signature(_matmul_tma_kernel, constexprs, {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype})
-            tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-            out.append(Variant("matmul", _matmul_tma_kernel, sig, constexprs, config.num_warps, config.num_stages,
-                               f"{dtype} {tile} w{config.num_warps} s{config.num_stages} tma persistent",
-                               tensor_cores=True, async_copies=True, tma=True, archs=(90, 100)))
+            for specialized, archs in ((False, (90,)), (True, (100,))):  # what _warp_specialize picks on each
+                constexprs = {**config.kwargs, "NUM_PROGRAMS": 132, "UPCAST_OPERANDS": False,
+                              "WARP_SPECIALIZE": specialized}
+                sig = signature(_matmul_tma_kernel, constexprs, {"a_ptr": dtype, "b_ptr": dtype, "c_ptr": dtype})
+                tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                out.append(Variant("matmul", _matmul_tma_kernel, sig, constexprs, config.num_warps,
+                                   config.num_stages,
+                                   f"{dtype} {tile} w{config.num_warps} s{config.num_stages} tma persistent"
+                                   + (" warp-specialized" if specialized else ""),
+                                   tensor_cores=True, async_copies=True, tma=True, archs=archs))
     return out

@@ -55,9 +55,13 @@ def test_operands_tma_cannot_take_are_refused():
 
 
 @pytest.mark.slow
-def test_sm90_runs_hgmma_fed_by_tma_without_spills():
-    """One autotune configuration compiled for sm_90 as the JIT would: wgmma (HGMMA) and bulk tensor copies
-    (UTMALDG), the C tile stored by TMA (UTMASTG), nothing in local memory."""
+@pytest.mark.parametrize("cc, label, mma", [(90, "tma persistent", "HGMMA"),
+                                            (100, "tma persistent warp-specialized", "UTCHMMA")],
+                         ids=["sm_90", "sm_100 warp-specialized"])
+def test_tensor_cores_fed_by_tma_without_spills(cc, label, mma):
+    """One autotune configuration compiled as the JIT would, for sm_90 (wgmma: HGMMA) and, warp-specialised,
+    for sm_100 (tcgen05: UTCHMMA): bulk tensor copies (UTMALDG), the C tile stored by TMA (UTMASTG), nothing in
+    local memory."""
     pytest.importorskip("triton.backends.nvidia")
     import subprocess
     import sys
@@ -65,8 +69,9 @@ def test_sm90_runs_hgmma_fed_by_tma_without_spills():
     script = ("from gpuforge.kernels.triton import matmul_tma\n"
               "from gpuforge.profiling.static.triton_aot import inspect_variant\n"
               "import json\n"
-              "v = [v for v in matmul_tma.compile_variants() if 'bfloat16 128x128x64 w4' in v.label][0]\n"
-              "print(json.dumps(inspect_variant(v, 90, use_cache=False)))\n")
+              f"v = [v for v in matmul_tma.compile_variants() if v.label == 'bfloat16 128x128x64 w4 s4 {label}'][0]\n"
+              f"assert v.archs == ({cc},)\n"
+              f"print(json.dumps(inspect_variant(v, {cc}, use_cache=False)))\n")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -75,6 +80,6 @@ def test_sm90_runs_hgmma_fed_by_tma_without_spills():
     from gpuforge.profiling.static.checks import problems
 
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    assert record["mix"]["HGMMA"] > 0 and record["mix"]["UTMALDG"] > 0 and record["mix"]["UTMASTG"] > 0
+    assert record["mix"][mma] > 0 and record["mix"]["UTMALDG"] > 0 and record["mix"]["UTMASTG"] > 0
     assert record["stack"] + record["local"] == 0 and record["mix"]["STL"] == record["mix"]["LDL"] == 0
     assert problems(record) == []
