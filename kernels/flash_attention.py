@@ -136,10 +136,11 @@ def attention_reference_backward(dout, dlse, q, k, v, out, lse, p, deterministic
 
 
 def _triton():
-    """The Triton kernels; on sm_90+ with GPUFORGE_TRITON_TMA=1 the forward runs on tensor descriptors."""
-    from gpuforge.kernels.triton import flash_attention, flash_attention_tma
+    """The Triton kernels; on sm_90+ with GPUFORGE_TRITON_TMA=1 the forward and backward run on tensor
+    descriptors (kernels/triton/flash_attention_tma.py routes each call)."""
+    from gpuforge.kernels.triton import flash_attention_tma
 
-    return Implementation(forward=flash_attention_tma.routed_forward, backward=flash_attention.backward)
+    return Implementation(forward=flash_attention_tma.routed_forward, backward=flash_attention_tma.routed_backward)
 
 
 REFERENCE = Implementation(forward=attention_reference, backward=attention_reference_backward)

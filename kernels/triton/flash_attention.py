@@ -168,6 +168,35 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _dkdv_tile(k, v, q, do, lse_log2, delta, rows, offs_n, m0, n0, len_q, len_k, window_left, window_right,
+               scale_log2, dk, dv, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query tile's part of a key tile's dK (unscaled) and dV: Pᵀ recomputed from K, Q and the LSE (log2
+    units), dSᵀ = Pᵀ (V dOᵀ - delta); returns (dk, dv, dSᵀ). Shared by the pointer and the descriptor kernels."""
+    s_t = tl.dot(k, tl.trans(q)) * scale_log2  # (BLOCK_N, BLOCK_M): keys × queries
+    p_t = tl.exp2(s_t - lse_log2[None, :])
+    if _tile_needs_mask(m0, n0, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
+        visible_t = tl.trans(_visible(rows, offs_n, len_q, len_k, window_left, window_right))
+        p_t = tl.where(visible_t, p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv, ds_t
+
+
+@triton.jit
+def _dq_tile(q, do, k, v, lse_log2, delta, offs_m, cols, m0, n0, len_q, len_k, window_left, window_right,
+             scale_log2, dq, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key tile's part of a query tile's dQ (unscaled): P recomputed, dS = P (dO Vᵀ - delta), dQ += dS K."""
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse_log2[:, None])
+    if _tile_needs_mask(m0, n0, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
+        p = tl.where(_visible(offs_m, cols, len_q, len_k, window_left, window_right), p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, dout_ptr,  # inputs (dout: layout of q, contiguous)
     lse_ptr, delta_ptr,  # float32 per query row
@@ -224,15 +253,8 @@ def _attn_bwd_dkdv_kernel(
                              mask=q_mask, other=0.0)
                 lse = tl.load(lse_ptr + l_base + rows, mask=rows < len_q, other=0.0) * 1.4426950408889634
                 delta = tl.load(delta_ptr + l_base + rows, mask=rows < len_q, other=0.0)
-                s_t = tl.dot(k, tl.trans(q)) * scale_log2  # (BLOCK_N, BLOCK_M): keys × queries
-                p_t = tl.exp2(s_t - lse[None, :])
-                if _tile_needs_mask(start_m, n0, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
-                    visible_t = tl.trans(_visible(rows, offs_n, len_q, len_k, window_left, window_right))
-                    p_t = tl.where(visible_t, p_t, 0.0)
-                dv += tl.dot(p_t.to(do.dtype), do)
-                dp_t = tl.dot(v, tl.trans(do))
-                ds_t = p_t * (dp_t - delta[None, :])
-                dk += tl.dot(ds_t.to(q.dtype), q)
+                dk, dv, ds_t = _dkdv_tile(k, v, q, do, lse, delta, rows, offs_n, start_m, n0, len_q, len_k,
+                                          window_left, window_right, scale_log2, dk, dv, BLOCK_M, BLOCK_N)
                 if ATOMIC_DQ:
                     dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale
                     tl.atomic_add(dq_acc_ptr + o_base + rows[:, None] * stride_os + offs_d[None, :], dq_part,
@@ -291,12 +313,8 @@ def _attn_bwd_dq_kernel(
             kv_mask = (cols[:, None] < len_k) & d_ok[None, :]
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
-            if _tile_needs_mask(m0, start_n, len_q, len_k, window_left, window_right, BLOCK_M, BLOCK_N):
-                p = tl.where(_visible(offs_m, cols, len_q, len_k, window_left, window_right), p, 0.0)
-            dp = tl.dot(do, tl.trans(v))
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k)
+            dq = _dq_tile(q, do, k, v, lse, delta, offs_m, cols, m0, start_n, len_q, len_k, window_left,
+                          window_right, scale_log2, dq, BLOCK_M, BLOCK_N)
         tl.store(dq_ptr + o_offsets, (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
 
