@@ -10,6 +10,10 @@ When BLOCK_K divides the group size, a K step lies in one group and its scales/z
 single (1, BLOCK_N) row; otherwise (per-channel groups of odd multiples) they are gathered per element.
 Split-K (for decode, where M is tiny and N / BLOCK_N programs cannot fill the GPU) writes fp32 partial tiles
 that one torch sum reduces.
+
+With USE_TMA (sm_90+, GPUFORGE_TRITON_TMA=1, K a multiple of 32 and x's rows 16-byte aligned) the x tile and the
+packed-byte tile are bulk tensor copies (UTMALDG) through device-side tensor descriptors, which zero-fill past M,
+N and K, and on sm_90 the dot is wgmma (HGMMA); the decode in registers is the same.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import triton
 import triton.language as tl
 
 from gpuforge.kernels import _alloc
-from gpuforge.kernels.triton._host import interpreted, upcast_bf16_dot
+from gpuforge.kernels.triton._host import interpreted, tma_enabled, upcast_bf16_dot
+from gpuforge.kernels.triton.matmul_tma import _scratch_on
 
 
 @triton.jit
@@ -33,6 +38,7 @@ def _int4_matmul_kernel(
     GROUP_SIZE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "tf32" for fp32 activations on a GPU, "ieee" otherwise (16-bit: unused)
     UPCAST_OPERANDS: tl.constexpr,  # dot in fp32: the interpreter's bf16-dot workaround (_host.py)
+    USE_TMA: tl.constexpr,  # x and the packed bytes through tensor descriptors (bulk tensor copies)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -50,13 +56,22 @@ def _int4_matmul_kernel(
 
     offs_kk = tl.arange(0, BLOCK_K)  # K offsets of a step, in order
     offs_kb = tl.arange(0, BLOCK_K // 2)  # byte offsets of a step
+    if USE_TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+        qw_desc = tl.make_tensor_descriptor(qw_ptr, shape=[N, half_k], strides=[half_k, 1],
+                                            block_shape=[BLOCK_N, BLOCK_K // 2])
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        k_mask = (k0 + offs_kk) < k_end
-        x = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_kk)[None, :], mask=k_mask[None, :], other=0.0)
-        byte_mask = (k0 // 2 + offs_kb) < k_end // 2
-        byte_ptrs = qw_ptr + cols[None, :] * half_k + (k0 // 2 + offs_kb)[:, None]
-        packed = tl.load(byte_ptrs, mask=byte_mask[:, None], other=0)
+        if USE_TMA:  # a split's slices are whole BLOCK_K steps, so only K's own end is past the data: zeros
+            k32 = tl.cast(k0, tl.int32)  # descriptor coordinates are 32-bit
+            x = x_desc.load([tl.program_id(0) * BLOCK_M, k32])
+            packed = tl.trans(qw_desc.load([tl.program_id(1) * BLOCK_N, k32 // 2]))
+        else:
+            k_mask = (k0 + offs_kk) < k_end
+            x = tl.load(x_ptr + rows[:, None] * K + (k0 + offs_kk)[None, :], mask=k_mask[None, :], other=0.0)
+            byte_mask = (k0 // 2 + offs_kb) < k_end // 2
+            byte_ptrs = qw_ptr + cols[None, :] * half_k + (k0 // 2 + offs_kb)[:, None]
+            packed = tl.load(byte_ptrs, mask=byte_mask[:, None], other=0)
         low = (packed & 0xF).to(tl.float32)
         high = (packed >> 4).to(tl.float32)
         # (BLOCK_K/2, BLOCK_N, 2) -> (BLOCK_K/2, 2, BLOCK_N) -> (BLOCK_K, BLOCK_N): row 2j low, 2j+1 high
@@ -115,11 +130,22 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
         out = _alloc.empty((split, m, n), dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     precision = "tf32" if x.dtype == torch.float32 and not interpreted() else "ieee"
+    use_tma = tma_enabled(x.device) and descriptors_fit(x, qweight)
+    if use_tma:
+        triton.set_allocator(_scratch_on(x.device))
     _int4_matmul_kernel[grid](x, qweight, scales, zeros, out, m, n, k, GROUP_SIZE=group_size,
-                              INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast_bf16_dot(x.dtype), BLOCK_M=block_m,
-                              BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
+                              INPUT_PRECISION=precision, UPCAST_OPERANDS=upcast_bf16_dot(x.dtype), USE_TMA=use_tma,
+                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split, num_warps=warps,
                               num_stages=1 if interpreted() else 3)
     return out if split == 1 else out.sum(dim=0).to(x.dtype)
+
+
+def descriptors_fit(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """What the tensor descriptors need: 16-byte aligned bases and row strides (K a multiple of 32, so that the
+    packed rows of K/2 bytes are too), both contiguous."""
+    k = x.shape[1]
+    return (x.is_contiguous() and qweight.is_contiguous() and k % 32 == 0 and x.data_ptr() % 16 == 0
+            and qweight.data_ptr() % 16 == 0)
 
 
 def compile_variants() -> list:
@@ -135,14 +161,17 @@ def compile_variants() -> list:
         for label, m, n, k in regimes:
             block_m, block_n, warps, split = _tiles(m, n, k)
             for group in (32, 128):
-                constexprs = {"GROUP_SIZE": group, "INPUT_PRECISION": "tf32" if dtype == "float32" else "ieee",
-                              "UPCAST_OPERANDS": False, "BLOCK_M": block_m, "BLOCK_N": block_n,
-                              "BLOCK_K": _block_k(group, k), "SPLIT_K": split}
-                pointers = {"x_ptr": dtype, "qw_ptr": "uint8", "scales_ptr": dtype, "zeros_ptr": "uint8",
-                            "out_ptr": dtype if split == 1 else "float32"}
-                sig = signature(_int4_matmul_kernel, constexprs, pointers, ones=("M",) if m == 1 else ())
-                out.append(Variant("int4_matmul", _int4_matmul_kernel, sig, constexprs, warps, 3,
-                                   f"{dtype} {label} {block_m}x{block_n}x{constexprs['BLOCK_K']} g{group} "
-                                   f"split{split}",
-                                   tensor_cores=block_m >= 64, async_copies=block_m >= 64))
+                # the descriptor form of the 16-bit prefill, for sm_90+ (what tma_enabled lets launch)
+                for use_tma in (False, True) if label == "prefill" and dtype != "float32" else (False,):
+                    constexprs = {"GROUP_SIZE": group, "INPUT_PRECISION": "tf32" if dtype == "float32" else "ieee",
+                                  "UPCAST_OPERANDS": False, "USE_TMA": use_tma, "BLOCK_M": block_m,
+                                  "BLOCK_N": block_n, "BLOCK_K": _block_k(group, k), "SPLIT_K": split}
+                    pointers = {"x_ptr": dtype, "qw_ptr": "uint8", "scales_ptr": dtype, "zeros_ptr": "uint8",
+                                "out_ptr": dtype if split == 1 else "float32"}
+                    sig = signature(_int4_matmul_kernel, constexprs, pointers, ones=("M",) if m == 1 else ())
+                    out.append(Variant("int4_matmul", _int4_matmul_kernel, sig, constexprs, warps, 3,
+                                       f"{dtype} {label} {block_m}x{block_n}x{constexprs['BLOCK_K']} g{group} "
+                                       f"split{split}" + (" tma" if use_tma else ""),
+                                       tensor_cores=block_m >= 64, async_copies=block_m >= 64, tma=use_tma,
+                                       archs=(90, 100) if use_tma else ()))
     return out

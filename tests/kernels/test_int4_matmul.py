@@ -38,6 +38,24 @@ def test_forward_matches_float64(backend, dtype, shape, device):
     assert_close_rel(out, _reference(x, q), REL_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+@pytest.mark.parametrize("shape", [(1, 67, 128, 32), (17, 130, 256, 128), (33, 40, 96, -1), (130, 72, 192, 64)],
+                         ids=str)
+def test_triton_descriptor_path_matches_float64(monkeypatch, dtype, shape):
+    """The sm_90 form (x and the packed bytes by tensor descriptors, zero-filled past M, N and K; USE_TMA) run in
+    the interpreter, as tma_enabled would pick it on a GPU: odd M and N, a K of 96 whose last step runs past it,
+    split-K decode."""
+    from gpuforge.kernels.triton import int4_matmul as triton_int4
+
+    monkeypatch.setattr(triton_int4, "tma_enabled", lambda device: True)
+    m, n, k, group = shape
+    x, q = _case(m, n, k, group, dtype, "cpu", symmetric=m % 2 == 1)
+    assert triton_int4.descriptors_fit(x, q.qweight)
+    out = gf.int4_matmul(x, q, backend="triton")
+    assert_close_rel(out, _reference(x, q), REL_TOL[dtype])
+    assert not triton_int4.descriptors_fit(x[:, 1:].contiguous(), q.qweight[:, :1])  # K not a multiple of 32
+
+
 @seed(20261123)
 @settings(max_examples=10, deadline=None)
 @given(lead=st.lists(st.integers(1, 5), max_size=2), n=st.integers(1, 70), groups=st.integers(1, 3),
