@@ -105,6 +105,10 @@ class GroupComm:
         """Non-blocking send to group rank `peer`; returns the Work to wait on."""
         return self.comm.send(t, self.group.ranks[peer], group=self._g(), async_op=True)
 
+    def irecv(self, t: torch.Tensor, peer: int):
+        """Non-blocking receive into `t` from group rank `peer`; returns the Work to wait on."""
+        return self.comm.recv(t, self.group.ranks[peer], group=self._g(), async_op=True)
+
     def recv(self, t: torch.Tensor, peer: int) -> torch.Tensor:
         """Blocking receive into `t` from group rank `peer`; returns `t`."""
         self.comm.recv(t, self.group.ranks[peer], group=self._g())

@@ -11,7 +11,8 @@ two stages: after the backward pass the first and last stage exchange its gradie
 `PipelineExecutor(stage, comm, schedule, num_microbatches)` executes this stage's action list from
 `pipeline_schedule`: activations go downstream and activation gradients upstream through the communicator
 (sends non-blocking, waited for at the end of the step: gloo's blocking send would wait for its receive and
-1F1B would deadlock), the loss is computed on the last stage only, each micro-batch's loss is divided by m,
+1F1B would deadlock; every receive of the step posted at its start, in action order, and waited for at its
+action, so each transfer runs while the stage computes), the loss is computed on the last stage only, each micro-batch's loss is divided by m,
 so the gradients equal single-process gradient accumulation over the m micro-batches of the batch. A stage
 with mixture-of-experts layers adds their load-balancing losses (/ m) to each micro-batch's backward and keeps
 their sum in `aux_loss` (the step's loss is then the last stage's plus every stage's `aux_loss`). Under
@@ -225,14 +226,23 @@ class PipelineExecutor:
         received, outputs, out_grads, saved, weight_work, pending, losses = {}, {}, {}, {}, {}, [], []
         aux, self.aux_loss = {}, torch.zeros((), dtype=torch.float64)
         self.timeline: list[Event] = []  # this stage's actions of the step, wall-clock seconds (time.time)
+        # every receive of the step posted now, in action order (the order the peers send in): a transfer runs
+        # as soon as its send is posted too, not when this stage reaches the receive (gloo moves no data until
+        # both sides have posted)
+        posted = {i: (torch.empty(shape, dtype=self.dtype), a.peer) for i, a in enumerate(self.actions)
+                  if a.op in ("RECV_F", "RECV_B")}
+        posted = {i: (buffer, self.comm.irecv(buffer, peer)) for i, (buffer, peer) in posted.items()}
         for i, a in enumerate(self.actions):
             key = (a.microbatch, a.chunk)
             start = time.time()
             local = self._local[a.chunk]
             if a.op == "F" and local is not None:  # the V's turn: chunk `local`'s output, cut for B
                 received[key] = outputs[(a.microbatch, local)].detach().requires_grad_()
+            if a.op in ("RECV_F", "RECV_B"):
+                buffer, work = posted.pop(i)
+                work.wait()
             if a.op == "RECV_F":
-                received[key] = self.comm.recv(torch.empty(shape, dtype=self.dtype), a.peer).requires_grad_()
+                received[key] = buffer.requires_grad_()
             elif a.op == "F":
                 first = self.stage.holds_first(a.chunk)
                 out, saved[key] = self._forward(xs[a.microbatch] if first else received[key], a.chunk)
@@ -247,7 +257,7 @@ class PipelineExecutor:
             elif a.op == "SEND_F":
                 pending.append(self.comm.isend(outputs[key].detach().contiguous(), a.peer))
             elif a.op == "RECV_B":
-                out_grads[key] = self.comm.recv(torch.empty(shape, dtype=self.dtype), a.peer)
+                out_grads[key] = buffer
             elif a.op == "B":
                 out, grad = outputs.pop(key), out_grads.pop(key, None)
                 roots, root_grads = ([out, aux.pop(key)], [grad, None]) if key in aux else ([out], [grad])
