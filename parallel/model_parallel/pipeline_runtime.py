@@ -9,17 +9,17 @@ two stages: after the backward pass the first and last stage exchange its gradie
 (Megatron's embedding group), so their copies stay equal; in the V both are stage 0, which holds one copy.
 
 `PipelineExecutor(stage, comm, schedule, num_microbatches)` executes this stage's action list from
-`pipeline_schedule`: activations go downstream and activation gradients upstream through the communicator
-(sends non-blocking, waited for at the end of the step: gloo's blocking send would wait for its receive and
-1F1B would deadlock; every receive of the step posted at its start, in action order, and waited for at its
-action, so each transfer runs while the stage computes), the loss is computed on the last stage only, each micro-batch's loss is divided by m,
-so the gradients equal single-process gradient accumulation over the m micro-batches of the batch. A stage
-with mixture-of-experts layers adds their load-balancing losses (/ m) to each micro-batch's backward and keeps
-their sum in `aux_loss` (the step's loss is then the last stage's plus every stage's `aux_loss`). Under
-ZB-H1 a backward is B then W (pipeline_backward.py; a W that directly follows its own B, with no send
-between, runs in the same pass); the first virtual stage cuts its graph after the embedding (its B ends at
-the embedding output, its W computes the embedding's gradient from there), so a weight tied between
-embedding and head is never reached twice by one W.
+`pipeline_schedule`: activations go downstream and activation gradients upstream through the communicator (sends
+non-blocking, waited for at the end of the step: gloo's blocking send would wait for its receive and 1F1B would
+deadlock; every receive of the step posted at its start, in action order, and waited for at its action, so each
+transfer runs while the stage computes), the loss is computed on the last stage only, each micro-batch's loss is
+divided by m, so the gradients equal single-process gradient accumulation over the m micro-batches of the batch. A
+stage with mixture-of-experts layers adds their load-balancing losses (/ m) to each micro-batch's backward and
+keeps their sum in `aux_loss` (the step's loss is then the last stage's plus every stage's `aux_loss`). Under ZB-H1
+a backward is B then W (pipeline_backward.py; a W that directly follows its own B, with no send between, runs in
+the same pass); the first virtual stage cuts its graph after the embedding (its B ends at the embedding output, its
+W computes the embedding's gradient from there), so a weight tied between embedding and head is never reached twice
+by one W.
 The stage's rank in `comm` is its stage index.
 """
 
