@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 TRITON_TYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "int32": "i32", "int64": "i64",
-                "uint8": "u8"}
+                "uint8": "u8", "float8_e4m3fn": "fp8e4nv"}
 
 
 @dataclass(frozen=True)

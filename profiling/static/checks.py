@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from gpuforge.profiling.static.sass import ASYNC_COPY_FAMILIES, TENSOR_CORE_FAMILIES
+from gpuforge.profiling.static.sass import ASYNC_COPY_FAMILIES, TENSOR_CORE_FAMILIES, WGMMA_FAMILIES
 
 
 def _mma_rows(record: dict) -> int:
@@ -38,9 +38,9 @@ def problems(record: dict) -> list[str]:
         arch = record["arch"]
         wants_wgmma = record.get("wgmma") or (arch == "sm_90" and record["source"] == "triton"
                                               and (record.get("num_warps") or 0) >= 4 and _mma_rows(record) >= 64)
-        if wants_wgmma and not mix["HGMMA"]:
-            out.append("no HGMMA (wgmma) on sm_90 for a wgmma kernel or a 4-warp tile of 64+ rows")
-        elif not any(mix[f] for f in TENSOR_CORE_FAMILIES):
+        if wants_wgmma and not any(mix.get(f, 0) for f in WGMMA_FAMILIES):
+            out.append("no HGMMA/QGMMA (wgmma) on sm_90 for a wgmma kernel or a 4-warp tile of 64+ rows")
+        elif not any(mix.get(f, 0) for f in TENSOR_CORE_FAMILIES):
             out.append("no tensor-core instructions")
     if record.get("tma") and not mix["UTMALDG"]:
         out.append(f"no bulk tensor copies (UTMALDG) on {record['arch']} in a tensor-descriptor kernel")

@@ -2,10 +2,10 @@
 resources (registers, stack and local memory, static shared memory) and its instruction mix.
 
 Spills live in the stack frame as well as in LOCAL, so a spill is STACK + LOCAL bytes and shows in the SASS as
-STL/LDL instructions; both are reported. The instruction families counted say how a kernel works: HGMMA
-(Hopper's warpgroup MMA, wgmma), HMMA (mma.sync), UTCHMMA/UTCQMMA/UTCOMMA (Blackwell's tcgen05 MMA), LDGSTS
-(cp.async), UTMALDG/UTMASTG (TMA), LDSM/STSM (ldmatrix/stmatrix), SHFL (warp shuffles), BAR (barriers), SYNCS
-(mbarriers), STL/LDL (local memory: spills), WARPGROUP (wgmma fences).
+STL/LDL instructions; both are reported. The instruction families counted say how a kernel works: HGMMA and QGMMA
+(Hopper's warpgroup MMA, wgmma, on 16-bit and fp8 operands), HMMA (mma.sync), UTCHMMA/UTCQMMA/UTCOMMA (Blackwell's
+tcgen05 MMA), LDGSTS (cp.async), UTMALDG/UTMASTG (TMA), LDSM/STSM (ldmatrix/stmatrix), SHFL (warp shuffles), BAR
+(barriers), SYNCS (mbarriers), STL/LDL (local memory: spills), WARPGROUP (wgmma fences).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-FAMILIES = ("HGMMA", "HMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA", "LDGSTS", "UTMALDG", "UTMASTG", "LDSM", "STSM",
-            "SHFL", "BAR", "SYNCS", "WARPGROUP", "STL", "LDL")
-TENSOR_CORE_FAMILIES = ("HGMMA", "HMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA")
+FAMILIES = ("HGMMA", "QGMMA", "HMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA", "LDGSTS", "UTMALDG", "UTMASTG", "LDSM",
+            "STSM", "SHFL", "BAR", "SYNCS", "WARPGROUP", "STL", "LDL")
+WGMMA_FAMILIES = ("HGMMA", "QGMMA")  # Hopper's warpgroup MMA on 16-bit and on 8-bit (fp8) operands
+TENSOR_CORE_FAMILIES = ("HGMMA", "QGMMA", "HMMA", "UTCHMMA", "UTCQMMA", "UTCOMMA")
 ASYNC_COPY_FAMILIES = ("LDGSTS", "UTMALDG")
 
 _RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")

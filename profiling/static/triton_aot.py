@@ -42,7 +42,7 @@ def _key(variant, cc: int) -> str:
     import triton
 
     text = json.dumps([variant.kernel.cache_key, variant.signature, {k: str(v) for k, v in variant.constexprs.items()},
-                       variant.num_warps, variant.num_stages, cc, triton.__version__], sort_keys=True)
+                       variant.num_warps, variant.num_stages, cc, triton.__version__, sass.FAMILIES], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
