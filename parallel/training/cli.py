@@ -167,9 +167,8 @@ def parse_args(argv):
         args.model = "tinymoe" if args.strategy == "ep" or moe_pipeline else "tinyllama"
     if args.ep is not None and args.strategy in DATA_PARALLEL:
         p.error(f"--ep is for --strategy ep, pp or 3d, not {args.strategy!r}")
-    if moe_pipeline and (args.tp or args.cp or args.ckpt_dir or args.checkpoint_activations):
-        p.error("--ep with --strategy pp/3d trains the TinyMoE over dp × pp × ep: no --tp, --cp, --ckpt-dir or "
-                "--checkpoint-activations")
+    if moe_pipeline and (args.tp or args.cp or args.ckpt_dir):
+        p.error("--ep with --strategy pp/3d trains the TinyMoE over dp × pp × ep: no --tp, --cp or --ckpt-dir")
     if args.cp is not None and args.ep is not None and args.cp > 1 and args.ep > 1:
         p.error("--cp and --ep together: the TinyMoE balances its experts per sequence, which a sharded "
                 "sequence would change; use one of them")
@@ -411,9 +410,11 @@ def _run_moe_pipeline(comm, args) -> int:
     opts = dict(steps=args.steps, batch_size=args.batch, seq_len=args.seq_len, lr=args.lr, max_norm=args.clip,
                 config=config, dtype=getattr(torch, args.dtype))
     losses = train_moe_pipeline(comm, dp=dp, pp=pp, ep=ep, schedule=schedule, num_microbatches=args.microbatches,
-                                num_chunks=args.virtual_stages, **opts)
+                                num_chunks=args.virtual_stages, checkpoint_activations=args.checkpoint_activations,
+                                **opts)
     header = (f"strategy={args.strategy} model=tinymoe dp={dp} pp={pp} ep={ep} schedule={args.schedule} "
-              f"microbatches={args.microbatches} dtype={args.dtype}")
+              f"microbatches={args.microbatches} checkpoint_activations={args.checkpoint_activations} "
+              f"dtype={args.dtype}")
     return _report_loss_parity(comm, header, losses, lambda: single_process_cp_ep_losses("ep", **opts), args.dtype)
 
 

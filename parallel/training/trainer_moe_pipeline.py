@@ -12,8 +12,10 @@ rank's tokens; the ranks holding the same experts (the expert-DP group, dp/ep of
 is divided by dp. AdamW steps on both (not sharded). The global norm for clipping counts each replicated
 parameter once per stage (the tied head on the first stage only), each expert once per EP group, summed over
 PP. `train_moe_pipeline` is the `pp`/`3d` run of `gpuforge train --model tinymoe --ep N` (its oracle:
-trainer_cp_ep.single_process_cp_ep_losses("ep", ...)). Tensor and context parallelism do not combine with the
-MoE (its balance loss is per sequence and its feed-forward is not TP-sharded); they raise.
+trainer_cp_ep.single_process_cp_ep_losses("ep", ...)). `checkpoint_activations` ("full" or "selective")
+checkpoints every block; its recomputation repeats the experts' dispatch and combine all-to-alls in the backward.
+Tensor and context parallelism do not combine with the MoE (its balance loss is per sequence and its
+feed-forward is not TP-sharded); they raise.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gpuforge.models.activation_checkpointing import checkpoint_blocks
 from gpuforge.models.vol2_llm import make_batch
 from gpuforge.parallel.comm import GroupComm
 from gpuforge.parallel.data_parallel.clipping import scale_to_max_norm_
@@ -34,7 +37,7 @@ from gpuforge.parallel.training.trainer_cp_ep import reduce_grads, seeded_model
 
 class MoEPipelineTrainer(Trainer):
     def __init__(self, model: nn.Module, mesh: DeviceMesh, *, schedule: str = "1f1b", num_microbatches: int = 1,
-                 num_chunks: int = 1, lr: float = 1e-3):
+                 num_chunks: int = 1, lr: float = 1e-3, checkpoint_activations: str | None = None):
         config = model.config
         if not config.n_experts:
             raise ValueError("MoEPipelineTrainer: the model has no mixture-of-experts layers (n_experts = 0)")
@@ -48,6 +51,8 @@ class MoEPipelineTrainer(Trainer):
         if mesh.ep > 1:
             for block in model.layers:
                 block.feed_forward = ExpertParallelMoE(block.feed_forward, self.ep)
+        if checkpoint_activations is not None:  # the recomputed forward repeats its dispatch and combine
+            checkpoint_blocks(model, checkpoint_activations, blocks=model.layers)
         self.stage = pipeline_split(model, mesh.pp, num_chunks, placement_of(schedule))[mesh.pp_index]
         self.executor = PipelineExecutor(self.stage, self.pp, schedule=schedule, num_microbatches=num_microbatches)
         expert_ids = {id(p) for layer in self.stage.layers for p in layer.feed_forward.experts.parameters()}
@@ -81,11 +86,13 @@ class MoEPipelineTrainer(Trainer):
 
 def train_moe_pipeline(comm, *, dp: int, pp: int, ep: int, steps: int, batch_size: int, seq_len: int, lr: float,
                        max_norm: float | None, config, dtype: torch.dtype, schedule: str = "1f1b",
-                       num_microbatches: int = 2, num_chunks: int = 1, seed: int = 0) -> list[float]:
+                       num_microbatches: int = 2, num_chunks: int = 1, seed: int = 0,
+                       checkpoint_activations: str | None = None) -> list[float]:
     """Train a TinyMoE for `steps` steps on dp × pp ranks, experts over ep; the losses (on every rank)."""
     mesh = DeviceMesh(comm, dp=dp, pp=pp, ep=ep)
     trainer = MoEPipelineTrainer(seeded_model("ep", seed, config, dtype), mesh, schedule=schedule,
-                                 num_microbatches=num_microbatches, num_chunks=num_chunks, lr=lr)
+                                 num_microbatches=num_microbatches, num_chunks=num_chunks, lr=lr,
+                                 checkpoint_activations=checkpoint_activations)
     batches = lambda step: make_batch(seed * 100_003 + step, batch_size, seq_len)  # noqa: E731
     return run_steps(trainer, batches, steps, max_norm=max_norm,
                      before_step=lambda step: setattr(comm.ledger, "step", step))

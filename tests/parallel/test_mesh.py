@@ -156,7 +156,7 @@ def test_cp_and_ep_groups_of_the_mesh():
         DeviceMesh(Listing(0, 8, 0, torch.device("cpu")), dp=2, cp=2)
 
 
-def train_moe_pipeline(comm, dp, pp, ep, m):
+def train_moe_pipeline(comm, dp, pp, ep, m, checkpoint=None):
     """dp × pp × ep TinyMoE (4 experts, top-2, no drops) vs one process: worst relative loss, norm, parameter
     differences over 20 clipped AdamW steps; and this rank's mesh cell."""
     import re
@@ -168,7 +168,7 @@ def train_moe_pipeline(comm, dp, pp, ep, m):
     torch.manual_seed(0)
     ref = TinyMoE(moe_config()).double()
     mesh = DeviceMesh(comm, dp=dp, pp=pp, ep=ep)
-    trainer = MoEPipelineTrainer(copy.deepcopy(ref), mesh, num_microbatches=m, lr=LR)
+    trainer = MoEPipelineTrainer(copy.deepcopy(ref), mesh, num_microbatches=m, lr=LR, checkpoint_activations=checkpoint)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=LR)
     worst_loss = worst_norm = 0.0
     for step in range(STEPS):
@@ -188,7 +188,9 @@ def train_moe_pipeline(comm, dp, pp, ep, m):
                           full_name(trainer.stage, name))
         w = full[ref_name].detach()
         worst_param = max(worst_param, ((p.detach() - w).abs().max() / w.abs().max()).item())
-    return worst_loss, worst_norm, worst_param, (mesh.pp_index, mesh.dp_index, mesh.ep_index), len(trainer.experts)
+    policies = {getattr(layer.forward, "checkpoint_policy", None) for layer in trainer.stage.layers}
+    return (worst_loss, worst_norm, worst_param, (mesh.pp_index, mesh.dp_index, mesh.ep_index), len(trainer.experts),
+            policies)
 
 
 @pytest.mark.distributed
@@ -198,7 +200,20 @@ def test_moe_dp4_pp2_ep2_matches_single_process_float64():
     the balance losses of both stages join the loss. 20 clipped steps equal one process (1e-12)."""
     results = run_distributed(train_moe_pipeline, 8, 4, 2, 2, 2)
     assert [r[3] for r in results] == [(p, d, d % 2) for p in range(2) for d in range(4)]
-    for worst_loss, worst_norm, worst_param, _, n_expert_tensors in results:
+    for worst_loss, worst_norm, worst_param, _, n_expert_tensors, policies in results:
+        assert policies == {None}
         assert n_expert_tensors == 2 * 3  # one MoE layer per stage, 2 local SwiGLU experts of 3 weights each
+        assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
+                                                                                    worst_param)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_moe_pipeline_with_activation_checkpointing_matches_single_process_float64(policy):
+    """dp 2 × pp 2 × ep 2 on 4 processes with every block checkpointed: the recomputed forward repeats the
+    routing and the experts' all-to-alls in the backward, and the 20 steps still equal one process (1e-12)."""
+    for worst_loss, worst_norm, worst_param, _, _, policies in run_distributed(train_moe_pipeline, 4, 2, 2, 2, 2,
+                                                                               policy):
+        assert policies == {policy}, policies  # every block of the stage is checkpointed
         assert worst_loss < 1e-12 and worst_norm < 1e-12 and worst_param < 1e-12, (worst_loss, worst_norm,
                                                                                     worst_param)

@@ -92,11 +92,14 @@ def test_cp_and_ep_match_single_process(launcher, argv, degrees):
 
 def test_tinymoe_pipeline_with_experts_over_ep_matches_single_process_on_mpi():
     """--strategy pp --ep 2 on 4 MPI ranks: the TinyMoE in 2 stages of ZB-H1 (the balance losses in each
-    stage's split backward), each over dp 2 sharing its experts: the same losses as one process."""
+    stage's split backward), each over dp 2 sharing its experts, every block checkpointed: the same losses as
+    one process."""
     proc = _run([str(BIN / "mpiexec"), "-n", "4", *MPIEXEC[3:]], "--strategy", "pp", "--ep", "2", "--comm", "mpi",
-                "--schedule", "zb1p", "--steps", "2", "--seq-len", "16", "--batch", "4")
+                "--schedule", "zb1p", "--checkpoint-activations", "full", "--steps", "2", "--seq-len", "16",
+                "--batch", "4")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "strategy=pp model=tinymoe dp=2 pp=2 ep=2 schedule=zb1p" in proc.stdout
+    assert "checkpoint_activations=full" in proc.stdout
     diff = float(re.search(r"parity ok: max \|loss - single-process loss\| = (\S+)", proc.stdout).group(1))
     assert diff <= 1e-12
 
