@@ -83,8 +83,10 @@ flash_attention_bwd_delta_kernel(const T* __restrict__ out,      // (B, Hq, Sq, 
 }
 
 // dQ (B, Hq, Sq, D contiguous): one warp per query row over the keys it sees. Grid: (cdiv(Sq, 4), B * Hq).
+// The launch bounds' minimum of 1 block per SM lets ptxas use the registers it needs: with the maximum alone it
+// aimed at 16 resident blocks (32 registers a thread) and spilled 8-48 B at D <= 64.
 template <typename T, int kPerLane>
-__global__ void __launch_bounds__(kAttnBwdWarpsPerBlock * 32)
+__global__ void __launch_bounds__(kAttnBwdWarpsPerBlock * 32, 1)
 flash_attention_bwd_dq_kernel(const T* __restrict__ q,          // (B, Hq, Sq, D) strided
                               const T* __restrict__ k,          // (B, Hkv, Sk, D) strided
                               const T* __restrict__ v,          // (B, Hkv, Sk, D) strided
