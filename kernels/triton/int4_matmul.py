@@ -94,6 +94,12 @@ def _int4_matmul_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+def _wide_fp32(x: torch.Tensor, block_k: int) -> bool:
+    """fp32 activations in 32-wide K steps on Blackwell (compute capability 10+): see _tiles."""
+    return (x.dtype == torch.float32 and block_k == 32 and x.device.type == "cuda"
+            and torch.cuda.get_device_capability(x.device)[0] >= 10)
+
+
 def _block_k(group_size: int, k: int) -> int:
     """The largest of 64/32/16 dividing the group size (one scale row per step); else 32 with gathers."""
     for block in (64, 32, 16):
@@ -102,8 +108,14 @@ def _block_k(group_size: int, k: int) -> int:
     return 32
 
 
-def _tiles(m: int, n: int, k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, SPLIT_K): small M gets thin tiles and split-K to fill the GPU."""
+def _tiles(m: int, n: int, k: int, wide_fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, SPLIT_K): small M gets thin tiles and split-K to fill the GPU. wide_fp32
+    doubles the warps of the M > 16 tiles: for fp32 activations in 32-wide K steps on Blackwell (_wide_fp32),
+    where with the usual count ptxas capped the registers for occupancy and spilled 8-16 B (sm_100's tf32
+    tcgen05 path; the 64-wide steps compile clean and spill 192 B with twice the warps)."""
+    if wide_fp32 and m > 16 and not interpreted():
+        block_m, block_n, warps, split = _tiles(m, n, k)
+        return block_m, block_n, 2 * warps, split
     if interpreted():
         return 16, 32, 4, 2 if k >= 256 else 1
     if m <= 16:
@@ -122,8 +134,8 @@ def forward(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros:
     """x (M, K) contiguous, qweight uint8 (N, K/2), scales/zeros (N, K/group_size) -> (M, N) in x's dtype."""
     m, k = x.shape
     n = qweight.shape[0]
-    block_m, block_n, warps, split = _tiles(m, n, k)
     block_k = _block_k(group_size, k)
+    block_m, block_n, warps, split = _tiles(m, n, k, _wide_fp32(x, block_k))
     if split == 1:
         out = _alloc.empty((m, n), dtype=x.dtype, device=x.device)
     else:
@@ -159,19 +171,25 @@ def compile_variants() -> list:
                ("prefill", 2048, 4096, 4096)]
     for dtype in ("float16", "bfloat16", "float32"):
         for label, m, n, k in regimes:
-            block_m, block_n, warps, split = _tiles(m, n, k)
+            block_m, block_n, usual_warps, split = _tiles(m, n, k)
             for group in (32, 128):
-                # the descriptor form of the 16-bit prefill, for sm_90+ (what tma_enabled lets launch)
-                for use_tma in (False, True) if label == "prefill" and dtype != "float32" else (False,):
-                    constexprs = {"GROUP_SIZE": group, "INPUT_PRECISION": "tf32" if dtype == "float32" else "ieee",
-                                  "UPCAST_OPERANDS": False, "USE_TMA": use_tma, "BLOCK_M": block_m,
-                                  "BLOCK_N": block_n, "BLOCK_K": _block_k(group, k), "SPLIT_K": split}
-                    pointers = {"x_ptr": dtype, "qw_ptr": "uint8", "scales_ptr": dtype, "zeros_ptr": "uint8",
-                                "out_ptr": dtype if split == 1 else "float32"}
-                    sig = signature(_int4_matmul_kernel, constexprs, pointers, ones=("M",) if m == 1 else ())
-                    out.append(Variant("int4_matmul", _int4_matmul_kernel, sig, constexprs, warps, 3,
-                                       f"{dtype} {label} {block_m}x{block_n}x{constexprs['BLOCK_K']} g{group} "
-                                       f"split{split}" + (" tma" if use_tma else ""),
-                                       tensor_cores=block_m >= 64, async_copies=block_m >= 64, tma=use_tma,
-                                       archs=(90, 100) if use_tma else ()))
+                # fp32 activations in 32-wide K steps above decode: Blackwell launches its own (wider) warp count
+                wide = dtype == "float32" and m > 16 and _block_k(group, k) == 32
+                by_arch = [((80, 90), usual_warps), ((100,), _tiles(m, n, k, True)[2])] if wide else \
+                    [((), usual_warps)]
+                for archs, warps in by_arch:
+                    # the descriptor form of the 16-bit prefill, for sm_90+ (what tma_enabled lets launch)
+                    for use_tma in (False, True) if label == "prefill" and dtype != "float32" else (False,):
+                        constexprs = {"GROUP_SIZE": group, "INPUT_PRECISION": "tf32" if dtype == "float32" else "ieee",
+                                      "UPCAST_OPERANDS": False, "USE_TMA": use_tma, "BLOCK_M": block_m,
+                                      "BLOCK_N": block_n, "BLOCK_K": _block_k(group, k), "SPLIT_K": split}
+                        pointers = {"x_ptr": dtype, "qw_ptr": "uint8", "scales_ptr": dtype, "zeros_ptr": "uint8",
+                                    "out_ptr": dtype if split == 1 else "float32"}
+                        sig = signature(_int4_matmul_kernel, constexprs, pointers, ones=("M",) if m == 1 else ())
+                        out.append(Variant("int4_matmul", _int4_matmul_kernel, sig, constexprs, warps, 3,
+                                           f"{dtype} {label} {block_m}x{block_n}x{constexprs['BLOCK_K']} g{group} "
+                                           f"split{split}" + (" tma" if use_tma else "")
+                                           + (f" w{warps}" if wide else ""),
+                                           tensor_cores=block_m >= 64, async_copies=block_m >= 64, tma=use_tma,
+                                           archs=(90, 100) if use_tma else archs))
     return out
