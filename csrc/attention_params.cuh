@@ -3,6 +3,10 @@
 // rows that see a key. Causal is window_right = 0; -1 means unbounded on that side. NVRTC-compatible.
 #pragma once
 
+#ifndef __CUDACC_RTC__
+#include <cstdint>
+#endif
+
 namespace gpuforge {
 
 // Sizes, window and element strides over (batch, head, row); D has unit stride. Query i sees key j when
@@ -28,5 +32,17 @@ __device__ __forceinline__ void rows_seeing_key(const AttentionParams& prm, long
   lo = prm.window_right < 0 ? 0 : max(0LL, anti - prm.window_right);
   hi = prm.window_left < 0 ? prm.seqlen_q : min(prm.seqlen_q, anti + prm.window_left + 1);
 }
+
+#ifndef __CUDACC_RTC__
+// The launchers' arguments as AttentionParams: sizes, window, and each of q, k, v's strides over (batch, head, row).
+inline AttentionParams attention_params(int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k,
+                                        int64_t head_dim, int64_t window_left, int64_t window_right,
+                                        const int64_t* q_strides, const int64_t* k_strides, const int64_t* v_strides,
+                                        float scale) {
+  return {heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right,
+          q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
+          v_strides[0], v_strides[1], v_strides[2], scale};
+}
+#endif
 
 }  // namespace gpuforge

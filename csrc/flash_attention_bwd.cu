@@ -228,9 +228,8 @@ cudaError_t launch_flash_attention_backward(const void* q, const void* k, const 
                                             DType dtype, cudaStream_t stream) {
   if (batch * heads_q == 0) return cudaSuccess;
   if (head_dim < 1 || head_dim > 256 || heads_kv < 1 || heads_q % heads_kv) return cudaErrorInvalidValue;
-  const AttentionParams prm{heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right,
-                            q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
-                            v_strides[0], v_strides[1], v_strides[2], scale};
+  const AttentionParams prm = attention_params(heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
+                                                window_right, q_strides, k_strides, v_strides, scale);
   const bool tensor_cores = dtype != DType::Float32 &&
                             attention_mma_applies(q, k, v, head_dim, q_strides, k_strides, v_strides);
   cudaGetLastError();  // a failed device probe above must not be reported as this launch's error

@@ -311,9 +311,8 @@ cudaError_t launch_flash_attention_backward_mma(const void* q, const void* k, co
                                                 int64_t window_right, const int64_t* q_strides,
                                                 const int64_t* k_strides, const int64_t* v_strides, float scale,
                                                 DType dtype, cudaStream_t stream) {
-  const AttentionParams prm{heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right,
-                            q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
-                            v_strides[0], v_strides[1], v_strides[2], scale};
+  const AttentionParams prm = attention_params(heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
+                                                window_right, q_strides, k_strides, v_strides, scale);
   const auto run = [&](auto t, auto d) {
     return launch_bwd_mma<decltype(t), decltype(d)::value>(q, k, v, dout, lse, delta, dq, dk, dv, batch, prm,
                                                            stream);

@@ -305,9 +305,8 @@ cudaError_t launch_flash_attention_forward_wgmma(const void* q, const void* k, c
   if (encode_attention_wgmma_maps(encode, maps, q, k, v, out, batch, heads_q, heads_kv, seqlen_q, seqlen_k,
                                   head_dim, q_strides, k_strides, v_strides, dtype == DType::BFloat16) != CUDA_SUCCESS)
     return cudaErrorInvalidValue;
-  const AttentionParams prm{heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left, window_right,
-                            q_strides[0], q_strides[1], q_strides[2], k_strides[0], k_strides[1], k_strides[2],
-                            v_strides[0], v_strides[1], v_strides[2], scale};
+  const AttentionParams prm = attention_params(heads_q, heads_kv, seqlen_q, seqlen_k, head_dim, window_left,
+                                                window_right, q_strides, k_strides, v_strides, scale);
   const dim3 grid(static_cast<unsigned>((seqlen_q + kFa3BlockM - 1) / kFa3BlockM),
                   static_cast<unsigned>(batch * heads_q));
   const auto launch = [&](auto kernel) -> cudaError_t {

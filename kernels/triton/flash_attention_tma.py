@@ -63,6 +63,13 @@ def configs(interpreter: bool, head_dim: int, kernel: str = "forward") -> list[t
 
 
 @triton.jit
+def _rows(ptr, heads, seqlen, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """The tensor descriptor of a contiguous (batch · heads, seqlen, D) tensor in boxes of BLOCK rows."""
+    return tl.make_tensor_descriptor(ptr, shape=[heads, seqlen, HEAD_DIM], strides=[seqlen * HEAD_DIM, HEAD_DIM, 1],
+                                     block_shape=[1, BLOCK, HEAD_DIM])
+
+
+@triton.jit
 def _attn_fwd_tma_kernel(
     q_ptr, k_ptr, v_ptr,  # contiguous (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, D)
     out_ptr,  # contiguous, q's layout
@@ -78,14 +85,10 @@ def _attn_fwd_tma_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     bh_kv = b * (num_heads // group) + (pid_bh % num_heads) // group
-    q_desc = tl.make_tensor_descriptor(q_ptr, shape=[heads_kv_total * group, seqlen_q, HEAD_DIM],
-                                       strides=[seqlen_q * HEAD_DIM, HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_ptr, shape=[heads_kv_total, seqlen_k, HEAD_DIM],
-                                       strides=[seqlen_k * HEAD_DIM, HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_ptr, shape=[heads_kv_total, seqlen_k, HEAD_DIM],
-                                       strides=[seqlen_k * HEAD_DIM, HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(out_ptr, shape=[heads_kv_total * group, seqlen_q, HEAD_DIM],
-                                       strides=[seqlen_q * HEAD_DIM, HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
+    q_desc = _rows(q_ptr, heads_kv_total * group, seqlen_q, HEAD_DIM, BLOCK_M)
+    k_desc = _rows(k_ptr, heads_kv_total, seqlen_k, HEAD_DIM, BLOCK_N)
+    v_desc = _rows(v_ptr, heads_kv_total, seqlen_k, HEAD_DIM, BLOCK_N)
+    o_desc = _rows(out_ptr, heads_kv_total * group, seqlen_q, HEAD_DIM, BLOCK_M)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -128,18 +131,12 @@ def _attn_bwd_dkdv_tma_kernel(
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     rows_q, rows_k = heads_kv_total * group, heads_kv_total
-    q_desc = tl.make_tensor_descriptor(q_ptr, shape=[rows_q, seqlen_q, HEAD_DIM], strides=[seqlen_q * HEAD_DIM,
-                                       HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    do_desc = tl.make_tensor_descriptor(dout_ptr, shape=[rows_q, seqlen_q, HEAD_DIM], strides=[seqlen_q * HEAD_DIM,
-                                        HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_ptr, shape=[rows_k, seqlen_k, HEAD_DIM], strides=[seqlen_k * HEAD_DIM,
-                                       HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_ptr, shape=[rows_k, seqlen_k, HEAD_DIM], strides=[seqlen_k * HEAD_DIM,
-                                       HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
-    dk_desc = tl.make_tensor_descriptor(dk_ptr, shape=[rows_k, seqlen_k, HEAD_DIM], strides=[seqlen_k * HEAD_DIM,
-                                        HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
-    dv_desc = tl.make_tensor_descriptor(dv_ptr, shape=[rows_k, seqlen_k, HEAD_DIM], strides=[seqlen_k * HEAD_DIM,
-                                        HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
+    q_desc = _rows(q_ptr, rows_q, seqlen_q, HEAD_DIM, BLOCK_M)
+    do_desc = _rows(dout_ptr, rows_q, seqlen_q, HEAD_DIM, BLOCK_M)
+    k_desc = _rows(k_ptr, rows_k, seqlen_k, HEAD_DIM, BLOCK_N)
+    v_desc = _rows(v_ptr, rows_k, seqlen_k, HEAD_DIM, BLOCK_N)
+    dk_desc = _rows(dk_ptr, rows_k, seqlen_k, HEAD_DIM, BLOCK_N)
+    dv_desc = _rows(dv_ptr, rows_k, seqlen_k, HEAD_DIM, BLOCK_N)
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -187,16 +184,11 @@ def _attn_bwd_dq_tma_kernel(
     pid_bh = tl.program_id(1)
     bh_kv = (pid_bh // num_heads) * (num_heads // group) + (pid_bh % num_heads) // group
     rows_q, rows_k = heads_kv_total * group, heads_kv_total
-    q_desc = tl.make_tensor_descriptor(q_ptr, shape=[rows_q, seqlen_q, HEAD_DIM], strides=[seqlen_q * HEAD_DIM,
-                                       HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    do_desc = tl.make_tensor_descriptor(dout_ptr, shape=[rows_q, seqlen_q, HEAD_DIM], strides=[seqlen_q * HEAD_DIM,
-                                        HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    dq_desc = tl.make_tensor_descriptor(dq_ptr, shape=[rows_q, seqlen_q, HEAD_DIM], strides=[seqlen_q * HEAD_DIM,
-                                        HEAD_DIM, 1], block_shape=[1, BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_ptr, shape=[rows_k, seqlen_k, HEAD_DIM], strides=[seqlen_k * HEAD_DIM,
-                                       HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_ptr, shape=[rows_k, seqlen_k, HEAD_DIM], strides=[seqlen_k * HEAD_DIM,
-                                       HEAD_DIM, 1], block_shape=[1, BLOCK_N, HEAD_DIM])
+    q_desc = _rows(q_ptr, rows_q, seqlen_q, HEAD_DIM, BLOCK_M)
+    do_desc = _rows(dout_ptr, rows_q, seqlen_q, HEAD_DIM, BLOCK_M)
+    dq_desc = _rows(dq_ptr, rows_q, seqlen_q, HEAD_DIM, BLOCK_M)
+    k_desc = _rows(k_ptr, rows_k, seqlen_k, HEAD_DIM, BLOCK_N)
+    v_desc = _rows(v_ptr, rows_k, seqlen_k, HEAD_DIM, BLOCK_N)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
